@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+import utils
+from utils import DSA_GROUPS, DSA_OPS, apply_augmentation, augment, draw_augmentation
+
+
+def batch(n=4, dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.randn(n, 3, 8, 8, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", ["S", "M"])
+def test_replaying_a_draw_gives_identical_output(mode):
+    x = batch()
+    for seed in range(10):
+        torch.manual_seed(seed)
+        draw = draw_augmentation(x, mode=mode)
+        first = apply_augmentation(x, draw)
+        torch.randn(100)  # the global RNG moves on; the replay must not depend on it
+        assert torch.equal(apply_augmentation(x, draw), first)
+
+
+def test_same_seed_same_augmentation_and_different_seeds_differ():
+    x = batch()
+    outputs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outputs.append(augment(x, mode="M"))
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+
+
+def test_mode_s_applies_one_group_and_mode_m_all():
+    x = batch()
+    groups = {tuple(op for op, _ in draw_augmentation(x, mode="S")) for _ in range(200)}
+    assert groups == set(DSA_GROUPS.values())
+    assert [op for op, _ in draw_augmentation(x, mode="M")] == [op for ops in DSA_GROUPS.values() for op in ops]
+    assert draw_augmentation(x, "none") == []
+
+
+@pytest.mark.parametrize("op", list(DSA_OPS))
+def test_every_op_gradcheck_in_the_pixels(op):
+    x = batch(2, torch.float64).requires_grad_()
+    torch.manual_seed(1)
+    params = DSA_OPS[op][0](2, x)
+    assert torch.autograd.gradcheck(lambda images: apply_augmentation(images, [(op, params)]), (x,))
+
+
+@pytest.mark.parametrize("op", list(DSA_OPS))
+def test_every_op_keeps_shape_and_dtype(op):
+    x = batch(3, torch.float64)
+    out = apply_augmentation(x, [(op, DSA_OPS[op][0](3, x))])
+    assert out.shape == x.shape and out.dtype == torch.float64
+
+
+def test_flip_twice_is_the_identity():
+    x = batch()
+    flip_all = [("flip", torch.zeros(len(x), 1, 1, 1))]  # u = 0 < 0.5: every image flips
+    once = apply_augmentation(x, flip_all)
+    assert torch.equal(once, x.flip(3)) and not torch.equal(once, x)
+    assert torch.equal(apply_augmentation(once, flip_all), x)
+
+
+def test_crop_translates_with_zero_fill_and_zero_shift_is_the_identity():
+    x = batch()
+    assert torch.equal(apply_augmentation(x, [("crop", torch.zeros(len(x), 2, dtype=torch.long))]), x)
+    down = apply_augmentation(x, [("crop", torch.tensor([[1, 0]] * len(x)))])
+    assert torch.equal(down[:, :, :-1], x[:, :, 1:]) and torch.equal(down[:, :, -1], torch.zeros_like(x[:, :, -1]))
+    right = apply_augmentation(x, [("crop", torch.tensor([[0, -2]] * len(x)))])
+    assert torch.equal(right[:, :, :, 2:], x[:, :, :, :-2]) and (right[:, :, :, :2] == 0).all()
+
+
+def test_crop_draws_at_most_an_eighth_of_the_side():
+    x = torch.zeros(5000, 1, 32, 32)
+    shift = DSA_OPS["crop"][0](len(x), x)
+    assert shift.min().item() == -4 and shift.max().item() == 4
+
+
+def test_cutout_zeroes_one_square_of_half_the_side():
+    x = torch.ones(2, 1, 8, 8)
+    out = apply_augmentation(x, [("cutout", torch.tensor([[4, 4], [0, 7]]))])
+    assert torch.equal(out[0, 0, 2:6, 2:6], torch.zeros(4, 4)) and out[0].sum() == 64 - 16
+    assert out[1].sum() == 64 - 2 * 3  # clipped at the corner: rows 0-1, columns 5-7
+
+
+def test_colour_ops_follow_their_formulas():
+    x = batch(2)
+    u = torch.full((2, 1, 1, 1), 0.25)
+    assert torch.allclose(apply_augmentation(x, [("brightness", u)]), x - 0.25)
+    m = x.mean(1, keepdim=True)
+    assert torch.allclose(apply_augmentation(x, [("saturation", u)]), (x - m) * 0.5 + m)
+    m = x.mean((1, 2, 3), keepdim=True)
+    assert torch.allclose(apply_augmentation(x, [("contrast", u)]), (x - m) * 0.75 + m)
+
+
+def test_scale_and_rotate_with_identity_parameters_are_the_identity():
+    x = batch()
+    eye = torch.eye(2, 3).expand(len(x), 2, 3)
+    for op in ("scale", "rotate"):
+        assert torch.allclose(apply_augmentation(x, [(op, eye)]), x, atol=1e-5)
+    torch.manual_seed(0)
+    assert not torch.allclose(apply_augmentation(x, [("rotate", DSA_OPS["rotate"][0](len(x), x))]), x, atol=1e-2)
+
+
+def test_siamese_mode_shares_one_draw_across_the_batch():
+    x = batch(1).expand(6, -1, -1, -1)  # six copies of one image
+    torch.manual_seed(0)
+    draw = draw_augmentation(x, mode="M", siamese=True)
+    assert all(len(params) == 1 for _, params in draw)
+    out = apply_augmentation(x, draw)
+    assert all(torch.equal(out[i], out[0]) for i in range(6))
+    torch.manual_seed(0)
+    independent = augment(x, mode="M")
+    assert not all(torch.equal(independent[i], independent[0]) for i in range(6))
+
+
+def test_unknown_op_is_a_clear_error():
+    with pytest.raises(utils.UsageError, match="unknown DSA op"):
+        draw_augmentation(batch(), "color_blur")
+
+
+def test_texture_crops_roll_the_canvas():
+    canvas = torch.arange(2 * 16.0).view(1, 2, 4, 4)
+    crops = utils.texture_crops(canvas, torch.tensor([[0, 0], [1, 3]]), (2, 2))
+    assert crops.shape == (2, 2, 2, 2)
+    assert torch.equal(crops[0], canvas[0, :, :2, :2])
+    assert torch.equal(crops[1], torch.roll(canvas[0], (1, 3), (1, 2))[:, :2, :2])

@@ -1,0 +1,129 @@
+import itertools
+
+import pytest
+import torch
+
+import networks
+from networks import CONVNET_VARIANTS, MODELS, ConvNet, flatten_params, forward_flat, get_network, load_flat
+
+INPUTS = [(1, 28), (3, 32), (3, 64), (3, 128)]  # (channels, side): digits, CIFAR, Tiny, ImageNet subsets
+
+
+def fits(depth, channel, side):
+    """ConvNet pools once per block; the first conv of a one-channel input grows it by 4 pixels."""
+    return 2 ** depth <= side + (4 if channel == 1 else 0)
+
+
+def small(kwargs):
+    """A named variant shrunk to width <= 16 so the suite stays fast (the width variants differ only there)."""
+    return {**kwargs, "width": min(kwargs.get("width", 128), 16)}
+
+
+@pytest.mark.parametrize("name", list(CONVNET_VARIANTS))
+@pytest.mark.parametrize("channel,side", INPUTS)
+def test_functional_forward_equals_module_for_every_convnet_variant(name, channel, side):
+    kwargs = small(CONVNET_VARIANTS[name])
+    if not fits(kwargs.get("depth", 3), channel, side):
+        with pytest.raises(ValueError, match="no pixels left"):
+            ConvNet(channel, 10, (side, side), **kwargs)
+        return
+    torch.manual_seed(0)
+    net = ConvNet(channel, 10, (side, side), **kwargs)
+    x = torch.randn(4, channel, side, side)
+    expected = net(x)  # train mode: batch norm uses batch statistics, as forward_flat does
+    got = forward_flat(net, flatten_params(net), x)
+    assert got.shape == (4, 10)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("width,depth,act,norm,pool", [
+    (w, d, a, n, p) for w, d, a, n, p in itertools.product(
+        [8], [1, 4], ["relu", "sigmoid", "leakyrelu"], list(networks.FLAT_NORMS), list(networks.FLAT_POOLS))])
+def test_functional_forward_every_layer_combination_at_64px(width, depth, act, norm, pool):
+    torch.manual_seed(1)
+    net = ConvNet(3, 7, (64, 64), width=width, depth=depth, act=act, norm=norm, pool=pool)
+    x = torch.randn(2, 3, 64, 64)
+    assert (forward_flat(net, flatten_params(net), x) - net(x)).abs().max().item() <= 1e-5
+
+
+def test_functional_forward_differs_when_parameters_differ():
+    """Guards the equality tests: forward_flat really reads the flat vector, not the module."""
+    torch.manual_seed(0)
+    net = ConvNet(3, 10, (32, 32), width=8)
+    x = torch.randn(2, 3, 32, 32)
+    other = flatten_params(net) + 0.1 * torch.randn(sum(p.numel() for p in net.parameters()))
+    assert (forward_flat(net, other, x) - net(x)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["ConvNet", "ConvNetBN", "ResNet18BN_AP", "VGG11", "LeNet"])
+def test_flat_layout_is_parameters_order_and_load_inverts_it(name):
+    torch.manual_seed(0)
+    net = get_network(name, 3, 10, (32, 32))
+    flat = flatten_params(net)
+    assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    torch.manual_seed(1)
+    other = get_network(name, 3, 10, (32, 32))
+    assert not torch.equal(flatten_params(other), flat)
+    load_flat(other, flat)
+    assert torch.equal(flatten_params(other), flat)
+    flat[0] += 1  # the loaded network keeps its own copy
+    assert not torch.equal(flatten_params(other), flat)
+
+
+def test_convnet_matches_the_original_parameter_count():
+    """320,010 parameters is the original ConvNet on CIFAR-10; buffers map 1:1 only if this holds."""
+    assert flatten_params(get_network("ConvNet", 3, 10, (32, 32))).numel() == 320010
+    assert [tuple(s) for s in networks.param_shapes(get_network("ConvNet", 3, 10))] == [
+        (128, 3, 3, 3), (128,), (128,), (128,), (128, 128, 3, 3), (128,), (128,), (128,),
+        (128, 128, 3, 3), (128,), (128,), (128,), (10, 2048), (10,)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("channel,side", [(1, 28), (3, 32)])
+def test_every_architecture_output_shape(name, channel, side):
+    depth = CONVNET_VARIANTS.get(name, {}).get("depth", 3)
+    if name in CONVNET_VARIANTS and not fits(depth, channel, side):
+        with pytest.raises(ValueError, match="no pixels left"):
+            get_network(name, channel, 10, (side, side))
+        return
+    net = get_network(name, channel, 10, (side, side))
+    x = torch.randn(2, channel, side, side)
+    assert net(x).shape == (2, 10)
+    assert forward_flat(net, flatten_params(net), x).shape == (2, 10)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'ConvNett'"):
+        get_network("ConvNett", 3, 10)
+
+
+def test_seeded_initialisation_repeats():
+    torch.manual_seed(3)
+    a = flatten_params(get_network("ConvNet", 3, 10))
+    torch.manual_seed(3)
+    b = flatten_params(get_network("ConvNet", 3, 10))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("norm", ["instancenorm", "batchnorm", "layernorm", "groupnorm"])
+def test_functional_forward_gradcheck_and_gradgradcheck(norm):
+    """Distillation differentiates the unroll twice: check both orders against finite differences
+    in float64, in the parameters and in the images."""
+    torch.manual_seed(0)
+    net = ConvNet(1, 3, (6, 6), width=4, depth=2, norm=norm, act="sigmoid").double()
+    flat = flatten_params(net).requires_grad_()
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    f = lambda theta, images: forward_flat(net, theta, images)
+    assert torch.autograd.gradcheck(f, (flat, x))
+    assert torch.autograd.gradgradcheck(f, (flat, x))
+
+
+def test_generic_functional_path_gradgradcheck():
+    """Any module (here a small one: gradgradcheck's Jacobian is params x params) runs at a flat vector."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    flat = flatten_params(net).requires_grad_()
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    f = lambda theta, images: forward_flat(net, theta, images)
+    assert torch.autograd.gradcheck(f, (flat, x))
+    assert torch.autograd.gradgradcheck(f, (flat, x))

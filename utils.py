@@ -1,0 +1,551 @@
+"""Data, ZCA whitening, differentiable Siamese augmentation (DSA) and the evaluation protocol."""
+import gzip
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from networks import MODELS
+
+REPO = Path(__file__).resolve().parent
+MINI_PATH = REPO / "assets" / "fashion_mnist_mini.npz"
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+class UsageError(Exception):
+    """Bad input (a missing file, an impossible flag): the scripts print it as one line and exit."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Run set-up
+
+
+def set_seed(seed):
+    """Seed python, numpy and torch (every device) so that a run repeats."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(device=None):
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def add_common_args(parser):
+    """The flags buffer.py, distill.py and eval.py share, with the original's names and defaults."""
+    parser.add_argument("--dataset", default="CIFAR10", choices=list(DATASETS))
+    parser.add_argument("--subset", default="imagenette", choices=list(IMAGENET_SUBSETS),
+                        help="ImageNet subset (with --dataset ImageNet)")
+    parser.add_argument("--model", default="ConvNet", choices=list(MODELS), metavar="MODEL",
+                        help="network (networks.MODELS)")
+    parser.add_argument("--res", type=int, default=32, help="image side for ImageNet subsets")
+    parser.add_argument("--data_path", default="data", help="where datasets are found or downloaded")
+    parser.add_argument("--zca", action="store_true", help="ZCA-whiten the data (eps 0.1)")
+    parser.add_argument("--dsa", default="True", choices=["True", "False"], help="differentiable Siamese augmentation")
+    parser.add_argument("--dsa_strategy", default=DSA_STRATEGY)
+    parser.add_argument("--batch_train", type=int, default=256, help="batch size for training networks")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    return parser
+
+
+def buffer_dir(buffer_path, dataset, model, zca, subset="imagenette", res=32):
+    """The original's expert directory: {buffer_path}/{dataset}[/{subset}/{res}][_NO_ZCA]/{model}."""
+    path = os.path.join(buffer_path, dataset)
+    if dataset == "ImageNet":
+        path = os.path.join(path, subset, str(res))
+    if dataset in ("CIFAR10", "CIFAR100") and not zca:
+        path += "_NO_ZCA"
+    return os.path.join(path, model)
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary name to write to; it replaces `path` only if the writing finished."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def eta(start, done, total):
+    """'12m05s left' from the time since `start` after `done` of `total` units of work."""
+    seconds = (time.time() - start) / max(done, 1e-9) * (total - done)
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s left"
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets: each loader returns uint8 NCHW tensors and int64 labels, then get_dataset normalises.
+
+
+@dataclass
+class Data:
+    images_train: torch.Tensor  # float32 N x C x H x W, normalised (or ZCA-whitened)
+    labels_train: torch.Tensor  # int64
+    images_test: torch.Tensor
+    labels_test: torch.Tensor
+    channel: int
+    im_size: tuple
+    num_classes: int
+    class_names: list
+    mean: list
+    std: list
+    zca: "ZCA | None" = None
+
+
+def _nchw(images):
+    images = torch.as_tensor(np.asarray(images))
+    return images.unsqueeze(1) if images.ndim == 3 else images
+
+
+def _load_torchvision(name, data_path, subset, res):
+    import torchvision
+
+    cls = getattr(torchvision.datasets, name)
+    try:
+        if name == "SVHN":
+            train, test = (cls(data_path, split=s, download=True) for s in ("train", "test"))
+        else:
+            train, test = (cls(data_path, train=t, download=True) for t in (True, False))
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{name} is not in {data_path!r} and could not be downloaded ({reason}); "
+                         f"check the network or put torchvision's {name} files under --data_path") from err
+    labels = lambda ds: torch.as_tensor(np.asarray(ds.labels if name == "SVHN" else ds.targets), dtype=torch.long)
+    channels_last = name.startswith("CIFAR")
+    images = lambda ds: _nchw(ds.data).permute(0, 3, 1, 2) if channels_last else _nchw(ds.data)
+    class_names = getattr(train, "classes", [str(c) for c in range(10)])
+    return images(train), labels(train), images(test), labels(test), list(class_names)
+
+
+def read_idx(path):
+    """An IDX file (the MNIST format, gzipped or not) as a numpy array."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = np.frombuffer(data, ">i4", ndim, 4)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def find_idx(folders):
+    for folder in folders:
+        for suffix in (".gz", ""):
+            paths = [Path(folder) / f"{name}{suffix}" for name in IDX_FILES]
+            if all(p.exists() for p in paths):
+                return paths
+    return None
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def _load_fashion_mnist(data_path, subset, res):
+    """The four IDX files from --data_path or Debian's dataset-fashion-mnist; else torchvision's download."""
+    paths = find_idx([data_path, Path(data_path) / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST])
+    if paths is None:
+        return _load_torchvision("FashionMNIST", data_path, subset, res)
+    x_train, y_train, x_test, y_test = (torch.as_tensor(read_idx(p).copy()) for p in paths)
+    return _nchw(x_train), y_train.long(), _nchw(x_test), y_test.long(), FASHION_CLASSES
+
+
+def _load_fashion_mnist_mini(data_path, subset, res):
+    """The class-balanced Fashion-MNIST subset shipped in assets/ (made by assets/make_fashion_mnist_mini.py)."""
+    with np.load(MINI_PATH) as f:
+        arrays = [torch.as_tensor(f[k]) for k in ("x_train", "y_train", "x_test", "y_test")]
+    return _nchw(arrays[0]), arrays[1].long(), _nchw(arrays[2]), arrays[3].long(), FASHION_CLASSES
+
+
+def _read_images(files, res):
+    """Decode image files into one uint8 N x 3 x res x res tensor (resize the short side, centre crop)."""
+    from PIL import Image
+
+    out = np.empty((len(files), res, res, 3), np.uint8)
+    for i, path in enumerate(files):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = res / min(im.size)
+            w, h = max(res, round(im.width * scale)), max(res, round(im.height * scale))
+            left, top = (w - res) // 2, (h - res) // 2
+            out[i] = np.asarray(im.resize((w, h), Image.BILINEAR).crop((left, top, left + res, top + res)))
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp"}
+
+
+def _image_files(folder):
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _load_folders(root, classes, res):
+    """ImageFolder layout root/{class}/**/image: images of `classes` (folder names), labelled by position."""
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = _image_files(Path(root) / name)
+        files += found
+        labels += [label] * len(found)
+    return _read_images(files, res), torch.tensor(labels, dtype=torch.long)
+
+
+def _require_dir(path, what, how):
+    if not Path(path).is_dir():
+        raise UsageError(f"{what} not found: no folder {str(path)!r}; {how}")
+
+
+def _load_tiny(data_path, subset, res):
+    """Tiny ImageNet as distributed: train/{wnid}/images/*.JPEG, val/images + val/val_annotations.txt."""
+    root = Path(data_path) / "tiny-imagenet-200"
+    root = root if root.is_dir() else Path(data_path)
+    how = "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into --data_path"
+    _require_dir(root / "train", "Tiny ImageNet", how)
+    _require_dir(root / "val", "Tiny ImageNet", how)
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    x_train, y_train = _load_folders(root / "train", classes, 64)
+    annotations = root / "val" / "val_annotations.txt"
+    if annotations.exists():
+        rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines() if line.strip()]
+        index = {name: i for i, name in enumerate(classes)}
+        x_test = _read_images([root / "val" / "images" / file for file, _ in rows], 64)
+        y_test = torch.tensor([index[wnid] for _, wnid in rows], dtype=torch.long)
+    else:
+        x_test, y_test = _load_folders(root / "val", classes, 64)
+    return x_train, y_train, x_test, y_test, classes
+
+
+IMAGENET_SUBSETS = {  # indices into the 1000 sorted ImageNet class folders (the original's Config)
+    "imagenette": [0, 217, 482, 491, 497, 566, 569, 571, 574, 701],
+    "imagewoof": [193, 182, 258, 162, 155, 167, 159, 273, 207, 229],
+    "imagemeow": [281, 282, 283, 284, 285, 291, 292, 290, 289, 287],
+    "imagesquawk": [84, 130, 88, 144, 145, 22, 96, 9, 100, 89],
+    "imagefruit": [953, 954, 949, 950, 951, 957, 952, 945, 943, 948],
+    "imageyellow": [309, 986, 954, 951, 987, 779, 599, 291, 72, 11],
+}
+
+
+def _load_imagenet_subset(data_path, subset, res):
+    """Ten ImageNet classes from data_path/train/{wnid} and data_path/val/{wnid}, at res x res."""
+    how = "put ImageNet in ImageFolder layout (train/{wnid}/*.JPEG, val/{wnid}/*.JPEG) under --data_path"
+    _require_dir(Path(data_path) / "train", "ImageNet", how)
+    _require_dir(Path(data_path) / "val", "ImageNet", how)
+    wnids = sorted(p.name for p in (Path(data_path) / "train").iterdir() if p.is_dir())
+    if len(wnids) != 1000:
+        raise UsageError(f"ImageNet: expected 1000 class folders in {data_path}/train, found {len(wnids)}")
+    classes = [wnids[i] for i in IMAGENET_SUBSETS[subset]]
+    x_train, y_train = _load_folders(Path(data_path) / "train", classes, res)
+    x_test, y_test = _load_folders(Path(data_path) / "val", classes, res)
+    return x_train, y_train, x_test, y_test, classes
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    load: callable  # (data_path, subset, res) -> uint8 x_train, y_train, x_test, y_test, class names
+    mean: tuple
+    std: tuple
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASETS = {
+    "MNIST": DatasetInfo(partial(_load_torchvision, "MNIST"), (0.1307,), (0.3081,)),
+    "FashionMNIST": DatasetInfo(_load_fashion_mnist, (0.2861,), (0.3530,)),
+    "FashionMNIST-mini": DatasetInfo(_load_fashion_mnist_mini, (0.2861,), (0.3530,)),
+    "SVHN": DatasetInfo(partial(_load_torchvision, "SVHN"), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "CIFAR10": DatasetInfo(partial(_load_torchvision, "CIFAR10"), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "CIFAR100": DatasetInfo(partial(_load_torchvision, "CIFAR100"), (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "Tiny": DatasetInfo(_load_tiny, IMAGENET_MEAN, IMAGENET_STD),
+    "ImageNet": DatasetInfo(_load_imagenet_subset, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=32):
+    """Training and test images as float tensors: normalised by the dataset's mean and std, or,
+    with zca, scaled to [0, 1] and whitened by a ZCA fitted on the training set (Data.zca)."""
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    info = DATASETS[dataset]
+    x_train, y_train, x_test, y_test, class_names = info.load(data_path, subset, res)
+    x_train, x_test = x_train.float().div_(255), x_test.float().div_(255)
+    whitener = None
+    if zca:
+        whitener = ZCA.fit(x_train)
+        x_train, x_test = whitener(x_train), whitener(x_test)
+    else:
+        mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        std = torch.tensor(info.std).view(1, -1, 1, 1)
+        x_train, x_test = x_train.sub_(mean).div_(std), x_test.sub_(mean).div_(std)
+    return Data(x_train, y_train, x_test, y_test, channel=x_train.shape[1], im_size=tuple(x_train.shape[2:]),
+                num_classes=len(class_names), class_names=list(class_names), mean=list(info.mean),
+                std=list(info.std), zca=whitener)
+
+
+def images_per_class(labels, num_classes):
+    """Indices of each class's images, as a list of tensors."""
+    order = torch.argsort(labels, stable=True)
+    return list(torch.split(order, torch.bincount(labels, minlength=num_classes).tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# ZCA whitening (the reference uses kornia's ZCAWhitening(eps=0.1, compute_inv=True)).
+
+
+class ZCA:
+    """x -> (x - mean) T with T = U diag(1 / sqrt(S + eps)) U^T, where U S U^T is the covariance."""
+
+    def __init__(self, mean, transform, inverse_transform, eps):
+        self.mean, self.transform, self.inverse_transform, self.eps = mean, transform, inverse_transform, eps
+
+    @classmethod
+    def fit(cls, images, eps=0.1, chunk=4096):
+        """Fit on N x C x H x W images; the covariance is accumulated in float64 in chunks of rows."""
+        x = images.flatten(1)
+        mean = sum(rows.double().sum(0) for rows in torch.split(x, chunk)) / len(x)
+        cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        for rows in torch.split(x, chunk):
+            centred = rows.double() - mean
+            cov += centred.T @ centred
+        cov /= len(x) - 1
+        s, u = torch.linalg.eigh(cov)
+        s = s.clamp_min(0)  # a rank-deficient covariance has tiny negative eigenvalues from rounding
+        transform = (u * (s + eps).rsqrt()) @ u.T
+        inverse = (u * (s + eps).sqrt()) @ u.T
+        return cls(mean.float(), transform.float(), inverse.float(), eps)
+
+    def __call__(self, images):
+        return ((images.flatten(1) - self.mean) @ self.transform).view_as(images)
+
+    def inverse(self, images):
+        return (images.flatten(1) @ self.inverse_transform + self.mean).view_as(images)
+
+    def state_dict(self):
+        return {"mean": self.mean, "transform": self.transform, "inverse_transform": self.inverse_transform,
+                "eps": self.eps}
+
+    def save(self, path):
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        state = torch.load(path, map_location=device, weights_only=True)
+        return cls(state["mean"], state["transform"], state["inverse_transform"], state["eps"])
+
+    def to(self, device):
+        return ZCA(self.mean.to(device), self.transform.to(device), self.inverse_transform.to(device), self.eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable Siamese augmentation. draw_augmentation picks random parameters (a list of
+# (op, tensor) pairs); apply_augmentation applies them, differentiably in the pixels. Keeping
+# the two apart lets the low-memory backward of distill.py replay a step's exact augmentation.
+
+DSA_PARAMS = dict(flip=0.5, scale=1.2, rotate=15.0, crop=0.125, cutout=0.5, brightness=1.0, saturation=2.0,
+                  contrast=0.5)
+DSA_GROUPS = {"color": ("brightness", "saturation", "contrast"), "crop": ("crop",), "cutout": ("cutout",),
+              "flip": ("flip",), "scale": ("scale",), "rotate": ("rotate",)}
+
+
+def _affine(x, theta):
+    grid = F.affine_grid(theta.expand(len(x), 2, 3), x.shape, align_corners=True)
+    return F.grid_sample(x, grid, align_corners=True)
+
+
+def _draw_scale(n, x):
+    r = DSA_PARAMS["scale"]
+    sx, sy = (torch.rand(n, device=x.device, dtype=x.dtype) * (r - 1 / r) + 1 / r for _ in range(2))
+    zero = torch.zeros_like(sx)
+    return torch.stack([torch.stack([sx, zero, zero], 1), torch.stack([zero, sy, zero], 1)], 1)
+
+
+def _draw_rotate(n, x):
+    angle = (torch.rand(n, device=x.device, dtype=x.dtype) - 0.5) * 2 * DSA_PARAMS["rotate"] / 180 * math.pi
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    return torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+
+
+def _draw_shift(n, x, ratio):
+    """Integer (row, column) offsets in [-s, s], s = ratio of the side, one row per image."""
+    limits = [int(side * ratio + 0.5) for side in x.shape[2:]]
+    return torch.stack([torch.randint(-s, s + 1, (n,), device=x.device) for s in limits], 1)
+
+
+def _draw_cutout(n, x):
+    """Centres of the cut-out squares, as the original draws them."""
+    size = [int(side * DSA_PARAMS["cutout"] + 0.5) for side in x.shape[2:]]
+    return torch.stack([torch.randint(0, side + 1 - s % 2, (n,), device=x.device)
+                        for side, s in zip(x.shape[2:], size)], 1)
+
+
+def _uniform(n, x):
+    return torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype)
+
+
+def _crop(x, shift):
+    """Translate by whole pixels, filling with zeros (index a 1-pixel zero pad, clamped)."""
+    h, w = x.shape[2:]
+    rows = (torch.arange(h, device=x.device) + shift[:, :1] + 1).clamp(0, h + 1)  # n x h
+    cols = (torch.arange(w, device=x.device) + shift[:, 1:] + 1).clamp(0, w + 1)  # n x w
+    batch = torch.arange(len(x), device=x.device).view(-1, 1, 1)
+    padded = F.pad(x, [1, 1, 1, 1])
+    return padded[batch, :, rows.expand(len(x), h)[:, :, None], cols.expand(len(x), w)[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _cutout(x, centre):
+    h, w = x.shape[2:]
+    size = [int(side * DSA_PARAMS["cutout"] + 0.5) for side in (h, w)]
+    start = centre - torch.tensor([s // 2 for s in size], device=x.device)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_rows = (rows >= start[:, :1]) & (rows < start[:, :1] + size[0])  # n x h
+    in_cols = (cols >= start[:, 1:]) & (cols < start[:, 1:] + size[1])  # n x w
+    return x * (~(in_rows[:, :, None] & in_cols[:, None, :])).to(x.dtype)[:, None]
+
+
+def _saturation(x, u):
+    mean = x.mean(dim=1, keepdim=True)
+    return (x - mean) * (u * DSA_PARAMS["saturation"]) + mean
+
+
+def _contrast(x, u):
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (u + DSA_PARAMS["contrast"]) + mean
+
+
+DSA_OPS = {  # op -> (draw(n, x), apply(x, params))
+    "flip": (_uniform, lambda x, u: torch.where(u < DSA_PARAMS["flip"], x.flip(3), x)),
+    "scale": (_draw_scale, _affine),
+    "rotate": (_draw_rotate, _affine),
+    "crop": (partial(_draw_shift, ratio=DSA_PARAMS["crop"]), _crop),
+    "cutout": (_draw_cutout, _cutout),
+    "brightness": (_uniform, lambda x, u: x + (u - 0.5) * DSA_PARAMS["brightness"]),
+    "saturation": (_uniform, _saturation),
+    "contrast": (_uniform, _contrast),
+}
+
+
+def draw_augmentation(x, strategy=DSA_STRATEGY, mode="S", siamese=False):
+    """Random DSA parameters for the batch x. Mode S applies one group of the strategy, drawn
+    at random; mode M applies them all. With siamese, one draw serves the whole batch."""
+    if strategy in ("", "none", "None"):
+        return []
+    groups = strategy.split("_")
+    unknown = set(groups) - set(DSA_GROUPS)
+    if unknown:
+        raise UsageError(f"unknown DSA op(s) {', '.join(sorted(unknown))}; choose from {', '.join(DSA_GROUPS)}")
+    if mode == "S":
+        groups = [groups[torch.randint(len(groups), ()).item()]]
+    n = 1 if siamese else len(x)
+    return [(op, DSA_OPS[op][0](n, x)) for group in groups for op in DSA_GROUPS[group]]
+
+
+def apply_augmentation(x, draw):
+    for op, params in draw:
+        x = DSA_OPS[op][1](x, params)
+    return x
+
+
+def augment(x, strategy=DSA_STRATEGY, mode="S", siamese=False):
+    return apply_augmentation(x, draw_augmentation(x, strategy, mode, siamese))
+
+
+def draw_texture_crops(canvases, samples):
+    """Random toroidal offsets for `samples` crops of each canvas: (samples * n) x 2."""
+    n, (h, w) = len(canvases), canvases.shape[2:]
+    return torch.stack([torch.randint(h, (samples * n,)), torch.randint(w, (samples * n,))], 1).to(canvases.device)
+
+
+def texture_crops(canvases, offsets, res):
+    """Crops of the canvases rolled by `offsets` (the canvases repeated once per sample)."""
+    h, w = canvases.shape[2:]
+    source = canvases.repeat(len(offsets) // len(canvases), 1, 1, 1)
+    rows = (torch.arange(res[0], device=offsets.device) - offsets[:, :1]) % h
+    cols = (torch.arange(res[1], device=offsets.device) - offsets[:, 1:]) % w
+    batch = torch.arange(len(source), device=offsets.device).view(-1, 1, 1)
+    return source[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation protocol (SPEC section 6): train a fresh network on a (synthetic) set, test it.
+
+EVAL_POOLS = {
+    "M": ["ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18"],
+    "W": ["ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"],
+    "D": ["ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4"],
+    "A": ["ConvNetAS", "ConvNetAR", "ConvNetAL"],
+    "P": ["ConvNetNP", "ConvNetMP", "ConvNetAP"],
+    "N": ["ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"],
+}
+
+
+def eval_pool(eval_mode, model):
+    """The models to evaluate a set with: S = the distillation model (batch norm swapped for
+    instance norm, as the original does), C = that model and ConvNet, else a named pool."""
+    if eval_mode == "S":
+        return [model.split("BN")[0]]
+    if eval_mode == "C":
+        return list(dict.fromkeys([model, "ConvNet"]))
+    if eval_mode not in EVAL_POOLS:
+        raise UsageError(f"unknown --eval_mode {eval_mode!r}; choose from S, C, {', '.join(EVAL_POOLS)}")
+    return EVAL_POOLS[eval_mode]
+
+
+@torch.no_grad()
+def accuracy(net, images, labels, batch=500):
+    net.eval()
+    correct = sum((net(x).argmax(1) == y).sum().item() for x, y in zip(images.split(batch), labels.split(batch)))
+    return correct / len(labels)
+
+
+def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, texture=None):
+    """One shuffled pass over (images, labels) with DSA on every batch (per image, not siamese);
+    texture = (res, samples) trains on random crops of canvases. Returns the training accuracy."""
+    net.train()
+    correct = seen = 0
+    for idx in torch.randperm(len(images), device=images.device).split(batch_size):
+        x, y = images[idx], labels[idx]
+        if texture is not None:
+            (res, samples) = texture
+            x = texture_crops(x, draw_texture_crops(x, samples), res)
+            y = y.repeat(samples)
+        if dsa_strategy:
+            x = augment(x, dsa_strategy)
+        out = net(x)
+        loss = F.cross_entropy(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        correct += (out.argmax(1) == y).sum().item()
+        seen += len(y)
+    return correct / seen
+
+
+def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=1000, batch_train=256,
+                    dsa_strategy=DSA_STRATEGY, texture=None, log=None):
+    """Train `net` (fresh) on images/labels with SGD (momentum 0.9, weight decay 5e-4), lr decayed
+    x0.1 after epoch epochs//2 + 1, DSA on every batch unless dsa_strategy is None; return the
+    final (train accuracy, test accuracy). Like the original, it runs epochs + 1 passes and
+    restarts the optimiser (momentum included) at the decay."""
+    device = next(net.parameters()).device
+    images, labels = images.to(device), labels.to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=5e-4)
+    start = time.time()
+    for ep in range(epochs + 1):
+        train_acc = train_epoch(net, images, labels, optimizer, batch_train, dsa_strategy, texture)
+        if ep == epochs // 2 + 1:
+            lr *= 0.1
+            optimizer = torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=5e-4)
+        if log and (ep + 1) % 100 == 0:
+            log(f"  epoch {ep + 1}/{epochs + 1} train acc {train_acc:.3f} ({eta(start, ep + 1, epochs + 1)})")
+    return train_acc, accuracy(net, test_images.to(device), test_labels.to(device))
