@@ -165,7 +165,7 @@ class ResNet18(nn.Module):
 CONVNET_VARIANTS = {
     "ConvNet": {},
     **{f"ConvNetD{d}": {"depth": d} for d in range(1, 9)},
-    **{f"ConvNetW{w}": {"width": w} for w in (32, 64, 128, 256, 512, 1024)},
+    **{f"ConvNetW{w}": {"width": w} for w in (8, 16, 32, 64, 128, 256, 512, 1024)},  # W8, W16: quick CPU runs
     "ConvNetAS": {"act": "sigmoid"}, "ConvNetAR": {"act": "relu"}, "ConvNetAL": {"act": "leakyrelu"},
     "ConvNetNN": {"norm": "none"}, "ConvNetBN": {"norm": "batchnorm"}, "ConvNetLN": {"norm": "layernorm"},
     "ConvNetIN": {"norm": "instancenorm"}, "ConvNetGN": {"norm": "groupnorm"},

@@ -256,18 +256,28 @@ class DatasetInfo:
     load: callable  # (data_path, subset, res) -> uint8 x_train, y_train, x_test, y_test, class names
     mean: tuple
     std: tuple
+    side: int  # image side; None: --res (ImageNet subsets)
+    num_classes: int
+
+    def shape(self, res):
+        """(channel, (h, w), classes) of the images get_dataset returns, known without loading them."""
+        side = self.side or res
+        return len(self.mean), (side, side), self.num_classes
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = {
-    "MNIST": DatasetInfo(partial(_load_torchvision, "MNIST"), (0.1307,), (0.3081,)),
-    "FashionMNIST": DatasetInfo(_load_fashion_mnist, (0.2861,), (0.3530,)),
-    "FashionMNIST-mini": DatasetInfo(_load_fashion_mnist_mini, (0.2861,), (0.3530,)),
-    "SVHN": DatasetInfo(partial(_load_torchvision, "SVHN"), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "CIFAR10": DatasetInfo(partial(_load_torchvision, "CIFAR10"), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "CIFAR100": DatasetInfo(partial(_load_torchvision, "CIFAR100"), (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "Tiny": DatasetInfo(_load_tiny, IMAGENET_MEAN, IMAGENET_STD),
-    "ImageNet": DatasetInfo(_load_imagenet_subset, IMAGENET_MEAN, IMAGENET_STD),
+    "MNIST": DatasetInfo(partial(_load_torchvision, "MNIST"), (0.1307,), (0.3081,), 28, 10),
+    "FashionMNIST": DatasetInfo(_load_fashion_mnist, (0.2861,), (0.3530,), 28, 10),
+    "FashionMNIST-mini": DatasetInfo(_load_fashion_mnist_mini, (0.2861,), (0.3530,), 28, 10),
+    "SVHN": DatasetInfo(partial(_load_torchvision, "SVHN"), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                        32, 10),
+    "CIFAR10": DatasetInfo(partial(_load_torchvision, "CIFAR10"), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+                           32, 10),
+    "CIFAR100": DatasetInfo(partial(_load_torchvision, "CIFAR100"), (0.5071, 0.4866, 0.4409),
+                            (0.2673, 0.2564, 0.2762), 32, 100),
+    "Tiny": DatasetInfo(_load_tiny, IMAGENET_MEAN, IMAGENET_STD, 64, 200),
+    "ImageNet": DatasetInfo(_load_imagenet_subset, IMAGENET_MEAN, IMAGENET_STD, None, 10),
 }
 
 
@@ -546,6 +556,6 @@ def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=10
         if ep == epochs // 2 + 1:
             lr *= 0.1
             optimizer = torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=5e-4)
-        if log and (ep + 1) % 100 == 0:
+        if log and (ep + 1) % max(1, (epochs + 1) // 10) == 0:
             log(f"  epoch {ep + 1}/{epochs + 1} train acc {train_acc:.3f} ({eta(start, ep + 1, epochs + 1)})")
     return train_acc, accuracy(net, test_images.to(device), test_labels.to(device))
