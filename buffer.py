@@ -240,7 +240,7 @@ def train(args):
                     done += 1
                     print(f"expert {first + row + 1}/{args.num_experts} (#{index}) epoch {epoch}/{args.train_epochs}"
                           f": train acc {train_acc:.4f} test acc {test_acc:.4f}, {speed:.0f} images/s, "
-                          f"{eta(start, done, total)}", flush=True)
+                          f"{eta(time.time() - start, done, total)}", flush=True)
                 entries.append(entry)
         meta["experts"] += entries
         write_sidecar(directory, meta)

@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr_img", type=float, default=1000, help="learning rate of the synthetic pixels")
     parser.add_argument("--lr_lr", type=float, default=1e-05, help="learning rate of syn_lr")
     parser.add_argument("--lr_teacher", type=float, default=0.01, help="initial syn_lr (the experts' lr)")
-    parser.add_argument("--batch_real", type=int, default=256, help="unused by MTT; kept so the original's commands run")
+    parser.add_argument("--batch_real", type=int, default=256, help="unused; kept so the original's commands run")
     parser.add_argument("--batch_syn", type=int, default=None, help="student minibatch (default: the whole set)")
     parser.add_argument("--pix_init", default="real", choices=["real", "noise"])
     parser.add_argument("--buffer_path", default="./buffers")
@@ -380,7 +380,7 @@ def distill(args):
     dsa_strategy = args.dsa_strategy if args.dsa and not args.no_aug else None
     texture = (data.im_size, args.canvas_samples) if args.texture else None
     backward = BACKWARD[args.low_memory]
-    start = time.time()
+    train_seconds = 0.0  # the ETA counts distillation steps only: evaluations come in bursts
     for it in range(start_it, args.Iteration + 1):
         if (it % args.eval_it == 0 or it == args.Iteration) and not (args.resume and it == start_it):
             results = evaluate(images, labels, syn_lr, data, test, args, it, device, print)
@@ -409,12 +409,14 @@ def distill(args):
             opt.zero_grad(set_to_none=True)
         if not syn_lr.item() > 0:
             raise Diverged(f"syn_lr became {syn_lr.item():.3g} at iteration {it}")
+        seconds = time.time() - step_start
+        train_seconds += seconds
         log.write(type="iteration", it=it, loss=loss, syn_lr=syn_lr.item(), expert=expert, start_epoch=start_epoch,
-                  seconds=time.time() - step_start)
+                  seconds=seconds)
         if it % 10 == 0:
             done = it + 1 - start_it
             print(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {syn_lr.item():.5f} "
-                  f"{done / (time.time() - start):.2f} it/s {eta(start, done, args.Iteration - start_it)}")
+                  f"{done / train_seconds:.2f} it/s {eta(train_seconds, done, args.Iteration - start_it)}")
     return best
 
 

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# The main job on the embedded Fashion-MNIST subset (no download). For now: the random real
-# subset baseline of the evaluation protocol, 10 images per class, on a ConvNet.
+# The whole pipeline on the Fashion-MNIST subset shipped in assets/ (no download), sized for a
+# 2-core CPU (about 8 minutes): train experts, distill one image per class, then evaluate the
+# distilled set beside one random real image per class. Everything lands in $OUT (default
+# quickstart/), which is started afresh. The sizes below can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-.venv/bin/python}
-"$python" - <<'PY'
-import torch
-import utils
-from networks import get_network
+out=${OUT:-quickstart}
+model=${MODEL:-ConvNetW32}
+experts=${EXPERTS:-4}
+train_epochs=${TRAIN_EPOCHS:-8}
+iterations=${ITERATIONS:-200}
+eval_epochs=${EVAL_EPOCHS:-300}
 
-utils.set_seed(0)
-data = utils.get_dataset("FashionMNIST-mini")
-idx = torch.cat([c[torch.randperm(len(c))[:10]] for c in utils.images_per_class(data.labels_train, data.num_classes)])
-net = get_network("ConvNet", data.channel, data.num_classes, data.im_size)
-train_acc, test_acc = utils.evaluate_synset(net, data.images_train[idx], data.labels_train[idx], data.images_test,
-                                            data.labels_test, lr=0.01, epochs=300, log=print)
-print(f"random real subset, 10 per class, ConvNet: test accuracy {test_acc:.3f}")
-PY
+rm -rf "$out"
+data=(--dataset FashionMNIST-mini --model "$model")
+"$python" buffer.py "${data[@]}" --buffer_path "$out/buffers" --num_experts "$experts" --train_epochs "$train_epochs"
+"$python" distill.py "${data[@]}" --buffer_path "$out/buffers" --save_path "$out/distilled" --ipc 1 \
+    --syn_steps 20 --expert_epochs 2 --max_start_epoch $((train_epochs / 2)) --lr_img 1000 --lr_lr 1e-05 \
+    --lr_teacher 0.01 --Iteration "$iterations" --eval_it 100 --num_eval 2 --epoch_eval_train "$eval_epochs"
+"$python" eval.py "${data[@]}" --syn_path "$out/distilled" --iteration "$iterations" --baseline random --ipc 1 \
+    --epoch_eval_train "$eval_epochs" --out "$out/results.json"
+echo "distilled images: $out/distilled/synthetic_$iterations.png; rows: $out/results.json"

@@ -80,9 +80,9 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def eta(start, done, total):
-    """'12m05s left' from the time since `start` after `done` of `total` units of work."""
-    seconds = (time.time() - start) / max(done, 1e-9) * (total - done)
+def eta(elapsed, done, total):
+    """'12m05s left' when `done` of `total` units of work took `elapsed` seconds."""
+    seconds = elapsed / max(done, 1e-9) * (total - done)
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s left"
 
 
@@ -151,7 +151,8 @@ def find_idx(folders):
     return None
 
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
 
 
 def _load_fashion_mnist(data_path, subset, res):
@@ -550,12 +551,12 @@ def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=10
     device = next(net.parameters()).device
     images, labels = images.to(device), labels.to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=5e-4)
-    start = time.time()
-    for ep in range(epochs + 1):
+    start, passes = time.time(), epochs + 1
+    for ep in range(passes):
         train_acc = train_epoch(net, images, labels, optimizer, batch_train, dsa_strategy, texture)
         if ep == epochs // 2 + 1:
             lr *= 0.1
             optimizer = torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=5e-4)
-        if log and (ep + 1) % max(1, (epochs + 1) // 10) == 0:
-            log(f"  epoch {ep + 1}/{epochs + 1} train acc {train_acc:.3f} ({eta(start, ep + 1, epochs + 1)})")
+        if log and (ep + 1) % max(1, passes // 10) == 0:
+            log(f"  epoch {ep + 1}/{passes} train acc {train_acc:.3f} ({eta(time.time() - start, ep + 1, passes)})")
     return train_acc, accuracy(net, test_images.to(device), test_labels.to(device))

@@ -2,6 +2,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -280,3 +281,14 @@ def test_an_existing_run_is_not_overwritten_without_resume(buffers, tmp_path):
     run_distill(buffers, tmp_path, "--Iteration", "1")
     with pytest.raises(SystemExit, match="already holds a run: pass --resume"):
         run_distill(buffers, tmp_path, "--Iteration", "1")
+
+
+def test_experts_are_memory_mapped_unless_load_all(buffers):
+    directory = buffer_dir(str(buffers), "FashionMNIST-mini", "ConvNetW16", False)
+    mapped, loaded = distill.Experts(directory), distill.Experts(directory, load_all=True)
+    assert isinstance(mapped.trajectories[0][0], np.memmap) and not isinstance(loaded.trajectories[0][0], np.memmap)
+    torch.manual_seed(0)
+    theta0, target, expert, start = mapped.sample(1, 2, "cpu")
+    array = np.load(buffer.expert_files(directory)[0])
+    assert (expert, start) == (0, 0)
+    assert torch.equal(theta0, torch.from_numpy(array[0, 0])) and torch.equal(target, torch.from_numpy(array[0, 2]))
