@@ -1,4 +1,4 @@
-"""Train expert trajectories for trajectory matching (SPEC section 4) and save them as numpy buffers.
+"""Train expert trajectories for trajectory matching and save them as memory-mappable numpy buffers.
 
     python buffer.py --dataset CIFAR10 --zca                  # 100 experts x 50 epochs, as published
     python buffer.py --dataset FashionMNIST-mini --num_experts 5 --train_epochs 10
@@ -40,7 +40,7 @@ import torch
 
 from networks import flatten_params, get_network
 from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, buffer_dir, eta, get_dataset,
-                   pick_device, set_seed, train_epoch)
+                   pick_device, save_json, set_seed, train_epoch)
 
 SIDECAR = "buffer.json"
 FILE_NAME = re.compile(r"replay_buffer_(\d+)\.(npy|pt)")
@@ -129,11 +129,6 @@ def read_sidecar(directory):
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read {path}: {err}") from err
-
-
-def write_sidecar(directory, meta):
-    with atomic_path(Path(directory) / SIDECAR) as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=1))
 
 
 def describe(args, seed):
@@ -243,7 +238,7 @@ def train(args):
                           f"{eta(time.time() - start, done, total)}", flush=True)
                 entries.append(entry)
         meta["experts"] += entries
-        write_sidecar(directory, meta)
+        save_json(meta, Path(directory) / SIDECAR)
         print(f"wrote {path} ({count} experts)")
 
 
@@ -284,7 +279,7 @@ def import_pt(args):
                     array[row, epoch] = torch.cat([p.reshape(-1) for p in snapshot]).float().numpy()
         meta["experts"] += [{"file": path.name, "index": len(meta["experts"]) + row, "row": row, "seed": None,
                              "train_acc": [], "test_acc": [], "source": str(source)} for row in range(len(experts))]
-        write_sidecar(directory, meta)
+        save_json(meta, Path(directory) / SIDECAR)
         print(f"{source} -> {path} ({len(experts)} experts)")
 
 

@@ -29,7 +29,7 @@ from buffer import expert_files, read_sidecar
 from networks import flatten_params, forward_flat, get_network
 from utils import (UsageError, add_common_args, apply_augmentation, atomic_path, buffer_dir, draw_augmentation,
                    draw_texture_crops, eta, eval_pool, evaluate_synset, get_dataset, images_per_class, pick_device,
-                   set_seed, texture_crops)
+                   save_json, set_seed, texture_crops)
 
 
 def parse_args(argv=None):
@@ -239,13 +239,9 @@ def check_args(args):
             raise UsageError(f"--{flag} must be at least 1")
 
 
-def save_grid(images, path, data, zca, ipc):
-    """One row per class; ZCA images are de-whitened, others de-normalised, then clipped to [0, 1]."""
-    if zca is not None:
-        pixels = zca.inverse(images)
-    else:
-        pixels = images * torch.tensor(data.std).view(1, -1, 1, 1) + torch.tensor(data.mean).view(1, -1, 1, 1)
-    grid = torchvision.utils.make_grid(pixels.clamp(0, 1), nrow=ipc, padding=1)
+def save_grid(images, path, data, ipc):
+    """One row per class, de-whitened or de-normalised and clipped to [0, 1]."""
+    grid = torchvision.utils.make_grid(data.to_pixels(images).clamp(0, 1), nrow=ipc, padding=1)
     with atomic_path(path) as tmp:
         torchvision.utils.save_image(grid, tmp, format="png")
 
@@ -253,11 +249,6 @@ def save_grid(images, path, data, zca, ipc):
 def save_tensor(tensor, path):
     with atomic_path(path) as tmp:
         torch.save(tensor.detach().cpu(), tmp)
-
-
-def write_json(obj, path):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 class Log:
@@ -331,12 +322,12 @@ def save_outputs(save_path, it, tags, images, labels, syn_lr, data, zca, args):
         if zca is not None:
             save_tensor(zca.inverse(images.detach()), save_path / f"images_zca_{tag}.pt")
     if args.ipc < 50 or args.force_save:
-        save_grid(images.detach().cpu(), save_path / f"synthetic_{it}.png", data, data.zca, args.ipc)
+        save_grid(images.detach().cpu(), save_path / f"synthetic_{it}.png", data, args.ipc)
 
 
 def write_run_json(path, args, data):
     """What eval.py needs to evaluate the set as it was distilled."""
-    write_json({"dataset": args.dataset, "subset": args.subset, "res": args.res, "model": args.model,
+    save_json({"dataset": args.dataset, "subset": args.subset, "res": args.res, "model": args.model,
                 "ipc": args.ipc, "zca": args.zca, "texture": args.texture, "canvas_size": args.canvas_size,
                 "canvas_samples": args.canvas_samples, "channel": data.channel, "im_size": list(data.im_size),
                 "num_classes": data.num_classes, "mean": data.mean, "std": data.std,

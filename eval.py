@@ -1,4 +1,4 @@
-"""Evaluate a distilled set beside the baselines a paper needs, by the protocol of SPEC section 6:
+"""Evaluate a distilled set beside the baselines a paper needs, by the protocol of MTT and DC/DSA:
 train num_eval fresh networks per model on the set alone, report mean +- std test accuracy.
 
     python eval.py --dataset CIFAR10 --syn_path logged_files/CIFAR10/run --baseline random --ipc 10
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from networks import get_network
-from utils import (DSA_STRATEGY, ZCA, UsageError, add_common_args, atomic_path, eval_pool, evaluate_synset, get_dataset,
-                   images_per_class, pick_device, set_seed)
+from utils import (DSA_STRATEGY, ZCA, UsageError, add_common_args, eval_pool, evaluate_synset, get_dataset,
+                   images_per_class, pick_device, save_json, set_seed)
 
 
 def parse_args(argv=None):
@@ -165,13 +165,8 @@ class EvalSet:
     texture: tuple | None = None  # (crop size, crops per canvas) for texture canvases
 
 
-def to_pixels(images, data):
-    """Normalised images back to [0, 1], where ZCA is fitted and applied."""
-    return images * torch.tensor(data.std).view(1, -1, 1, 1) + torch.tensor(data.mean).view(1, -1, 1, 1)
-
-
 def in_space(images, data, whitening):
-    return images if whitening is None else whitening(to_pixels(images, data))
+    return images if whitening is None else whitening(data.to_pixels(images))
 
 
 def random_subset(data, ipc, seed):
@@ -187,7 +182,7 @@ def random_subset(data, ipc, seed):
 
 def build_sets(args, data, synset):
     """Every set the command asks for, checked before the first network trains."""
-    refit = cache(lambda: ZCA.fit(to_pixels(data.images_train, data)))
+    refit = cache(lambda: ZCA.fit(data.to_pixels(data.images_train)))
     sets = []
     if synset is not None:
         check_synset(synset, data, args)
@@ -271,8 +266,7 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     print(format_table(rows))
     if args.out:
-        with atomic_path(args.out) as tmp, open(tmp, "w") as f:
-            json.dump({"dataset": args.dataset, "rows": rows, "args": vars(args)}, f, indent=1)
+        save_json({"dataset": args.dataset, "rows": rows, "args": vars(args)}, args.out)
         print(f"rows written to {args.out}")
     return rows
 

@@ -1,5 +1,6 @@
 """Data, ZCA whitening, differentiable Siamese augmentation (DSA) and the evaluation protocol."""
 import gzip
+import json
 import math
 import os
 import random
@@ -80,6 +81,11 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def save_json(obj, path):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 def eta(elapsed, done, total):
     """'12m05s left' when `done` of `total` units of work took `elapsed` seconds."""
     seconds = elapsed / max(done, 1e-9) * (total - done)
@@ -103,6 +109,12 @@ class Data:
     mean: list
     std: list
     zca: "ZCA | None" = None
+
+    def to_pixels(self, images):
+        """Images as get_dataset returns them, back to [0, 1] pixels (where ZCA is fitted)."""
+        if self.zca is not None:
+            return self.zca.inverse(images)
+        return images * torch.tensor(self.std).view(1, -1, 1, 1) + torch.tensor(self.mean).view(1, -1, 1, 1)
 
 
 def _nchw(images):
@@ -488,7 +500,7 @@ def texture_crops(canvases, offsets, res):
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation protocol (SPEC section 6): train a fresh network on a (synthetic) set, test it.
+# Evaluation protocol (as in DC, DSA and MTT): train a fresh network on a (synthetic) set, test it.
 
 EVAL_POOLS = {
     "M": ["ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18"],
