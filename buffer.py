@@ -197,7 +197,7 @@ def train_expert(args, data, snapshots):
     for epoch in range(args.train_epochs):
         start = time.time()
         train_acc = train_epoch(net, data.images_train, data.labels_train, optimizer, args.batch_train,
-                                args.dsa_strategy if args.dsa else None)
+                                args.dsa_strategy if args.dsa else None).item()
         images_per_second = len(data.images_train) / (time.time() - start)
         test_acc = accuracy(net, data.images_test, data.labels_test)
         snapshots[epoch + 1] = flatten_params(net).cpu().numpy()

@@ -533,9 +533,10 @@ def accuracy(net, images, labels, batch=500):
 
 def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, texture=None):
     """One shuffled pass over (images, labels) with DSA on every batch (per image, not siamese);
-    texture = (res, samples) trains on random crops of canvases. Returns the training accuracy."""
+    texture = (res, samples) trains on random crops of canvases. Returns the training accuracy as
+    a 0-dim tensor: reading it waits for the GPU, which a 1000-epoch evaluation should not do per step."""
     net.train()
-    correct = seen = 0
+    correct, seen = torch.zeros((), device=images.device), 0
     for idx in torch.randperm(len(images), device=images.device).split(batch_size):
         x, y = images[idx], labels[idx]
         if texture is not None:
@@ -549,7 +550,7 @@ def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, t
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        correct += (out.argmax(1) == y).sum().item()
+        correct += (out.argmax(1) == y).sum()
         seen += len(y)
     return correct / seen
 
@@ -571,4 +572,4 @@ def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=10
             optimizer = torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=5e-4)
         if log and (ep + 1) % max(1, passes // 10) == 0:
             log(f"  epoch {ep + 1}/{passes} train acc {train_acc:.3f} ({eta(time.time() - start, ep + 1, passes)})")
-    return train_acc, accuracy(net, test_images.to(device), test_labels.to(device))
+    return train_acc.item(), accuracy(net, test_images.to(device), test_labels.to(device))
