@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
 from networks import MODELS
 
@@ -114,7 +116,8 @@ class Data:
         """Images as get_dataset returns them, back to [0, 1] pixels (where ZCA is fitted)."""
         if self.zca is not None:
             return self.zca.inverse(images)
-        return images * torch.tensor(self.std).view(1, -1, 1, 1) + torch.tensor(self.mean).view(1, -1, 1, 1)
+        std, mean = (torch.tensor(v, device=images.device).view(1, -1, 1, 1) for v in (self.std, self.mean))
+        return images * std + mean
 
 
 def _nchw(images):
@@ -123,8 +126,6 @@ def _nchw(images):
 
 
 def _load_torchvision(name, data_path, subset, res):
-    import torchvision
-
     cls = getattr(torchvision.datasets, name)
     try:
         if name == "SVHN":
@@ -185,8 +186,6 @@ def _load_fashion_mnist_mini(data_path, subset, res):
 
 def _read_images(files, res):
     """Decode image files into one uint8 N x 3 x res x res tensor (resize the short side, centre crop)."""
-    from PIL import Image
-
     out = np.empty((len(files), res, res, 3), np.uint8)
     for i, path in enumerate(files):
         with Image.open(path) as im:
