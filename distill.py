@@ -26,9 +26,10 @@ import torch.nn.functional as F
 import torchvision
 
 from buffer import expert_files, read_sidecar
+from eval import EvalSet, evaluate_set
 from networks import flatten_params, forward_flat, get_network
 from utils import (UsageError, add_common_args, apply_augmentation, atomic_path, buffer_dir, draw_augmentation,
-                   draw_texture_crops, eta, eval_pool, evaluate_synset, get_dataset, images_per_class, pick_device,
+                   draw_texture_crops, eta, eval_pool, get_dataset, images_per_class, pick_device,
                    save_json, set_seed, texture_crops)
 
 
@@ -271,24 +272,18 @@ class Log:
             f.write(json.dumps(row) + "\n")
 
 
-def evaluate(images, labels, syn_lr, data, test, args, it, device, log):
-    """Train num_eval fresh networks of each eval model on the set; mean and std test accuracy.
-    Runs on its own RNG stream (seed, it), so how often we evaluate never changes the images."""
-    results = {}
+def evaluate(images, labels, syn_lr, data, test_images, args, it, device):
+    """eval.py's protocol on the current set: (mean, std) test accuracy per model of the pool.
+    It runs on its own RNG stream, seeded by (seed, it), so how often we evaluate never changes
+    the distilled images."""
+    texture = (data.im_size, args.canvas_samples) if args.texture else None
+    train_set = EvalSet(f"it {it}", images.detach().clone(), labels, test_images, syn_lr.item(),
+                        args.epoch_eval_train, args.ipc, texture)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed * 1_000_003 + it)
-        for model in eval_pool(args.eval_mode, args.model):
-            accs = []
-            for run in range(args.num_eval):
-                net = get_network(model, data.channel, data.num_classes, data.im_size).to(device)
-                _, acc = evaluate_synset(net, images.detach().clone(), labels, *test, lr=syn_lr.item(),
-                                         epochs=args.epoch_eval_train, batch_train=args.batch_train,
-                                         dsa_strategy=args.dsa_strategy if args.dsa else None,
-                                         texture=(data.im_size, args.canvas_samples) if args.texture else None)
-                accs.append(acc)
-                log(f"  eval it {it} {model} #{run + 1}/{args.num_eval}: test acc {acc:.4f}")
-            results[model] = (float(np.mean(accs)), float(np.std(accs)))
-    return results
+        rows = [evaluate_set(train_set, model, data, args.num_eval, args.seed * 1_000_003 + it, args.batch_train,
+                             args.dsa_strategy if args.dsa else None, device)
+                for model in eval_pool(args.eval_mode, args.model)]
+    return {row["model"]: (row["test_acc_mean"], row["test_acc_std"]) for row in rows}
 
 
 def save_checkpoint(path, it, images, syn_lr, optimizers, best, device):
@@ -366,7 +361,7 @@ def distill(args):
         data.zca.save(save_path / "zca.pt")
     write_run_json(save_path / "run.json", args, data)
 
-    test = (data.images_test.to(device), data.labels_test.to(device))
+    test_images = data.images_test.to(device)
     batch_syn = args.batch_syn or len(labels)
     dsa_strategy = args.dsa_strategy if args.dsa and not args.no_aug else None
     texture = (data.im_size, args.canvas_samples) if args.texture else None
@@ -374,7 +369,7 @@ def distill(args):
     train_seconds = 0.0  # the ETA counts distillation steps only: evaluations come in bursts
     for it in range(start_it, args.Iteration + 1):
         if (it % args.eval_it == 0 or it == args.Iteration) and not (args.resume and it == start_it):
-            results = evaluate(images, labels, syn_lr, data, test, args, it, device, print)
+            results = evaluate(images, labels, syn_lr, data, test_images, args, it, device)
             improved = [model for model, (mean, _) in results.items() if model not in best or mean > best[model][0]]
             best.update({model: (*results[model], it) for model in improved})
             for model, (mean, std) in results.items():

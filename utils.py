@@ -35,7 +35,7 @@ class UsageError(Exception):
 def set_seed(seed):
     """Seed python, numpy and torch (every device) so that a run repeats."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
