@@ -88,7 +88,8 @@ def main():
                   f"| {m_low:.0f} |", flush=True)
         first, last = min(peaks), max(peaks)
         unroll, low = (100 * (peaks[last][k] / peaks[first][k] - 1) for k in (0, 1))
-        growth.append(f"ipc {ipc}, syn_steps {first} -> {last}: unroll peak {unroll:+.0f}%, low-memory peak {low:+.0f}%")
+        growth.append(f"ipc {ipc}, syn_steps {first} -> {last}: "
+                      f"unroll peak {unroll:+.0f}%, low-memory peak {low:+.0f}%")
     print("\n" + "\n".join(growth))
 
 

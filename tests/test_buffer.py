@@ -72,12 +72,14 @@ def test_the_sidecar_describes_the_run_and_every_expert(trained):
     expected = {"dataset": "FashionMNIST-mini", "model": MODEL, "channel": 1, "im_size": [28, 28], "num_classes": 10,
                 "zca": False, "num_params": flatten_params(net).numel(),
                 "param_shapes": [list(p.shape) for p in net.parameters()], "lr_teacher": 0.01, "train_epochs": 2,
-                "batch_train": 256, "batch_real": 256, "dsa": True, "dsa_strategy": "color_crop_cutout_flip_scale_rotate",
+                "batch_train": 256, "batch_real": 256, "dsa": True,
+                "dsa_strategy": "color_crop_cutout_flip_scale_rotate",
                 "mom": 0, "l2": 0, "decay": False, "seed": 0, "torch_version": torch.__version__}
     assert {key: meta[key] for key in expected} == expected
     assert {"subset", "res"} <= set(meta)
     assert [(e["file"], e["index"], e["row"], e["seed"]) for e in meta["experts"]] == [
-        ("replay_buffer_0.npy", 0, 0, buffer.expert_seed(0, 0)), ("replay_buffer_0.npy", 1, 1, buffer.expert_seed(0, 1))]
+        ("replay_buffer_0.npy", 0, 0, buffer.expert_seed(0, 0)),
+        ("replay_buffer_0.npy", 1, 1, buffer.expert_seed(0, 1))]
     assert all(len(e["train_acc"]) == len(e["test_acc"]) == 2 for e in meta["experts"])
 
 
@@ -195,7 +197,8 @@ def error_of(*argv):
 
 
 def test_bad_flags_and_paths_get_one_line_errors(tmp_path):
-    assert "--save_interval must be at least 1" in error_of(*TINY, "--save_interval", "0", "--buffer_path", str(tmp_path))
+    error = error_of(*TINY, "--save_interval", "0", "--buffer_path", str(tmp_path))
+    assert "--save_interval must be at least 1" in error
     assert "--num_experts must be at least 1" in error_of(*TINY, "--num_experts", "0", "--buffer_path", str(tmp_path))
     assert list(tmp_path.iterdir()) == []
     not_a_directory = tmp_path / "file"
@@ -213,7 +216,8 @@ def test_a_missing_dataset_is_one_line(tmp_path):
 
 def test_a_rerun_with_other_settings_is_refused(tmp_path, sliced):
     directory = run(tmp_path, "--num_experts", "1", "--train_epochs", "1")
-    assert "zca False (this run: True)" in error_of(*TINY, "--buffer_path", str(tmp_path), "--zca", "--train_epochs", "1")
+    error = error_of(*TINY, "--buffer_path", str(tmp_path), "--zca", "--train_epochs", "1")
+    assert "zca False (this run: True)" in error
     assert "train_epochs 1 (this run: 2)" in error_of(*TINY, "--buffer_path", str(tmp_path), "--train_epochs", "2")
     sidecar = Path(directory) / buffer.SIDECAR  # a directory renamed by hand: the sidecar disagrees with the path
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "model": "ConvNetW32"}))
@@ -262,7 +266,8 @@ def test_the_original_buffers_import_exactly(tmp_path):
                 views = unflatten(torch.from_numpy(row), shapes)
                 assert all(torch.equal(a, b) for a, b in zip(snapshot, views, strict=True))
     assert [(e["file"], e["row"], e["seed"], e["test_acc"]) for e in meta["experts"]] == [
-        ("replay_buffer_0.npy", 0, None, []), ("replay_buffer_0.npy", 1, None, []), ("replay_buffer_1.npy", 0, None, [])]
+        ("replay_buffer_0.npy", 0, None, []), ("replay_buffer_0.npy", 1, None, []),
+        ("replay_buffer_1.npy", 0, None, [])]
 
 
 def test_an_import_that_does_not_fit_the_model_is_refused(tmp_path):

@@ -104,7 +104,8 @@ def test_buffer_dir_follows_the_original_layout():
     assert utils.buffer_dir("b", "CIFAR10", "ConvNet", zca=False) == "b/CIFAR10_NO_ZCA/ConvNet"
     assert utils.buffer_dir("b", "CIFAR10", "ConvNet", zca=True) == "b/CIFAR10/ConvNet"
     assert utils.buffer_dir("b", "FashionMNIST", "ConvNet", zca=False) == "b/FashionMNIST/ConvNet"
-    assert utils.buffer_dir("b", "ImageNet", "ConvNetD5", False, "imagewoof", 128) == "b/ImageNet/imagewoof/128/ConvNetD5"
+    path = utils.buffer_dir("b", "ImageNet", "ConvNetD5", False, "imagewoof", 128)
+    assert path == "b/ImageNet/imagewoof/128/ConvNetD5"
 
 
 def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path):

@@ -2,6 +2,7 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
 import networks
 from networks import CONVNET_VARIANTS, MODELS, ConvNet, flatten_params, forward_flat, get_network, load_flat
@@ -121,7 +122,7 @@ def test_functional_forward_gradcheck_and_gradgradcheck(norm):
 def test_generic_functional_path_gradgradcheck():
     """Any module (here a small one: gradgradcheck's Jacobian is params x params) runs at a flat vector."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     flat = flatten_params(net).requires_grad_()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     f = lambda theta, images: forward_flat(net, theta, images)
