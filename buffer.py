@@ -239,7 +239,7 @@ def train(args):
                 entries.append(entry)
         meta["experts"] += entries
         save_json(meta, Path(directory) / SIDECAR)
-        print(f"wrote {path} ({count} experts)")
+        print(f"wrote {path} ({count} expert{'s' * (count != 1)})")
 
 
 # ---------------------------------------------------------------------------------------------
