@@ -40,7 +40,7 @@ import torch
 
 from networks import flatten_params, get_network
 from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, buffer_dir, eta, get_dataset,
-                   pick_device, save_json, set_seed, train_epoch)
+                   pick_device, require_positive, save_json, set_seed, train_epoch)
 
 SIDECAR = "buffer.json"
 FILE_NAME = re.compile(r"replay_buffer_(\d+)\.(npy|pt)")
@@ -64,15 +64,11 @@ def parse_args(argv=None):
     parser.add_argument("--save_interval", type=int, default=10, help="experts per replay_buffer file")
     parser.add_argument("--import_pt", metavar="OLD_DIR",
                         help="convert the original's replay_buffer_{n}.pt files in OLD_DIR instead of training")
-    args = parser.parse_args(argv)
-    args.dsa = args.dsa == "True"
-    return args
+    return parser.parse_args(argv)
 
 
 def check_args(args):
-    for flag in ("num_experts", "train_epochs", "save_interval", "batch_train"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1")
+    require_positive(args, "num_experts", "train_epochs", "save_interval", "batch_train")
     if args.seed < 0:
         raise UsageError("--seed must be non-negative")
 

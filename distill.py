@@ -30,7 +30,7 @@ from eval import EvalSet, evaluate_set
 from networks import flatten_params, forward_flat, get_network
 from utils import (UsageError, add_common_args, apply_augmentation, atomic_path, buffer_dir, draw_augmentation,
                    draw_texture_crops, eta, eval_pool, get_dataset, images_per_class, pick_device,
-                   save_json, set_seed, texture_crops)
+                   require_positive, save_json, set_seed, texture_crops)
 
 
 def parse_args(argv=None):
@@ -66,7 +66,6 @@ def parse_args(argv=None):
     parser.add_argument("--save_path", default=None, help="default: logged_files/{dataset}/{run name}")
     parser.add_argument("--resume", action="store_true", help="continue from save_path/checkpoint.pt")
     args = parser.parse_args(argv)
-    args.dsa = args.dsa == "True"
     if args.save_path is None:
         name = (f"{args.model}_ipc{args.ipc}_syn{args.syn_steps}_exp{args.expert_epochs}_max{args.max_start_epoch}"
                 f"{'_zca' if args.zca else ''}{'_texture' if args.texture else ''}_seed{args.seed}")
@@ -234,10 +233,8 @@ def check_experts(args, experts, num_params):
 def check_args(args):
     if args.texture and args.zca:
         raise UsageError("--texture cannot be combined with --zca (the original does not support it either)")
-    for flag in ("ipc", "syn_steps", "expert_epochs", "max_start_epoch", "eval_it", "num_eval", "canvas_size",
-                 "canvas_samples"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1")
+    require_positive(args, "ipc", "syn_steps", "expert_epochs", "max_start_epoch", "eval_it", "num_eval",
+                     "canvas_size", "canvas_samples")
 
 
 def save_grid(images, path, data, ipc):

@@ -22,7 +22,7 @@ import torch
 
 from networks import get_network
 from utils import (DSA_STRATEGY, ZCA, UsageError, add_common_args, eval_pool, evaluate_synset, get_dataset,
-                   images_per_class, pick_device, save_json, set_seed)
+                   images_per_class, pick_device, require_positive, save_json, set_seed)
 
 
 def parse_args(argv=None):
@@ -243,16 +243,14 @@ def format_table(rows):
 def evaluate_all(args):
     if not args.syn_path and not args.baseline:
         raise UsageError("nothing to evaluate: give --syn_path and/or --baseline random --ipc N / --baseline full")
-    for flag in ("num_eval", "batch_train"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1")
+    require_positive(args, "num_eval", "batch_train")
     synset = load_synset(args.syn_path, args.iteration, args.labels_path) if args.syn_path else None
     distilled_with = synset.meta.get("model") if synset else None
     models = eval_pool(args.eval_mode, args.model or distilled_with or "ConvNet")
     data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res)
     sets = build_sets(args, data, synset)
     device = pick_device(args.device)
-    dsa_strategy = args.dsa_strategy if args.dsa == "True" else None
+    dsa_strategy = args.dsa_strategy if args.dsa else None
     return [evaluate_set(train_set, model, data, args.num_eval, args.seed, args.batch_train, dsa_strategy, device,
                          log=lambda line: print(line, flush=True))
             for train_set in sets for model in models]

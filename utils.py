@@ -1,4 +1,5 @@
 """Data, ZCA whitening, differentiable Siamese augmentation (DSA) and the evaluation protocol."""
+import argparse
 import gzip
 import json
 import math
@@ -43,6 +44,19 @@ def pick_device(device=None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def true_false(text):
+    """The original's --dsa True / --dsa False, as a bool."""
+    if text not in ("True", "False"):
+        raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
+    return text == "True"
+
+
+def require_positive(args, *flags):
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1")
+
+
 def add_common_args(parser):
     """The flags buffer.py, distill.py and eval.py share, with the original's names and defaults."""
     parser.add_argument("--dataset", default="CIFAR10", choices=list(DATASETS))
@@ -53,7 +67,8 @@ def add_common_args(parser):
     parser.add_argument("--res", type=int, default=32, help="image side for ImageNet subsets")
     parser.add_argument("--data_path", default="data", help="where datasets are found or downloaded")
     parser.add_argument("--zca", action="store_true", help="ZCA-whiten the data (eps 0.1)")
-    parser.add_argument("--dsa", default="True", choices=["True", "False"], help="differentiable Siamese augmentation")
+    parser.add_argument("--dsa", type=true_false, default=True, metavar="{True,False}",
+                        help="differentiable Siamese augmentation")
     parser.add_argument("--dsa_strategy", default=DSA_STRATEGY)
     parser.add_argument("--batch_train", type=int, default=256, help="batch size for training networks")
     parser.add_argument("--seed", type=int, default=0)
