@@ -30,7 +30,7 @@ from eval import EvalSet, evaluate_set
 from networks import flatten_params, forward_flat, get_network
 from utils import (UsageError, add_common_args, apply_augmentation, atomic_path, buffer_dir, draw_augmentation,
                    draw_texture_crops, eta, eval_pool, get_dataset, images_per_class, pick_device,
-                   require_positive, save_json, set_seed, texture_crops)
+                   require_positive, run_seed, save_json, set_seed, texture_crops)
 
 
 def parse_args(argv=None):
@@ -277,7 +277,7 @@ def evaluate(images, labels, syn_lr, data, test_images, args, it, device):
     train_set = EvalSet(f"it {it}", images.detach().clone(), labels, test_images, syn_lr.item(),
                         args.epoch_eval_train, args.ipc, texture)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        rows = [evaluate_set(train_set, model, data, args.num_eval, args.seed * 1_000_003 + it, args.batch_train,
+        rows = [evaluate_set(train_set, model, data, args.num_eval, run_seed(args.seed, it), args.batch_train,
                              args.dsa_strategy if args.dsa else None, device)
                 for model in eval_pool(args.eval_mode, args.model)]
     return {row["model"]: (row["test_acc_mean"], row["test_acc_std"]) for row in rows}
@@ -390,15 +390,16 @@ def distill(args):
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if not syn_lr.item() > 0:
-            raise Diverged(f"syn_lr became {syn_lr.item():.3g} at iteration {it}")
+        lr = syn_lr.item()
+        if not lr > 0:
+            raise Diverged(f"syn_lr became {lr:.3g} at iteration {it}")
         seconds = time.time() - step_start
         train_seconds += seconds
-        log.write(type="iteration", it=it, loss=loss, syn_lr=syn_lr.item(), expert=expert, start_epoch=start_epoch,
+        log.write(type="iteration", it=it, loss=loss, syn_lr=lr, expert=expert, start_epoch=start_epoch,
                   seconds=seconds)
         if it % 10 == 0:
             done = it + 1 - start_it
-            print(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {syn_lr.item():.5f} "
+            print(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f} "
                   f"{done / train_seconds:.2f} it/s {eta(train_seconds, done, args.Iteration - start_it)}")
     return best
 

@@ -22,7 +22,7 @@ import torch
 
 from networks import get_network
 from utils import (DSA_STRATEGY, ZCA, UsageError, add_common_args, eval_pool, evaluate_synset, get_dataset,
-                   images_per_class, pick_device, require_positive, save_json, set_seed)
+                   images_per_class, pick_device, require_positive, run_seed, save_json, set_seed)
 
 
 def parse_args(argv=None):
@@ -217,7 +217,7 @@ def evaluate_set(train_set, model, data, num_eval, seed, batch_train=256, dsa_st
     Run r is seeded with (seed, r), so a row repeats whatever else the command evaluates."""
     accs = []
     for run in range(num_eval):
-        set_seed(seed * 1_000_003 + run)
+        set_seed(run_seed(seed, run))
         net = get_network(model, data.channel, data.num_classes, data.im_size).to(device)
         tag = f"[{train_set.name} {model} run {run + 1}/{num_eval}]"
         log(f"{tag} training on {len(train_set.labels)} images for {train_set.epochs} epochs, lr {train_set.lr:.4g}")

@@ -40,6 +40,12 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
+def run_seed(seed, index):
+    """The seed of the index-th run of a command seeded with `seed` (an evaluation network, an
+    evaluation iteration): distinct for each index, and the same whatever else the command does."""
+    return seed * 1_000_003 + index
+
+
 def pick_device(device=None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -419,9 +425,13 @@ def _draw_shift(n, x, ratio):
     return torch.stack([torch.randint(-s, s + 1, (n,), device=x.device) for s in limits], 1)
 
 
+def _cutout_size(shape):
+    return [int(side * DSA_PARAMS["cutout"] + 0.5) for side in shape]
+
+
 def _draw_cutout(n, x):
     """Centres of the cut-out squares, as the original draws them."""
-    size = [int(side * DSA_PARAMS["cutout"] + 0.5) for side in x.shape[2:]]
+    size = _cutout_size(x.shape[2:])
     return torch.stack([torch.randint(0, side + 1 - s % 2, (n,), device=x.device)
                         for side, s in zip(x.shape[2:], size)], 1)
 
@@ -442,7 +452,7 @@ def _crop(x, shift):
 
 def _cutout(x, centre):
     h, w = x.shape[2:]
-    size = [int(side * DSA_PARAMS["cutout"] + 0.5) for side in (h, w)]
+    size = _cutout_size((h, w))
     start = centre - torch.tensor([s // 2 for s in size], device=x.device)
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     in_rows = (rows >= start[:, :1]) & (rows < start[:, :1] + size[0])  # n x h
