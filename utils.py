@@ -1,10 +1,13 @@
 """Data, ZCA whitening, differentiable Siamese augmentation (DSA) and the evaluation protocol."""
 import argparse
+import fcntl
 import gzip
 import json
 import math
 import os
 import random
+import re
+import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,7 +50,44 @@ def run_seed(seed, index):
 
 
 def pick_device(device=None):
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """torch.device for --device: cuda when present unless given; a device that is absent or
+    unknown is a UsageError, not a traceback from the first tensor moved to it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        picked = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"unknown --device {device!r}; use cuda, cuda:N or cpu") from err
+    if picked.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this machine has no CUDA GPU (torch sees none); use --device cpu")
+    if picked.type == "cuda" and (picked.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if picked.type not in ("cuda", "cpu"):
+        raise UsageError(f"--device {device}: only cuda and cpu are supported")
+    return picked
+
+
+def make_deterministic():
+    """--deterministic: torch's deterministic algorithms, cuDNN without autotuning and cuBLAS with
+    a fixed workspace, so that a CUDA run repeats bit for bit (CPU runs repeat without it)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def run_info(device):
+    """What a results file should say about where it came from: code version, torch, device."""
+    git = lambda *argv: subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True,
+                                       timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") or None
+        dirty = commit and bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {"git_commit": commit, "git_dirty": dirty, "torch_version": torch.__version__, "device": str(device),
+            "device_name": name}
 
 
 def true_false(text):
@@ -65,24 +105,36 @@ def require_positive(args, *flags):
 
 def add_common_args(parser):
     """The flags buffer.py, distill.py and eval.py share, with the original's names and defaults."""
-    parser.add_argument("--dataset", default="CIFAR10", choices=list(DATASETS))
+    parser.add_argument("--dataset", default="CIFAR10", choices=list(DATASETS), help="dataset (default CIFAR10)")
     parser.add_argument("--subset", default="imagenette", choices=list(IMAGENET_SUBSETS),
                         help="ImageNet subset (with --dataset ImageNet)")
     parser.add_argument("--model", default="ConvNet", choices=list(MODELS), metavar="MODEL",
-                        help="network (networks.MODELS)")
-    parser.add_argument("--res", type=int, default=32, help="image side for ImageNet subsets")
+                        help=f"network: {', '.join(MODELS)}")
+    parser.add_argument("--res", type=int, default=128,
+                        help="image side of ImageNet subsets, squashed to res x res (default 128, as the original)")
     parser.add_argument("--data_path", default="data", help="where datasets are found or downloaded")
-    parser.add_argument("--zca", action="store_true", help="ZCA-whiten the data (eps 0.1)")
+    parser.add_argument("--zca", action="store_true", help="ZCA-whiten the data (eps 0.1, fitted on the training set)")
     parser.add_argument("--dsa", type=true_false, default=True, metavar="{True,False}",
-                        help="differentiable Siamese augmentation")
-    parser.add_argument("--dsa_strategy", default=DSA_STRATEGY)
+                        help="differentiable Siamese augmentation on every batch (default True)")
+    parser.add_argument("--dsa_strategy", default=DSA_STRATEGY,
+                        help=f"DSA groups joined by _, one drawn per batch (from {', '.join(DSA_GROUPS)})")
     parser.add_argument("--batch_train", type=int, default=256, help="batch size for training networks")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch: a seed repeats a run")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic CUDA kernels (bit-identical CUDA runs, somewhat slower)")
     return parser
 
 
-def buffer_dir(buffer_path, dataset, model, zca, subset="imagenette", res=32):
+def check_common_args(args):
+    """The shared flag checks that need no data: run before any folder or file is created."""
+    require_positive(args, "batch_train", "res")
+    if args.seed < 0:
+        raise UsageError("--seed must be non-negative")
+    check_dsa_strategy(args.dsa_strategy)
+
+
+def buffer_dir(buffer_path, dataset, model, zca, subset="imagenette", res=128):
     """The original's expert directory: {buffer_path}/{dataset}[/{subset}/{res}][_NO_ZCA]/{model}."""
     path = os.path.join(buffer_path, dataset)
     if dataset == "ImageNet":
@@ -92,16 +144,83 @@ def buffer_dir(buffer_path, dataset, model, zca, subset="imagenette", res=32):
     return os.path.join(path, model)
 
 
+TEMP_SUFFIX = re.compile(r"\.tmp(\d+)$")
+
+
+def fsync_dir(directory):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary name to write to; it replaces `path` only if the writing finished."""
+    """Yield a temporary name to write to; it replaces `path` only if the writing finished.
+    The file is fsynced before the rename and the folder after it, so that after a power loss
+    `path` holds either the old contents or the complete new ones, never an empty file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's
+        return True
+    return True
+
+
+def remove_stale_temps(folder):
+    """Delete the `*.tmpPID` files that processes killed mid-write left in `folder` (a buffer's
+    can be hundreds of MB); a live process's temporary file is left alone."""
+    removed = []
+    for path in Path(folder).glob("*.tmp*"):
+        match = TEMP_SUFFIX.search(path.name)
+        if match and path.is_file() and not process_alive(int(match[1])):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+@contextmanager
+def folder_lock(folder, what):
+    """Hold an exclusive lock on `folder` (fcntl on folder/.lock) while the block runs, so that
+    two processes never write one folder; the lock goes with the process, however it ends."""
+    with open(Path(folder) / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{folder} is in use by another {what} (it holds {folder}/.lock); wait for it to "
+                             f"finish or choose another folder") from None
+        yield
+
+
+def make_folder(folder, flag):
+    """Create `folder` (and parents) or say in one line why it cannot be written to."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"{flag} {folder}: a file is in the way (not a folder)") from None
+    except OSError as err:
+        raise UsageError(f"{flag} {folder}: cannot create it ({err.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: not writable")
+    return Path(folder)
 
 
 def save_json(obj, path):
@@ -314,7 +433,7 @@ DATASETS = {
 }
 
 
-def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=32):
+def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=128):
     """Training and test images as float tensors: normalised by the dataset's mean and std, or,
     with zca, scaled to [0, 1] and whitened by a ZCA fitted on the training set (Data.zca)."""
     if dataset not in DATASETS:
@@ -403,7 +522,23 @@ DSA_GROUPS = {"color": ("brightness", "saturation", "contrast"), "crop": ("crop"
 
 def _affine(x, theta):
     grid = F.affine_grid(theta.expand(len(x), 2, 3), x.shape, align_corners=True)
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return bilinear_sample(x, grid)
     return F.grid_sample(x, grid, align_corners=True)
+
+
+def bilinear_sample(x, grid):
+    """F.grid_sample(x, grid, align_corners=True) (bilinear, zero padding) built from gathers: its
+    backward is deterministic on CUDA under --deterministic, where grid_sample's has no such kernel."""
+    n, c, h, w = x.shape
+    ix, iy = (grid[..., 0] + 1) * (w - 1) / 2, (grid[..., 1] + 1) * (h - 1) / 2
+    flat, out = x.reshape(n, c, h * w), 0
+    for cx in (ix.floor(), ix.floor() + 1):
+        for cy in (iy.floor(), iy.floor() + 1):
+            weight = (1 - (ix - cx).abs()) * (1 - (iy - cy).abs()) * ((cx >= 0) & (cx < w) & (cy >= 0) & (cy < h))
+            index = (cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1)).long().view(n, 1, -1).expand(n, c, -1)
+            out = out + flat.gather(2, index).view(n, c, *ix.shape[1:]) * weight[:, None]
+    return out
 
 
 def _draw_scale(n, x):
@@ -482,19 +617,25 @@ DSA_OPS = {  # op -> (draw(n, x), apply(x, params))
 }
 
 
-def draw_augmentation(x, strategy=DSA_STRATEGY, mode="S", siamese=False):
-    """Random DSA parameters for the batch x. Mode S applies one group of the strategy, drawn
-    at random; mode M applies them all. With siamese, one draw serves the whole batch."""
+def check_dsa_strategy(strategy):
+    """The groups of a --dsa_strategy string ([] for none), or a UsageError naming the unknown ones."""
     if strategy in ("", "none", "None"):
         return []
     groups = strategy.split("_")
     unknown = set(groups) - set(DSA_GROUPS)
     if unknown:
-        raise UsageError(f"unknown DSA op(s) {', '.join(sorted(unknown))}; choose from {', '.join(DSA_GROUPS)}")
-    if mode == "S":
+        raise UsageError(f"unknown DSA op(s) {', '.join(sorted(unknown))} in --dsa_strategy; "
+                         f"choose from {', '.join(DSA_GROUPS)}")
+    return groups
+
+
+def draw_augmentation(x, strategy=DSA_STRATEGY, mode="S"):
+    """Random DSA parameters for the batch x, one draw per image. Mode S applies one group of
+    the strategy, drawn at random; mode M applies them all."""
+    groups = check_dsa_strategy(strategy)
+    if groups and mode == "S":
         groups = [groups[torch.randint(len(groups), ()).item()]]
-    n = 1 if siamese else len(x)
-    return [(op, DSA_OPS[op][0](n, x)) for group in groups for op in DSA_GROUPS[group]]
+    return [(op, DSA_OPS[op][0](len(x), x)) for group in groups for op in DSA_GROUPS[group]]
 
 
 def apply_augmentation(x, draw):
@@ -503,8 +644,8 @@ def apply_augmentation(x, draw):
     return x
 
 
-def augment(x, strategy=DSA_STRATEGY, mode="S", siamese=False):
-    return apply_augmentation(x, draw_augmentation(x, strategy, mode, siamese))
+def augment(x, strategy=DSA_STRATEGY, mode="S"):
+    return apply_augmentation(x, draw_augmentation(x, strategy, mode))
 
 
 def draw_texture_crops(canvases, samples):

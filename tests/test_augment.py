@@ -102,18 +102,6 @@ def test_scale_and_rotate_with_identity_parameters_are_the_identity():
     assert not torch.allclose(apply_augmentation(x, [("rotate", DSA_OPS["rotate"][0](len(x), x))]), x, atol=1e-2)
 
 
-def test_siamese_mode_shares_one_draw_across_the_batch():
-    x = batch(1).expand(6, -1, -1, -1)  # six copies of one image
-    torch.manual_seed(0)
-    draw = draw_augmentation(x, mode="M", siamese=True)
-    assert all(len(params) == 1 for _, params in draw)
-    out = apply_augmentation(x, draw)
-    assert all(torch.equal(out[i], out[0]) for i in range(6))
-    torch.manual_seed(0)
-    independent = augment(x, mode="M")
-    assert not all(torch.equal(independent[i], independent[0]) for i in range(6))
-
-
 def test_unknown_op_is_a_clear_error():
     with pytest.raises(utils.UsageError, match="unknown DSA op"):
         draw_augmentation(batch(), "color_blur")
