@@ -26,10 +26,10 @@ import torch.nn.functional as F
 import torchvision
 
 from buffer import expert_files, read_sidecar
-from eval import EvalSet, evaluate_set
 from networks import flatten_params, forward_flat, get_network
 from utils import (UsageError, add_common_args, apply_augmentation, atomic_path, buffer_dir, draw_augmentation,
-                   draw_texture_crops, eta, eval_pool, get_dataset, images_per_class, pick_device,
+                   draw_texture_crops, eta, eval_pool, EvalSet, evaluate_sets, get_dataset, images_per_class,
+                   pick_device,
                    require_positive, run_seed, save_json, set_seed, texture_crops)
 
 
@@ -128,13 +128,14 @@ class Step:
 
 @torch.no_grad()
 def draw_schedule(synthetic, labels, syn_steps, batch_syn, dsa_strategy=None, texture=None):
-    """syn_steps minibatches: a random permutation of the set cut into chunks of batch_syn,
-    redrawn when used up. texture = (crop size, crops per canvas); dsa_strategy None: no DSA."""
+    """syn_steps minibatches: a random permutation of the set (from the CPU generator) cut into
+    chunks of batch_syn, taken from the last, redrawn when used up: the original's order.
+    texture = (crop size, crops per canvas); dsa_strategy None: no DSA."""
     schedule, chunks = [], []
     for _ in range(syn_steps):
         if not chunks:
-            chunks = list(torch.randperm(len(labels), device=labels.device).split(batch_syn))
-        indices = chunks.pop(0)
+            chunks = list(torch.randperm(len(labels)).to(labels.device).split(batch_syn))
+        indices = chunks.pop()
         step = Step(indices, labels[indices])
         shape = (len(indices), *synthetic.shape[1:])
         if texture is not None:
@@ -274,12 +275,12 @@ def evaluate(images, labels, syn_lr, data, test_images, args, it, device):
     It runs on its own RNG stream, seeded by (seed, it), so how often we evaluate never changes
     the distilled images."""
     texture = (data.im_size, args.canvas_samples) if args.texture else None
-    train_set = EvalSet(f"it {it}", images.detach().clone(), labels, test_images, syn_lr.item(),
-                        args.epoch_eval_train, args.ipc, texture)
+    train_set = EvalSet(f"it {it}", images.detach().clone(), labels, syn_lr.item(), args.epoch_eval_train, args.ipc,
+                        (test_images, data.labels_test), texture)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        rows = [evaluate_set(train_set, model, data, args.num_eval, run_seed(args.seed, it), args.batch_train,
+        rows = evaluate_sets([(train_set, model) for model in eval_pool(args.eval_mode, args.model)], data,
+                             args.num_eval, run_seed(args.seed, it), args.batch_train,
                              args.dsa_strategy if args.dsa else None, device)
-                for model in eval_pool(args.eval_mode, args.model)]
     return {row["model"]: (row["test_acc_mean"], row["test_acc_std"]) for row in rows}
 
 

@@ -4,25 +4,30 @@ train num_eval fresh networks per model on the set alone, report mean +- std tes
     python eval.py --dataset CIFAR10 --syn_path logged_files/CIFAR10/run --baseline random --ipc 10
     python eval.py --dataset CIFAR10 --syn_path images_best.pt --zca     # the original's ZCA outputs
     python eval.py --dataset FashionMNIST-mini --baseline random --ipc 10 --baseline full
+    torchrun --standalone --nproc_per_node 4 eval.py --syn_path RUN --eval_mode M --baseline random --ipc 50
 
 --syn_path is a distill.py run folder (images_best.pt, or images_{--iteration}.pt) or an images
-.pt file with its labels beside it (images_X.pt -> labels_X.pt, or --labels_path). The learning
-rate is the set's learned syn_lr when saved, else --lr. --model defaults to the set's run.json
-model, else ConvNet; baselines use the same models, so the rows compare.
+.pt file with its labels beside it (images_X.pt -> labels_X.pt, or --labels_path). Labels are
+class ids, or N x C label logits (DATM's soft labels: the networks train with the soft
+cross-entropy). The learning rate is, in this order, --lr_path, the set's learned syn_lr_X.pt or
+DATM's lr_X.pt, else --lr; each row says which. --model defaults to the set's run.json model,
+else ConvNet; baselines use the same models, so the rows compare. Under torchrun the networks
+(sets x models x num_eval) spread over the processes; the rows equal a one-process run's.
 """
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from networks import get_network
-from utils import (DSA_STRATEGY, ZCA, UsageError, add_common_args, eval_pool, evaluate_synset, get_dataset,
-                   images_per_class, pick_device, require_positive, run_seed, save_json, set_seed)
+import parallel
+from utils import (ZCA, EvalSet, UsageError, add_common_args, check_common_args, eval_pool, evaluate_sets,
+                   get_dataset, images_per_class, make_deterministic, pick_device, require_positive, run_info,
+                   save_json)
 
 
 def parse_args(argv=None):
@@ -32,18 +37,41 @@ def parse_args(argv=None):
     parser.add_argument("--syn_path", help="a distill.py run folder, or an images .pt file")
     parser.add_argument("--iteration", help="in a run folder, evaluate images_{ITERATION}.pt (default: best)")
     parser.add_argument("--labels_path", help="the labels .pt file (default: beside the images, images -> labels)")
+    parser.add_argument("--lr_path", help="a .pt file holding the learning rate to train with (a syn_lr_X.pt or "
+                                          "DATM's lr_best.pt); default: the one beside the images, else --lr")
     parser.add_argument("--baseline", action="append", default=[], choices=["random", "full"],
                         help="also evaluate real images: 'random' (--ipc per class) or 'full' (the training set); "
                              "may be repeated")
     parser.add_argument("--ipc", type=int, help="real images per class for --baseline random, drawn with --seed")
     parser.add_argument("--epochs_full", type=int, default=50,
                         help="epochs for --baseline full (same SGD, lr decay and DSA as the other rows)")
-    parser.add_argument("--eval_mode", default="S", help="model pool: S, M, W, D, A, P, N or C (as the original)")
+    parser.add_argument("--eval_mode", default="S",
+                        help="models: S = the set's model (BN -> instance norm), C = it and ConvNet, "
+                             "M = ConvNet AlexNet VGG11 ResNet18_AP ResNet18, W = widths, D = depths, "
+                             "A = activations, P = poolings, N = norms")
     parser.add_argument("--num_eval", type=int, default=5, help="networks trained per set and model")
     parser.add_argument("--epoch_eval_train", type=int, default=1000, help="epochs on a distilled or random set")
-    parser.add_argument("--lr", type=float, default=0.01, help="learning rate for sets without a learned syn_lr")
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate for sets without a learned one")
     parser.add_argument("--out", help="also write the rows to this JSON file")
     return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Every check that needs no data, before anything is loaded or trained."""
+    check_common_args(args)
+    require_positive(args, "num_eval", "epoch_eval_train", "epochs_full")
+    if not args.syn_path and not args.baseline:
+        raise UsageError("nothing to evaluate: give --syn_path and/or --baseline random --ipc N / --baseline full")
+    if "random" in args.baseline and args.ipc is None:
+        raise UsageError("--baseline random needs --ipc (real images per class)")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be positive, not {args.lr}")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise UsageError(f"--out {out} is a folder; give a file name")
+        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            raise UsageError(f"--out {out}: the folder {out.parent} does not exist or is not writable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,8 +83,9 @@ class Synset:
     """A distilled set as found on disk, with what distill.py saved beside it."""
     name: str
     images: torch.Tensor
-    labels: torch.Tensor
-    lr: float | None  # the learned syn_lr; None for the original's files
+    labels: torch.Tensor  # class ids, or N x C label logits
+    lr: float | None  # the learned lr; None: use --lr
+    lr_from: str  # where lr came from, for the report
     meta: dict  # run.json; {} for the original's files
     zca: ZCA | None  # zca.pt: the exact transform the set was distilled under
 
@@ -71,13 +100,52 @@ def load_tensor(path):
     return value.detach()
 
 
+def load_lr(path):
+    value = load_tensor(path)
+    if value.numel() != 1 or not value.is_floating_point() or not float(value) > 0:
+        raise UsageError(f"{path} should hold one positive learning rate, not {value.dtype} of shape "
+                         f"{tuple(value.shape)}")
+    return float(value)
+
+
+def load_run_json(path):
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read {path}: {err}") from err
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path} is not a distill.py run.json (it holds a {type(meta).__name__})")
+    return meta
+
+
+def load_zca(path):
+    try:
+        return ZCA.load(path)
+    except Exception as err:
+        raise UsageError(f"cannot read {path} as a ZCA transform ({type(err).__name__}); delete it and pass "
+                         f"--zca to refit the whitening on the training set") from err
+
+
 def sibling(images_file, kind):
-    """images_X.pt -> labels_X.pt (or syn_lr_X.pt): the original's naming, kept by distill.py."""
+    """images_X.pt -> labels_X.pt (or syn_lr_X.pt, lr_X.pt): the original's and DATM's naming."""
     head, found, tail = images_file.name.rpartition("images")
     return images_file.with_name(head + kind + tail) if found else None
 
 
-def load_synset(path, iteration=None, labels_path=None):
+def learned_lr(images_file, lr_path):
+    """(lr, where it came from) for a set: --lr_path, else syn_lr_X.pt or DATM's lr_X.pt beside it."""
+    if lr_path:
+        if not Path(lr_path).exists():
+            raise UsageError(f"--lr_path {lr_path} does not exist")
+        return load_lr(lr_path), "--lr_path"
+    for kind in ("syn_lr", "lr"):
+        found = sibling(images_file, kind)
+        if found and found.exists():
+            return load_lr(found), found.name
+    return None, "--lr"
+
+
+def load_synset(path, iteration=None, labels_path=None, lr_path=None):
     """The set at `path`: a run folder (images_{iteration}.pt, default images_best.pt) or an images file."""
     path = Path(path)
     if not path.exists():
@@ -99,12 +167,12 @@ def load_synset(path, iteration=None, labels_path=None):
         raise UsageError(f"cannot tell which labels go with {images_file.name}: pass --labels_path")
     if not labels_file.exists():
         raise UsageError(f"labels file {labels_file} does not exist (pass --labels_path)")
-    lr_file, folder = sibling(images_file, "syn_lr"), images_file.resolve().parent
+    folder = images_file.resolve().parent
+    lr, lr_from = learned_lr(images_file, lr_path)
     return Synset(name=f"{folder.name}/{images_file.name}", images=load_tensor(images_file),
-                  labels=load_tensor(labels_file),
-                  lr=float(load_tensor(lr_file)) if lr_file and lr_file.exists() else None,
-                  meta=json.loads((folder / "run.json").read_text()) if (folder / "run.json").exists() else {},
-                  zca=ZCA.load(folder / "zca.pt") if (folder / "zca.pt").exists() else None)
+                  labels=load_tensor(labels_file), lr=lr, lr_from=lr_from,
+                  meta=load_run_json(folder / "run.json") if (folder / "run.json").exists() else {},
+                  zca=load_zca(folder / "zca.pt") if (folder / "zca.pt").exists() else None)
 
 
 def check_synset(synset, data, args):
@@ -121,14 +189,19 @@ def check_synset(synset, data, args):
     if tuple(images.shape[1:]) != expected:
         raise UsageError(f"{synset.name}: images of shape {tuple(images.shape[1:])} do not fit {args.dataset}, "
                          f"whose {'canvases' if tiles > 1 else 'images'} are {expected}")
-    if labels.ndim != 1 or labels.is_floating_point():
-        raise UsageError(f"{synset.name}: expected labels as a 1-D tensor of class ids, got {labels.dtype} "
-                         f"of shape {tuple(labels.shape)}")
+    soft = labels.is_floating_point() and labels.ndim == 2 and labels.shape[1] == data.num_classes
+    if not soft and (labels.ndim != 1 or labels.is_floating_point()):
+        raise UsageError(f"{synset.name}: expected labels as class ids (N) or label logits (N x "
+                         f"{data.num_classes}), got {labels.dtype} of shape {tuple(labels.shape)}")
     if len(labels) != len(images):
         raise UsageError(f"{synset.name}: {len(labels)} labels for {len(images)} images")
-    if labels.min() < 0 or labels.max() >= data.num_classes:
+    if soft and not labels.isfinite().all():
+        raise UsageError(f"{synset.name}: the label logits hold non-finite values")
+    if not soft and (labels.min() < 0 or labels.max() >= data.num_classes):
         raise UsageError(f"{synset.name}: labels run from {labels.min().item()} to {labels.max().item()}, "
                          f"outside the {data.num_classes} classes of {args.dataset} (0 to {data.num_classes - 1})")
+    if not images.isfinite().all():
+        raise UsageError(f"{synset.name}: the images hold non-finite values")
 
 
 def set_whitening(synset, user_zca, refit):
@@ -151,18 +224,6 @@ def set_whitening(synset, user_zca, refit):
 
 # ---------------------------------------------------------------------------------------------
 # The sets to evaluate, each with its test images in the same space as its training images
-
-
-@dataclass
-class EvalSet:
-    name: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    test_images: torch.Tensor
-    lr: float
-    epochs: int
-    ipc: int | None  # None: the whole training set
-    texture: tuple | None = None  # (crop size, crops per canvas) for texture canvases
 
 
 def in_space(images, data, whitening):
@@ -188,22 +249,21 @@ def build_sets(args, data, synset):
         check_synset(synset, data, args)
         whitening = set_whitening(synset, args.zca, refit)
         texture = (data.im_size, synset.meta["canvas_samples"]) if synset.meta.get("texture") else None
-        sets.append(EvalSet(synset.name, synset.images.float(), synset.labels.long(),
-                            in_space(data.images_test, data, whitening),
+        sets.append(EvalSet(synset.name, synset.images.float(), synset.labels,
                             synset.lr if synset.lr is not None else args.lr, args.epoch_eval_train,
-                            synset.meta.get("ipc", len(synset.labels) // data.num_classes), texture))
-    if "random" in args.baseline and args.ipc is None:
-        raise UsageError("--baseline random needs --ipc (real images per class)")
+                            synset.meta.get("ipc", len(synset.labels) // data.num_classes),
+                            (in_space(data.images_test, data, whitening), data.labels_test), texture,
+                            lr_from=synset.lr_from))
     baselines = {
         "random": lambda: (random_subset(data, args.ipc, args.seed), args.epoch_eval_train, args.ipc),
         "full": lambda: (slice(None), args.epochs_full, None),  # a slice indexes without a copy
     }
     whitening = refit() if args.zca and args.baseline else None  # real images: whitened only if asked
-    test_images = in_space(data.images_test, data, whitening)
+    test = (in_space(data.images_test, data, whitening), data.labels_test)
     for name in dict.fromkeys(args.baseline):
         chosen, epochs, ipc = baselines[name]()
         sets.append(EvalSet(name, in_space(data.images_train[chosen], data, whitening), data.labels_train[chosen],
-                            test_images, args.lr, epochs, ipc))
+                            args.lr, epochs, ipc, test))
     return sets
 
 
@@ -211,61 +271,45 @@ def build_sets(args, data, synset):
 # Evaluation and report
 
 
-def evaluate_set(train_set, model, data, num_eval, seed, batch_train=256, dsa_strategy=DSA_STRATEGY, device="cpu",
-                 log=print):
-    """Train num_eval fresh `model`s on the set, test each; one row of the table as a dict.
-    Run r is seeded with (seed, r), so a row repeats whatever else the command evaluates."""
-    accs = []
-    for run in range(num_eval):
-        set_seed(run_seed(seed, run))
-        net = get_network(model, data.channel, data.num_classes, data.im_size).to(device)
-        tag = f"[{train_set.name} {model} run {run + 1}/{num_eval}]"
-        log(f"{tag} training on {len(train_set.labels)} images for {train_set.epochs} epochs, lr {train_set.lr:.4g}")
-        _, acc = evaluate_synset(net, train_set.images, train_set.labels, train_set.test_images, data.labels_test,
-                                 train_set.lr, train_set.epochs, batch_train, dsa_strategy, train_set.texture,
-                                 log=lambda line: log(tag + line))
-        log(f"{tag} test acc {100 * acc:.2f}%")
-        accs.append(acc)
-    return {"set": train_set.name, "model": model, "ipc": train_set.ipc, "images": len(train_set.labels),
-            "lr": train_set.lr, "epochs": train_set.epochs, "test_acc_mean": float(np.mean(accs)),
-            "test_acc_std": float(np.std(accs)), "test_accs": accs, "n": num_eval}
-
-
 def format_table(rows):
-    cells = [("set", "model", "ipc", "test acc %", "n")]
+    cells = [("set", "model", "ipc", "lr", "test acc %", "n")]
     cells += [(row["set"], row["model"], "all" if row["ipc"] is None else str(row["ipc"]),
+               f"{row['lr']:.4g} ({row['lr_from']})",
                f"{100 * row['test_acc_mean']:.2f} +- {100 * row['test_acc_std']:.2f}", str(row["n"]))
               for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)
 
 
-def evaluate_all(args):
-    if not args.syn_path and not args.baseline:
-        raise UsageError("nothing to evaluate: give --syn_path and/or --baseline random --ipc N / --baseline full")
-    require_positive(args, "num_eval", "batch_train")
-    synset = load_synset(args.syn_path, args.iteration, args.labels_path) if args.syn_path else None
+def evaluate_all(args, device, log=print):
+    synset = load_synset(args.syn_path, args.iteration, args.labels_path, args.lr_path) if args.syn_path else None
     distilled_with = synset.meta.get("model") if synset else None
     models = eval_pool(args.eval_mode, args.model or distilled_with or "ConvNet")
     data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res)
     sets = build_sets(args, data, synset)
-    device = pick_device(args.device)
     dsa_strategy = args.dsa_strategy if args.dsa else None
-    return [evaluate_set(train_set, model, data, args.num_eval, args.seed, args.batch_train, dsa_strategy, device,
-                         log=lambda line: print(line, flush=True))
-            for train_set in sets for model in models]
+    return evaluate_sets([(train_set, model) for train_set in sets for model in models], data, args.num_eval,
+                         args.seed, args.batch_train, dsa_strategy, device, log)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        rows = evaluate_all(args)
+        check_args(args)
+        eval_pool(args.eval_mode, "ConvNet")
+        device = parallel.setup(pick_device(args.device))
+        if args.deterministic:
+            make_deterministic()
+        rows = evaluate_all(args, device, log=lambda line: print(line, flush=True) if parallel.is_main() else None)
     except UsageError as err:
-        sys.exit(f"error: {err}")
-    print(format_table(rows))
-    if args.out:
-        save_json({"dataset": args.dataset, "rows": rows, "args": vars(args)}, args.out)
-        print(f"rows written to {args.out}")
+        sys.exit(f"error{f' (rank {parallel.rank()})' if parallel.rank() else ''}: {err}")
+    if parallel.is_main():
+        print(format_table(rows))
+        if args.out:
+            save_json({"dataset": args.dataset, "rows": rows, "processes": parallel.world(), "args": vars(args),
+                       **run_info(device)}, args.out)
+            print(f"rows written to {args.out}")
+    parallel.teardown()
     return rows
 
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from networks import MODELS
+import parallel
+from networks import MODELS, get_network
 
 REPO = Path(__file__).resolve().parent
 MINI_PATH = REPO / "assets" / "fashion_mnist_mini.npz"
@@ -325,15 +326,15 @@ def _load_fashion_mnist_mini(data_path, subset, res):
 
 
 def _read_images(files, res):
-    """Decode image files into one uint8 N x 3 x res x res tensor (resize the short side, centre crop)."""
+    """Decode image files into one uint8 N x 3 x res x res tensor. Each is squashed to res x res
+    (PIL bilinear), as the original's Resize((res, res)) does: the whole picture stays, uncropped."""
     out = np.empty((len(files), res, res, 3), np.uint8)
     for i, path in enumerate(files):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = res / min(im.size)
-            w, h = max(res, round(im.width * scale)), max(res, round(im.height * scale))
-            left, top = (w - res) // 2, (h - res) // 2
-            out[i] = np.asarray(im.resize((w, h), Image.BILINEAR).crop((left, top, left + res, top + res)))
+        try:
+            with Image.open(path) as im:
+                out[i] = np.asarray(im.convert("RGB").resize((res, res), Image.BILINEAR))
+        except OSError as err:
+            raise UsageError(f"cannot read image {path}: {err}") from None
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
@@ -344,14 +345,22 @@ def _image_files(folder):
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _load_folders(root, classes, res):
-    """ImageFolder layout root/{class}/**/image: images of `classes` (folder names), labelled by position."""
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = _image_files(Path(root) / name)
-        files += found
-        labels += [label] * len(found)
-    return _read_images(files, res), torch.tensor(labels, dtype=torch.long)
+def _class_folders(root):
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+
+
+def _load_folders(root, classes, res, what):
+    """ImageFolder layout root/{class}/**/image: images of `classes` (folder names), labelled by
+    position. A class without images is an error, as in torchvision's ImageFolder."""
+    if not classes:
+        raise UsageError(f"{what}: no class folders in {root}")
+    found = [_image_files(Path(root) / name) for name in classes]
+    empty = [name for name, files in zip(classes, found) if not files]
+    if empty:
+        raise UsageError(f"{what}: no images in {Path(root) / empty[0]} ({len(empty)} of {len(classes)} classes "
+                         f"have none)")
+    labels = [label for label, files in enumerate(found) for _ in files]
+    return _read_images([f for files in found for f in files], res), torch.tensor(labels, dtype=torch.long)
 
 
 def _require_dir(path, what, how):
@@ -359,24 +368,42 @@ def _require_dir(path, what, how):
         raise UsageError(f"{what} not found: no folder {str(path)!r}; {how}")
 
 
+def _load_tiny_annotated(images, classes):
+    """The zip's test set: images/*.JPEG labelled by the wnid column of ../val_annotations.txt."""
+    files = _image_files(images)
+    if not files:
+        raise UsageError(f"Tiny ImageNet: no test images in {images} (neither {{wnid}}/ folders nor image files)")
+    annotations = images.parent / "val_annotations.txt"
+    if not annotations.is_file():
+        raise UsageError(f"Tiny ImageNet: {annotations} is missing; it labels the images in {images}")
+    rows = (line.split() for line in annotations.read_text().splitlines())
+    wnid = {row[0]: row[1] for row in rows if len(row) >= 2}
+    index = {name: i for i, name in enumerate(classes)}
+    unlabelled = [f.name for f in files if wnid.get(f.name) not in index]
+    if unlabelled:
+        raise UsageError(f"Tiny ImageNet: {len(unlabelled)} images in {images} have no training class in "
+                         f"{annotations}, e.g. {unlabelled[0]}")
+    return _read_images(files, 64), torch.tensor([index[wnid[f.name]] for f in files], dtype=torch.long)
+
+
 def _load_tiny(data_path, subset, res):
-    """Tiny ImageNet as distributed: train/{wnid}/images/*.JPEG, val/images + val/val_annotations.txt."""
+    """Tiny ImageNet (64x64): train/{wnid}/**/*.JPEG, and either the original's ImageFolder test set
+    val/images/{wnid}/*.JPEG or the zip's val/images/*.JPEG labelled by val/val_annotations.txt."""
     root = Path(data_path) / "tiny-imagenet-200"
     root = root if root.is_dir() else Path(data_path)
     how = "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into --data_path"
-    _require_dir(root / "train", "Tiny ImageNet", how)
-    _require_dir(root / "val", "Tiny ImageNet", how)
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    x_train, y_train = _load_folders(root / "train", classes, 64)
-    annotations = root / "val" / "val_annotations.txt"
-    if annotations.exists():
-        rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines() if line.strip()]
-        index = {name: i for i, name in enumerate(classes)}
-        x_test = _read_images([root / "val" / "images" / file for file, _ in rows], 64)
-        y_test = torch.tensor([index[wnid] for _, wnid in rows], dtype=torch.long)
-    else:
-        x_test, y_test = _load_folders(root / "val", classes, 64)
-    return x_train, y_train, x_test, y_test, classes
+    train, test = root / "train", root / "val" / "images"
+    _require_dir(train, "Tiny ImageNet", how)
+    _require_dir(test, "Tiny ImageNet", how)
+    classes = _class_folders(train)
+    x_train, y_train = _load_folders(train, classes, 64, "Tiny ImageNet")
+    test_classes = _class_folders(test)
+    if not test_classes:
+        return x_train, y_train, *_load_tiny_annotated(test, classes), classes
+    unknown = sorted(set(test_classes) - set(classes))
+    if unknown:
+        raise UsageError(f"Tiny ImageNet: {len(unknown)} class folders in {test} are not in {train}, e.g. {unknown[0]}")
+    return x_train, y_train, *_load_folders(test, classes, 64, "Tiny ImageNet"), classes
 
 
 IMAGENET_SUBSETS = {  # indices into the 1000 sorted ImageNet class folders (the original's Config)
@@ -394,12 +421,12 @@ def _load_imagenet_subset(data_path, subset, res):
     how = "put ImageNet in ImageFolder layout (train/{wnid}/*.JPEG, val/{wnid}/*.JPEG) under --data_path"
     _require_dir(Path(data_path) / "train", "ImageNet", how)
     _require_dir(Path(data_path) / "val", "ImageNet", how)
-    wnids = sorted(p.name for p in (Path(data_path) / "train").iterdir() if p.is_dir())
+    wnids = _class_folders(Path(data_path) / "train")
     if len(wnids) != 1000:
         raise UsageError(f"ImageNet: expected 1000 class folders in {data_path}/train, found {len(wnids)}")
     classes = [wnids[i] for i in IMAGENET_SUBSETS[subset]]
-    x_train, y_train = _load_folders(Path(data_path) / "train", classes, res)
-    x_test, y_test = _load_folders(Path(data_path) / "val", classes, res)
+    x_train, y_train = _load_folders(Path(data_path) / "train", classes, res, "ImageNet")
+    x_test, y_test = _load_folders(Path(data_path) / "val", classes, res, "ImageNet")
     return x_train, y_train, x_test, y_test, classes
 
 
@@ -426,8 +453,9 @@ DATASETS = {
                         32, 10),
     "CIFAR10": DatasetInfo(partial(_load_torchvision, "CIFAR10"), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
                            32, 10),
-    "CIFAR100": DatasetInfo(partial(_load_torchvision, "CIFAR100"), (0.5071, 0.4866, 0.4409),
-                            (0.2673, 0.2564, 0.2762), 32, 100),
+    # CIFAR-10's constants, as the original normalises CIFAR-100: buffers and sets move between the codebases
+    "CIFAR100": DatasetInfo(partial(_load_torchvision, "CIFAR100"), (0.4914, 0.4822, 0.4465),
+                            (0.2023, 0.1994, 0.2010), 32, 100),
     "Tiny": DatasetInfo(_load_tiny, IMAGENET_MEAN, IMAGENET_STD, 64, 200),
     "ImageNet": DatasetInfo(_load_imagenet_subset, IMAGENET_MEAN, IMAGENET_STD, None, 10),
 }
@@ -696,10 +724,25 @@ def accuracy(net, images, labels, batch=500):
     return correct / len(labels)
 
 
+def cross_entropy(logits, targets):
+    """Class ids: the usual cross-entropy. N x C label logits (DATM's soft labels): the
+    cross-entropy against softmax(targets) at temperature 1, summed over classes, averaged over
+    the batch, as DATM trains its students and evaluation networks."""
+    if targets.is_floating_point():
+        return -(F.log_softmax(logits, 1) * F.softmax(targets, 1)).sum() / len(logits)
+    return F.cross_entropy(logits, targets)
+
+
+def class_ids(labels):
+    """Hard labels of class ids or of soft-label logits (their argmax)."""
+    return labels.argmax(1) if labels.is_floating_point() else labels
+
+
 def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, texture=None):
-    """One shuffled pass over (images, labels) with DSA on every batch (per image, not siamese);
-    texture = (res, samples) trains on random crops of canvases. Returns the training accuracy as
-    a 0-dim tensor: reading it waits for the GPU, which a 1000-epoch evaluation should not do per step."""
+    """One shuffled pass over (images, labels) with DSA on every batch (one draw per image);
+    labels are class ids or label logits; texture = (res, samples) trains on random crops of
+    canvases. Returns the training accuracy as a 0-dim tensor: reading it waits for the GPU,
+    which a 1000-epoch evaluation should not do per step."""
     net.train()
     correct, seen = torch.zeros((), device=images.device), 0
     for idx in torch.randperm(len(images), device=images.device).split(batch_size):
@@ -707,15 +750,15 @@ def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, t
         if texture is not None:
             (res, samples) = texture
             x = texture_crops(x, draw_texture_crops(x, samples), res)
-            y = y.repeat(samples)
+            y = y.repeat(samples, *[1] * (y.ndim - 1))
         if dsa_strategy:
             x = augment(x, dsa_strategy)
         out = net(x)
-        loss = F.cross_entropy(out, y)
+        loss = cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        correct += (out.argmax(1) == y).sum()
+        correct += (out.argmax(1) == class_ids(y)).sum()
         seen += len(y)
     return correct / seen
 
@@ -738,3 +781,56 @@ def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=10
         if log and (ep + 1) % max(1, passes // 10) == 0:
             log(f"  epoch {ep + 1}/{passes} train acc {train_acc:.3f} ({eta(time.time() - start, ep + 1, passes)})")
     return train_acc.item(), accuracy(net, test_images.to(device), test_labels.to(device))
+
+
+@dataclass
+class EvalSet:
+    """A training set to evaluate (distilled, random real or full), with the real images it is
+    tested on, in the same space (ZCA or not) as its own images."""
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor  # class ids, or N x C label logits (trained with the soft cross-entropy)
+    lr: float
+    epochs: int
+    ipc: int | None  # None: the whole training set
+    test: tuple  # (images, labels)
+    texture: tuple | None = None  # (crop size, crops per canvas) for texture canvases
+    validation: tuple | None = None  # (images, labels) of held-out real training images
+    lr_from: str = "--lr"  # where lr came from, for the report
+
+
+def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA_STRATEGY, device="cpu",
+                  log=print):
+    """Train num_eval fresh networks for each (EvalSet, model) pair and test each; one row of the
+    table per pair. Network r of a pair is seeded by (seed, r) alone, so a row repeats whatever
+    else the command evaluates, and under torchrun the networks spread over the ranks (network k
+    of the list on rank k mod ranks) with the same results as one process."""
+    jobs = [(pair, run) for pair in range(len(pairs)) for run in range(num_eval)]
+    results = {}
+    for pair, run in jobs[parallel.rank()::parallel.world()]:
+        train_set, model = pairs[pair]
+        set_seed(run_seed(seed, run))
+        net = get_network(model, data.channel, data.num_classes, data.im_size).to(device)
+        tag = f"[{train_set.name} {model} run {run + 1}/{num_eval}]"
+        log(f"{tag} training on {len(train_set.images)} images for {train_set.epochs} epochs, lr {train_set.lr:.4g}")
+        _, test_acc = evaluate_synset(net, train_set.images, train_set.labels, *train_set.test, train_set.lr,
+                                      train_set.epochs, batch_train, dsa_strategy, train_set.texture,
+                                      log=lambda line: log(tag + line))
+        val_acc = accuracy(net, *(t.to(device) for t in train_set.validation)) if train_set.validation else None
+        validation = "" if val_acc is None else f", validation {100 * val_acc:.2f}%"
+        log(f"{tag} test acc {100 * test_acc:.2f}%{validation}")
+        results[pair, run] = (test_acc, val_acc)
+    for found in parallel.gather_objects(results):
+        results.update(found)
+    rows = []
+    for pair, (train_set, model) in enumerate(pairs):
+        test_accs, val_accs = zip(*(results[pair, run] for run in range(num_eval)))
+        row = {"set": train_set.name, "model": model, "ipc": train_set.ipc, "images": len(train_set.images),
+               "lr": train_set.lr, "lr_from": train_set.lr_from, "epochs": train_set.epochs,
+               "test_acc_mean": float(np.mean(test_accs)), "test_acc_std": float(np.std(test_accs)),
+               "test_accs": list(test_accs), "n": num_eval}
+        if train_set.validation:
+            row.update(val_acc_mean=float(np.mean(val_accs)), val_acc_std=float(np.std(val_accs)),
+                       val_accs=list(val_accs))
+        rows.append(row)
+    return rows

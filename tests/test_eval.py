@@ -1,5 +1,6 @@
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,13 +22,13 @@ def mini():
 @pytest.fixture
 def calls(monkeypatch):
     """Replace the training with a spy: each call's arguments by name; every run scores 50%."""
-    seen = []
+    seen, signature = [], inspect.signature(utils.evaluate_synset)
 
     def spy(*args, **kwargs):
-        seen.append(inspect.signature(utils.evaluate_synset).bind(*args, **kwargs).arguments)
+        seen.append(signature.bind(*args, **kwargs).arguments)
         return 1.0, 0.5
 
-    monkeypatch.setattr(eval_script, "evaluate_synset", spy)
+    monkeypatch.setattr(utils, "evaluate_synset", spy)
     return seen
 
 
@@ -92,11 +93,11 @@ def test_table_json_and_same_seed_repeats(tmp_path, capsys, mini):
         assert row["n"] == len(row["test_accs"]) == 2
         assert row["test_acc_mean"] == pytest.approx(np.mean(row["test_accs"]))
         assert row["test_acc_std"] == pytest.approx(np.std(row["test_accs"]))
-    header = table.index("set                   model      ipc  test acc %     n")
+    header = table.index("set                   model      ipc  lr           test acc %     n")
     assert table[header + 3:] == [f"rows written to {tmp_path / 'results.json'}"]
     for line, row in zip(table[header + 1:header + 3], first, strict=True):
-        assert line.split() == [row["set"], "ConvNetW8", "2", f"{100 * row['test_acc_mean']:.2f}", "+-",
-                                f"{100 * row['test_acc_std']:.2f}", "2"]
+        assert line.split() == [row["set"], "ConvNetW8", "2", "0.01", "(--lr)", f"{100 * row['test_acc_mean']:.2f}",
+                                "+-", f"{100 * row['test_acc_std']:.2f}", "2"]
     again = eval_script.main(args)
     assert [row["test_accs"] for row in again] == [row["test_accs"] for row in first]
     other_seed = eval_script.main(args + ["--seed", "1"])
@@ -175,8 +176,8 @@ def test_texture_set_trains_on_crops_with_its_learned_lr_and_model(tmp_path, cal
     for call in calls:
         assert call["texture"] == ((28, 28), 3) and call["lr"] == pytest.approx(0.03) and call["epochs"] == 7
         assert call["dsa_strategy"] is None and isinstance(call["net"], ConvNet) and len(call["net"].paddings) == 1
-    assert (row["model"], row["ipc"], row["test_acc_mean"], row["test_acc_std"]) == ("ConvNetD1", 1, 0.5, 0.0)
-    assert "run/images_best.pt  ConvNetD1  1    50.00 +- 0.00  2" in capsys.readouterr().out
+    assert (row["model"], row["ipc"], row["lr_from"]) == ("ConvNetD1", 1, "syn_lr_best.pt")
+    assert "run/images_best.pt  ConvNetD1  1    0.03 (syn_lr_best.pt)" in capsys.readouterr().out
 
 
 def test_full_baseline_trains_on_the_whole_training_set_for_epochs_full(calls, mini, capsys):
@@ -184,8 +185,8 @@ def test_full_baseline_trains_on_the_whole_training_set_for_epochs_full(calls, m
     (call,) = calls
     assert torch.equal(call["images"], mini.images_train) and torch.equal(call["labels"], mini.labels_train)
     assert (call["epochs"], call["lr"], call["dsa_strategy"]) == (3, 0.05, utils.DSA_STRATEGY)
-    assert row["ipc"] is None and row["images"] == 5000
-    assert "full  ConvNetW8  all  50.00 +- 0.00  1" in capsys.readouterr().out
+    assert row["ipc"] is None and row["images"] == 5000 and row["lr_from"] == "--lr"
+    assert "full  ConvNetW8  all  0.05 (--lr)" in capsys.readouterr().out
 
 
 def test_eval_mode_pools_and_iteration_pick_the_rows(tmp_path, calls):
@@ -220,6 +221,17 @@ def bad_set(tmp_path, images=None, labels=None, meta=None, name="images_best.pt"
     return ["--syn_path", str(tmp_path / "run" / name)]
 
 
+def corrupt(flags, name, content):
+    """Write `content` as `name` beside the set that flags point to."""
+    (Path(flags[1]).parent / name).write_bytes(content)
+    return flags
+
+
+def saved(path, tensor):
+    torch.save(tensor, path)
+    return path
+
+
 BAD_INPUTS = {
     "missing path": (lambda tmp: ["--syn_path", str(tmp / "nowhere")], "does not exist"),
     "no images in folder": (lambda tmp: ["--syn_path", str(tmp)], "no images_best.pt in"),
@@ -234,7 +246,26 @@ BAD_INPUTS = {
                     "labels run from 1 to 10, outside the 10 classes of FashionMNIST-mini (0 to 9)"),
     "negative label": (lambda tmp: bad_set(tmp, labels=torch.arange(10) - 1), "labels run from -1 to 8"),
     "label count": (lambda tmp: bad_set(tmp, labels=torch.arange(9)), "9 labels for 10 images"),
-    "soft labels": (lambda tmp: bad_set(tmp, labels=torch.eye(10)), "expected labels as a 1-D tensor of class ids"),
+    "soft labels of the wrong width": (lambda tmp: bad_set(tmp, labels=torch.eye(10)[:, :5]),
+                                       "expected labels as class ids (N) or label logits (N x 10)"),
+    "non-finite logits": (lambda tmp: bad_set(tmp, labels=torch.full((10, 10), float("nan"))),
+                          "the label logits hold non-finite values"),
+    "non-finite images": (lambda tmp: bad_set(tmp, images=torch.full((10, 1, 28, 28), float("inf"))),
+                          "the images hold non-finite values"),
+    "corrupt run.json": (lambda tmp: corrupt(bad_set(tmp), "run.json", b"{"), "cannot read"),
+    "run.json not a dict": (lambda tmp: corrupt(bad_set(tmp), "run.json", b"[]"), "is not a distill.py run.json"),
+    "corrupt zca.pt": (lambda tmp: corrupt(bad_set(tmp), "zca.pt", b"garbage"), "as a ZCA transform"),
+    "missing lr_path": (lambda tmp: bad_set(tmp) + ["--lr_path", str(tmp / "nope.pt")], "--lr_path"),
+    "lr_path not an lr": (lambda tmp: bad_set(tmp) + ["--lr_path", str(saved(tmp / "lr.pt", torch.ones(3)))],
+                          "should hold one positive learning rate"),
+    "out folder missing": (lambda tmp: bad_set(tmp) + ["--out", str(tmp / "missing" / "x.json")],
+                           "does not exist or is not writable"),
+    "out is a folder": (lambda tmp: bad_set(tmp) + ["--out", str(tmp)], "is a folder"),
+    "negative epochs": (lambda tmp: bad_set(tmp) + ["--epoch_eval_train", "-1"], "--epoch_eval_train must be at least 1"),
+    "zero networks": (lambda tmp: bad_set(tmp) + ["--num_eval", "0"], "--num_eval must be at least 1"),
+    "batch": (lambda tmp: bad_set(tmp) + ["--batch_train", "0"], "--batch_train must be at least 1"),
+    "dsa strategy": (lambda tmp: bad_set(tmp) + ["--dsa_strategy", "color_blur"], "unknown DSA op(s) blur"),
+    "gpu": (lambda tmp: bad_set(tmp) + ["--device", "gpu"], "unknown --device 'gpu'"),
     "viewing copy": (lambda tmp: bad_set(tmp, name="images_zca_best.pt"), "the de-whitened copy saved for viewing"),
     "other dataset": (lambda tmp: bad_set(tmp, meta={"dataset": "CIFAR10"}), "distilled with --dataset CIFAR10"),
     "random without ipc": (lambda tmp: ["--baseline", "random"], "--baseline random needs --ipc"),
@@ -252,4 +283,41 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, calls, case):
     with pytest.raises(SystemExit) as exit:
         eval_script.main(FAST + flags(tmp_path))
     assert str(exit.value.code).startswith("error: ") and message in str(exit.value.code)
+    assert "\n" not in str(exit.value.code) and calls == []
+
+
+def test_datm_sets_train_on_their_label_logits_and_lr_and_lr_path_wins(tmp_path, calls, capsys):
+    """DATM saves images_best.pt, labels_best.pt (N x C logits) and lr_best.pt: the networks train on
+    the logits (soft cross-entropy) at that lr; --lr_path overrides it; each row says which lr it used."""
+    images, logits = torch.randn(10, 1, 28, 28), torch.randn(10, 10)
+    folder = write_run(tmp_path / "datm", images, logits)
+    torch.save(torch.tensor(0.02), folder / "lr_best.pt")
+    torch.save(torch.tensor(0.005), tmp_path / "other_lr.pt")
+    (row,) = eval_script.main(FAST + ["--syn_path", str(folder), "--num_eval", "1"])
+    (row_override,) = eval_script.main(FAST + ["--syn_path", str(folder), "--num_eval", "1",
+                                               "--lr_path", str(tmp_path / "other_lr.pt")])
+    first, second = calls
+    assert torch.equal(first["labels"], logits) and first["labels"].dtype == torch.float32
+    assert first["lr"] == pytest.approx(0.02) and second["lr"] == pytest.approx(0.005)
+    assert (row["lr_from"], row_override["lr_from"]) == ("lr_best.pt", "--lr_path")
+    out = capsys.readouterr().out
+    assert "datm/images_best.pt  ConvNetW8  1    0.02 (lr_best.pt)" in out
+    assert "datm/images_best.pt  ConvNetW8  1    0.005 (--lr_path)" in out
+
+
+def test_the_out_path_is_checked_before_any_training(tmp_path, calls):
+    run = write_run(tmp_path / "run", *one_per_class())
+    with pytest.raises(SystemExit, match="missing does not exist or is not writable"):
+        eval_script.main(FAST + ["--syn_path", str(run), "--out", str(tmp_path / "missing" / "x.json")])
+    assert calls == []
+
+
+def test_a_device_that_is_not_there_is_one_line(tmp_path, calls):
+    run = write_run(tmp_path / "run", *one_per_class())
+    if torch.cuda.is_available():
+        flags, message = ["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device(s) here"
+    else:
+        flags, message = ["--device", "cuda"], "this machine has no CUDA GPU"
+    with pytest.raises(SystemExit, match=message) as exit:
+        eval_script.main(FAST + ["--syn_path", str(run)] + flags)
     assert "\n" not in str(exit.value.code) and calls == []

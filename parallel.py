@@ -1,0 +1,134 @@
+"""More than one process: torchrun, one process per device, the same code on one machine or many.
+
+Under `torchrun` (WORLD_SIZE > 1 in the environment) `setup` joins the process group: NCCL on
+cuda:LOCAL_RANK, or Gloo on the CPU. Under plain `python` no group is created and every function
+here acts as for a single process, so the scripts have one code path.
+
+The distillation step splits each student minibatch among the ranks. Two autograd functions carry
+that split through the unrolled graph (Megatron's "f" and "g" pair): a replicated tensor enters a
+rank's share through `copy_to_ranks` (identity forward, gradients summed over ranks backward), and
+a share's contribution leaves through `sum_over_ranks` (summed forward, identity backward, since
+everything after it is replicated).
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched():
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(picked):
+    """The device this process works on (`picked`: utils.pick_device's choice, whose CUDA index
+    torchrun's LOCAL_RANK replaces); joins the process group when started by torchrun."""
+    if not launched():
+        return picked
+    if picked.type == "cuda":
+        picked = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(picked)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if picked.type == "cuda" else "gloo",
+                                device_id=picked if picked.type == "cuda" else None)
+    return picked
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def share(n, of_rank=None, of_world=None):
+    """This rank's contiguous part of n items: sizes differ by at most one, the first ranks larger."""
+    r, w = rank() if of_rank is None else of_rank, world() if of_world is None else of_world
+    size, extra = divmod(n, w)
+    start = r * size + min(r, extra)
+    return slice(start, start + size + (r < extra))
+
+
+def sum_(tensors):
+    """Sum each tensor over the ranks, in place, with one collective for all of them."""
+    tensors = list(tensors)
+    if world() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(part.view_as(tensor))
+
+
+def broadcast_(tensors):
+    """Rank 0's values of the tensors, on every rank (in place)."""
+    if world() > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor, 0)
+
+
+def broadcast_object(obj):
+    """Rank 0's obj (any picklable value) on every rank."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if world() == 1:
+        return [obj]
+    found = [None] * world()
+    dist.all_gather_object(found, obj)
+    return found
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        total = x.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _CopyToRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def sum_over_ranks(x):
+    """The sum of every rank's x; differentiable, for a result every rank then uses alike."""
+    return x if world() == 1 else _SumOverRanks.apply(x)
+
+
+def copy_to_ranks(x):
+    """x (the same on every rank) as an input to this rank's share: gradients sum over the ranks."""
+    return x if world() == 1 else _CopyToRanks.apply(x)
