@@ -25,10 +25,8 @@ with (the defaults are the original's) so that the sidecar describes them:
     python buffer.py --import_pt OLD_DIR --dataset CIFAR10 --model ConvNet --zca
 """
 import argparse
-import json
 import os
 import pickle
-import re
 import sys
 import time
 from contextlib import contextmanager
@@ -38,12 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experts import SIDECAR, expert_files, file_number, numbered_files, read_sidecar
 from networks import flatten_params, get_network
 from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, buffer_dir, eta, get_dataset,
                    pick_device, require_positive, save_json, set_seed, train_epoch)
-
-SIDECAR = "buffer.json"
-FILE_NAME = re.compile(r"replay_buffer_(\d+)\.(npy|pt)")
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
@@ -80,51 +76,7 @@ def expert_seed(seed, index):
 
 
 # ---------------------------------------------------------------------------------------------
-# The buffer directory: numbered files and the sidecar
-
-
-def numbered_files(directory, suffix):
-    """replay_buffer_{n}.{suffix} in directory, sorted by n as a number (10 after 9)."""
-    found = [p for p in Path(directory).glob(f"replay_buffer_*.{suffix}") if FILE_NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: file_number(p.name))
-
-
-def file_number(name):
-    return int(FILE_NAME.fullmatch(name)[1])
-
-
-def expert_files(directory):
-    return numbered_files(directory, "npy")
-
-
-def fill_command(directory):
-    """The buffer.py command that trains experts into `directory` (utils.buffer_dir inverted)."""
-    parts = Path(directory).parts
-    if len(parts) < 2:
-        return "python buffer.py --dataset DATASET --model MODEL --buffer_path BUFFER_PATH"
-    *root, name, model = parts
-    if len(root) >= 2 and root[-2] == "ImageNet":  # .../ImageNet/{subset}/{res}/{model}
-        *root, _, subset = root
-        flags = f"--dataset ImageNet --subset {subset} --res {name}"
-    else:
-        dataset = name.removesuffix("_NO_ZCA")
-        zca = " --zca" if dataset in ("CIFAR10", "CIFAR100") and dataset == name else ""
-        flags = f"--dataset {dataset}{zca}"
-    return f"python buffer.py {flags} --model {model} --buffer_path {os.path.join(*root) if root else '.'}"
-
-
-def read_sidecar(directory):
-    """The sidecar of a buffer directory, or a UsageError saying how to fill the directory."""
-    path = Path(directory) / SIDECAR
-    if not path.exists():
-        if numbered_files(directory, "pt"):
-            raise UsageError(f"{directory} holds the original's .pt buffers: convert them with "
-                             f"{fill_command(directory)} --import_pt {directory}")
-        raise UsageError(f"no expert trajectories in {directory}: train them with {fill_command(directory)}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read {path}: {err}") from err
+# Writing the buffer directory
 
 
 def describe(args, seed):

@@ -11,7 +11,7 @@ import torch
 
 import buffer
 from networks import flatten_params, get_network, load_flat, unflatten
-from utils import UsageError, accuracy, buffer_dir, get_dataset, set_seed
+from utils import accuracy, buffer_dir, get_dataset, set_seed
 
 # A ConvNet of width 16 trains at ~1.7 s per epoch on the embedded set on 2 cores (width 32: ~5 s).
 MODEL = "ConvNetW16"
@@ -224,18 +224,6 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, sliced):
     assert f"model 'ConvNetW32' (this run: '{MODEL}')" in error_of(*TINY, "--buffer_path", str(tmp_path),
                                                                    "--train_epochs", "1")
     assert len(buffer.expert_files(directory)) == 1
-
-
-def test_files_sort_by_number_and_an_empty_directory_says_how_to_fill_it(tmp_path):
-    for n in (10, 2, 9, 0):
-        (tmp_path / f"replay_buffer_{n}.npy").write_bytes(b"")
-    (tmp_path / "replay_buffer_1.npy.tmp123").write_bytes(b"")
-    assert [p.name for p in buffer.expert_files(tmp_path)] == [f"replay_buffer_{n}.npy" for n in (0, 2, 9, 10)]
-    empty = tmp_path / "buffers" / "CIFAR10" / "ConvNet"
-    with pytest.raises(UsageError, match=re.escape(f"no expert trajectories in {empty}: train them with "
-                                                   f"python buffer.py --dataset CIFAR10 --zca --model ConvNet "
-                                                   f"--buffer_path {tmp_path / 'buffers'}")):
-        buffer.read_sidecar(empty)
 
 
 # ---------------------------------------------------------------------------------------------
