@@ -5,28 +5,37 @@
 
 Each expert is a network trained from random init with SGD on the full real training set (DSA on
 every batch); its flat parameters (networks.flatten_params) are recorded at init and after every
-epoch. Experts land in {buffer_path}/{dataset}[_NO_ZCA]/{model}/ (ImageNet adds {subset}/{res}):
+epoch. Experts land in {buffer_path}/{dataset}[_NO_ZCA]/{model}/ (ImageNet adds {subset}/{res});
+experts.py reads them:
 
     replay_buffer_{n}.npy  float32 (experts, train_epochs + 1, num_params), save_interval experts
                            per file; np.load(path, mmap_mode="r") reads only the snapshots used
-    buffer.json            the settings, parameter shapes and, per expert, its file, row, seed
-                           and per-epoch train and test accuracy
+    buffer.json            the sidecar: the settings, parameter shapes, next_index and, per expert,
+                           its file, row, index, seed and per-epoch train and test accuracy.
+                           Readers use exactly the files and rows it lists.
 
-Files are written to a temporary name and renamed when complete, so an interrupted run never
-leaves a partial buffer. A rerun into the same directory appends new files with new experts:
-expert k of a directory (k counts every expert it already holds) starts from
-set_seed(expert_seed(--seed, k)). A rerun with other settings (model, dataset, zca, epochs,
-learning rate, ...) is refused rather than mixing trajectories.
+One buffer.py at a time writes a directory (it holds {directory}/.lock). A file is written under
+a temporary name, flushed to disk, renamed when complete and then listed in the sidecar, so an
+interrupted run never leaves a partial buffer. The next run removes the temporary files of killed
+runs, and a file that a run killed between the rename and the sidecar left unlisted is listed
+("recovered": true, its accuracies unknown) if its experts start from the seeded initialisations
+of the sidecar's next indices under this --seed, else renamed replay_buffer_{n}.npy.orphan.
 
-The original's buffers (replay_buffer_{n}.pt: a list of experts, each a list of epochs, each
-a list of per-parameter tensors) convert with one command; give the flags they were trained
-with (the defaults are the original's) so that the sidecar describes them:
+A rerun into the same directory appends new experts: the expert of index k (the sidecar's
+next_index counts every expert the directory has held, set-aside ones too, so no index or seed
+is used twice) starts from set_seed(expert_seed(--seed, k)). A rerun with other settings (model,
+dataset, zca, epochs, learning rate, ...) is refused rather than mixing trajectories.
+
+The original's buffers (replay_buffer_{n}.pt: a list of experts, each a list of epochs, each a
+list of per-parameter tensors) convert with one command; give the flags they were trained with
+(the defaults are the original's) so that the sidecar describes them:
 
     python buffer.py --import_pt OLD_DIR --dataset CIFAR10 --model ConvNet --zca
 """
 import argparse
 import os
 import pickle
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -36,14 +45,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experts import SIDECAR, expert_files, file_number, numbered_files, read_sidecar
+from experts import SIDECAR, expert_files, numbered_files, open_checked, read_sidecar
 from networks import flatten_params, get_network
-from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, buffer_dir, eta, get_dataset,
-                   pick_device, require_positive, save_json, set_seed, train_epoch)
+from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, buffer_dir,
+                   check_common_args, eta, folder_lock, get_dataset, make_deterministic, make_folder, pick_device,
+                   remove_stale_temps, require_positive, save_json, set_seed, train_epoch)
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
           "dsa_strategy", "mom", "l2", "decay")
+NON_NEGATIVE = ("mom", "l2")
+NUMBERED = re.compile(r"replay_buffer_(\d+)\.")  # any file of number n: .npy, .npy.orphan, .pt
 
 
 def parse_args(argv=None):
@@ -52,7 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_experts", type=int, default=100, help="experts to train")
     parser.add_argument("--lr_teacher", type=float, default=0.01, help="the experts' SGD learning rate")
     parser.add_argument("--batch_real", type=int, default=256, help="unused here; kept so the original's commands run")
-    parser.add_argument("--buffer_path", default="./buffers")
+    parser.add_argument("--buffer_path", default="./buffers",
+                        help="root of the expert directories {buffer_path}/{dataset}[_NO_ZCA]/{model}")
     parser.add_argument("--train_epochs", type=int, default=50, help="epochs per expert (snapshots: this + 1)")
     parser.add_argument("--decay", action="store_true", help="lr x0.1 after epoch train_epochs // 2 + 1")
     parser.add_argument("--mom", type=float, default=0, help="SGD momentum")
@@ -64,9 +77,14 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    require_positive(args, "num_experts", "train_epochs", "save_interval", "batch_train")
-    if args.seed < 0:
-        raise UsageError("--seed must be non-negative")
+    """The flag checks that need no data: run before any folder or file is created."""
+    check_common_args(args)
+    require_positive(args, "num_experts", "train_epochs", "save_interval")
+    if not args.lr_teacher > 0:
+        raise UsageError(f"--lr_teacher must be positive, not {args.lr_teacher}")
+    for flag in NON_NEGATIVE:
+        if not getattr(args, flag) >= 0:
+            raise UsageError(f"--{flag} must be non-negative, not {getattr(args, flag)}")
 
 
 def expert_seed(seed, index):
@@ -89,36 +107,80 @@ def describe(args, seed):
             "num_params": sum(int(np.prod(s)) for s in shapes), "param_shapes": shapes,
             "lr_teacher": args.lr_teacher, "train_epochs": args.train_epochs, "batch_train": args.batch_train,
             "batch_real": args.batch_real, "dsa": args.dsa, "dsa_strategy": args.dsa_strategy, "mom": args.mom,
-            "l2": args.l2, "decay": args.decay, "seed": seed, "torch_version": torch.__version__, "experts": []}
+            "l2": args.l2, "decay": args.decay, "seed": seed, "torch_version": torch.__version__,
+            "next_index": 0, "experts": []}
 
 
-def open_directory(directory, settings):
-    """Create the directory, or check that the experts it holds were made like the new ones;
-    return the sidecar the new experts are added to."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create the buffer directory {directory}: {err.strerror}") from err
-    if not os.access(directory, os.W_OK):
-        raise UsageError(f"cannot write to the buffer directory {directory}")
-    if not (Path(directory) / SIDECAR).exists():
-        if expert_files(directory):
-            raise UsageError(f"{directory} holds replay_buffer files but no {SIDECAR}: move them away or "
-                             f"choose another --buffer_path")
-        return settings
-    meta = read_sidecar(directory)
+def count(experts):
+    return f"{experts} expert{'s' * (experts != 1)}"
+
+
+def remove_temps(folder):
+    removed = remove_stale_temps(folder)
+    if removed:
+        print(f"removed the temporary files of killed runs in {folder}: {', '.join(sorted(removed))}")
+
+
+def open_directory(directory, settings, seed):
+    """Check that the experts the (locked) directory holds were made like the new ones, list or
+    set aside the files killed runs left unlisted, and return the sidecar to add experts to."""
+    remove_temps(directory)
+    meta = read_sidecar(directory) if (Path(directory) / SIDECAR).exists() else settings
     differences = [f"{key} {meta.get(key)!r} (this run: {settings[key]!r})"
                    for key in SHARED if meta.get(key) != settings[key]]
     if differences:
         raise UsageError(f"{directory} holds experts with {', '.join(differences)}; choose another "
                          f"--buffer_path rather than mix trajectories")
+    meta.setdefault("next_index", len(meta["experts"]))
+    listed = {expert["file"] for expert in meta["experts"]}
+    unlisted = [path for path in expert_files(directory) if path.name not in listed]
+    for path in unlisted:
+        recover(path, meta, seed)
+    if unlisted:
+        save_json(meta, Path(directory) / SIDECAR)
     return meta
 
 
+def initialisation(meta, seed):
+    """Snapshot 0 of the expert seeded with `seed`: the network train_expert starts from."""
+    set_seed(seed)
+    return flatten_params(get_network(meta["model"], meta["channel"], meta["num_classes"], meta["im_size"])).numpy()
+
+
+def recover(path, meta, seed):
+    """List an unlisted file if its experts start from the initialisations of the next indices
+    under `seed` (a run killed before its sidecar write), else set it aside. Either way the
+    indices of its experts are never given again."""
+    first = meta["next_index"]
+    try:
+        array = open_checked(path, 1, meta["train_epochs"] + 1, meta["num_params"])
+    except UsageError as err:
+        return set_aside(path, str(err))
+    seeds = [expert_seed(seed, first + row) for row in range(len(array))]
+    if all(np.array_equal(array[row, 0], initialisation(meta, s)) for row, s in enumerate(seeds)):
+        meta["experts"] += [{"file": path.name, "index": first + row, "row": row, "seed": s, "train_acc": [],
+                             "test_acc": [], "recovered": True} for row, s in enumerate(seeds)]
+        print(f"recovered {path}: {count(len(array))} a killed run wrote but never listed in {SIDECAR} "
+              f"(indices {first}..{first + len(array) - 1}; their per-epoch accuracies are unknown)")
+    else:
+        set_aside(path, f"its experts do not start from the initialisations of indices {first}.. under --seed {seed}")
+    meta["next_index"] = first + len(array)
+
+
+def set_aside(path, reason):
+    """Rename a file that is no expert of the directory to *.orphan: never delete user data."""
+    orphan = path.with_name(path.name + ".orphan")
+    if orphan.exists():
+        raise UsageError(f"{path} is not listed in {SIDECAR} and {orphan} is in the way: move them both aside")
+    os.rename(path, orphan)
+    print(f"set {path} aside as {orphan.name}: it is not listed in {SIDECAR} and {reason}")
+
+
 def next_file(directory, meta):
-    """The name after every replay_buffer file on disk or in the sidecar, so none is ever reused."""
-    names = [p.name for p in expert_files(directory)] + [expert["file"] for expert in meta["experts"]]
-    return Path(directory) / f"replay_buffer_{max(map(file_number, names), default=-1) + 1}.npy"
+    """The name after every numbered file on disk or in the sidecar, so none is ever reused."""
+    names = [p.name for p in Path(directory).glob("replay_buffer_*")] + [e["file"] for e in meta["experts"]]
+    numbers = [int(match[1]) for match in map(NUMBERED.match, names) if match]
+    return Path(directory) / f"replay_buffer_{max(numbers, default=-1) + 1}.npy"
 
 
 @contextmanager
@@ -128,7 +190,7 @@ def new_buffer_file(path, shape):
     with atomic_path(path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         yield array
-        array.flush()
+        array.flush()  # the pages reach the file before atomic_path fsyncs and renames it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,11 +203,12 @@ def train_expert(args, data, snapshots):
     net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(data.images_train.device)
     sgd = lambda lr: torch.optim.SGD(net.parameters(), lr, momentum=args.mom, weight_decay=args.l2)
     optimizer = sgd(args.lr_teacher)
+    dsa_strategy = args.dsa_strategy if args.dsa else None
     snapshots[0] = flatten_params(net).cpu().numpy()
     for epoch in range(args.train_epochs):
         start = time.time()
         train_acc = train_epoch(net, data.images_train, data.labels_train, optimizer, args.batch_train,
-                                args.dsa_strategy if args.dsa else None).item()
+                                dsa_strategy).item()
         images_per_second = len(data.images_train) / (time.time() - start)
         test_acc = accuracy(net, data.images_test, data.labels_test)
         snapshots[epoch + 1] = flatten_params(net).cpu().numpy()
@@ -155,39 +218,44 @@ def train_expert(args, data, snapshots):
 
 
 def train(args):
-    check_args(args)
-    directory = buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
-    meta = open_directory(directory, describe(args, args.seed))
     device = pick_device(args.device)
-    data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
-    shape = [data.channel, list(data.im_size), data.num_classes]
-    assert shape == [meta["channel"], meta["im_size"], meta["num_classes"]], "DatasetInfo.shape disagrees with the data"
-    data = replace(data, images_train=data.images_train.to(device), labels_train=data.labels_train.to(device),
-                   images_test=data.images_test.to(device), labels_test=data.labels_test.to(device))
-    print(f"{args.num_experts} {args.model} experts x {args.train_epochs} epochs on {args.dataset} "
-          f"({len(data.images_train)} images, {device}) -> {directory}")
-    start, done, total = time.time(), 0, args.num_experts * args.train_epochs
-    for first in range(0, args.num_experts, args.save_interval):
-        count = min(args.save_interval, args.num_experts - first)
-        path = next_file(directory, meta)
-        entries = []
-        with new_buffer_file(path, (count, args.train_epochs + 1, meta["num_params"])) as array:
-            for row in range(count):
-                index = len(meta["experts"]) + row
-                seed = expert_seed(args.seed, index)
-                set_seed(seed)
-                entry = {"file": path.name, "index": index, "row": row, "seed": seed, "train_acc": [], "test_acc": []}
-                for epoch, (train_acc, test_acc, speed) in enumerate(train_expert(args, data, array[row]), 1):
-                    entry["train_acc"].append(train_acc)
-                    entry["test_acc"].append(test_acc)
-                    done += 1
-                    print(f"expert {first + row + 1}/{args.num_experts} (#{index}) epoch {epoch}/{args.train_epochs}"
-                          f": train acc {train_acc:.4f} test acc {test_acc:.4f}, {speed:.0f} images/s, "
-                          f"{eta(time.time() - start, done, total)}", flush=True)
-                entries.append(entry)
-        meta["experts"] += entries
-        save_json(meta, Path(directory) / SIDECAR)
-        print(f"wrote {path} ({count} expert{'s' * (count != 1)})")
+    if args.deterministic:
+        make_deterministic()
+    directory = make_folder(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res),
+                            "--buffer_path")
+    with folder_lock(directory, "buffer.py run"):
+        meta = open_directory(directory, describe(args, args.seed), args.seed)
+        data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
+        shape = [data.channel, list(data.im_size), data.num_classes]
+        assert shape == [meta["channel"], meta["im_size"], meta["num_classes"]], "DatasetInfo.shape disagrees"
+        data = replace(data, images_train=data.images_train.to(device), labels_train=data.labels_train.to(device),
+                       images_test=data.images_test.to(device), labels_test=data.labels_test.to(device))
+        print(f"{args.num_experts} {args.model} experts x {args.train_epochs} epochs on {args.dataset} "
+              f"({len(data.images_train)} images, {device}) -> {directory}")
+        start, done, total = time.time(), 0, args.num_experts * args.train_epochs
+        for first in range(0, args.num_experts, args.save_interval):
+            size = min(args.save_interval, args.num_experts - first)
+            path = next_file(directory, meta)
+            entries = []
+            with new_buffer_file(path, (size, args.train_epochs + 1, meta["num_params"])) as array:
+                for row in range(size):
+                    index = meta["next_index"] + row
+                    seed = expert_seed(args.seed, index)
+                    set_seed(seed)
+                    entry = {"file": path.name, "index": index, "row": row, "seed": seed, "train_acc": [],
+                             "test_acc": []}
+                    for epoch, (train_acc, test_acc, speed) in enumerate(train_expert(args, data, array[row]), 1):
+                        entry["train_acc"].append(train_acc)
+                        entry["test_acc"].append(test_acc)
+                        done += 1
+                        print(f"expert {first + row + 1}/{args.num_experts} (#{index}) epoch "
+                              f"{epoch}/{args.train_epochs}: train acc {train_acc:.4f} test acc {test_acc:.4f}, "
+                              f"{speed:.0f} images/s, {eta(time.time() - start, done, total)}", flush=True)
+                    entries.append(entry)
+            meta["experts"] += entries
+            meta["next_index"] += size
+            save_json(meta, Path(directory) / SIDECAR)
+            print(f"wrote {path} ({count(size)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,12 +268,14 @@ def read_original(path, shapes, train_epochs):
         experts = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise UsageError(f"cannot read {path} as the original's buffer: {str(err).splitlines()[0]}") from err
+    if not (isinstance(experts, list) and all(isinstance(expert, list) for expert in experts)):
+        raise UsageError(f"{path} is not the original's buffer (a list of experts, each a list of snapshots)")
     for e, expert in enumerate(experts):
         if len(expert) != train_epochs + 1:
             raise UsageError(f"{path}: expert {e} has {len(expert)} snapshots, not train_epochs + 1 = "
                              f"{train_epochs + 1}; pass --train_epochs {len(expert) - 1}")
         for t, snapshot in enumerate(expert):
-            found = [list(p.shape) for p in snapshot]
+            found = [list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__ for p in snapshot]
             if found != shapes:
                 raise UsageError(f"{path}: expert {e} snapshot {t} has parameter shapes {found}, "
                                  f"but this --model and --dataset give {shapes}")
@@ -216,24 +286,29 @@ def import_pt(args):
     sources = numbered_files(args.import_pt, "pt")
     if not sources:
         raise UsageError(f"no replay_buffer_{{n}}.pt files in {args.import_pt}")
-    directory = buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
-    meta = open_directory(directory, describe(args, seed=None))
-    for source in sources:
-        experts = read_original(source, meta["param_shapes"], args.train_epochs)
-        path = next_file(directory, meta)
-        with new_buffer_file(path, (len(experts), args.train_epochs + 1, meta["num_params"])) as array:
-            for row, expert in enumerate(experts):
-                for epoch, snapshot in enumerate(expert):
-                    array[row, epoch] = torch.cat([p.reshape(-1) for p in snapshot]).float().numpy()
-        meta["experts"] += [{"file": path.name, "index": len(meta["experts"]) + row, "row": row, "seed": None,
-                             "train_acc": [], "test_acc": [], "source": str(source)} for row in range(len(experts))]
-        save_json(meta, Path(directory) / SIDECAR)
-        print(f"{source} -> {path} ({len(experts)} experts)")
+    directory = make_folder(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res),
+                            "--buffer_path")
+    with folder_lock(directory, "buffer.py run"):
+        meta = open_directory(directory, describe(args, seed=None), args.seed)
+        for source in sources:
+            experts = read_original(source, meta["param_shapes"], args.train_epochs)
+            path = next_file(directory, meta)
+            with new_buffer_file(path, (len(experts), args.train_epochs + 1, meta["num_params"])) as array:
+                for row, expert in enumerate(experts):
+                    for epoch, snapshot in enumerate(expert):
+                        array[row, epoch] = torch.cat([p.reshape(-1) for p in snapshot]).float().numpy()
+            first = meta["next_index"]
+            meta["experts"] += [{"file": path.name, "index": first + row, "row": row, "seed": None, "train_acc": [],
+                                 "test_acc": [], "source": str(source)} for row in range(len(experts))]
+            meta["next_index"] += len(experts)
+            save_json(meta, Path(directory) / SIDECAR)
+            print(f"{source} -> {path} ({count(len(experts))})")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_args(args)
         (import_pt if args.import_pt else train)(args)
     except UsageError as err:
         sys.exit(f"error: {err}")

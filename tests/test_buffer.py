@@ -1,7 +1,11 @@
 import json
+import os
 import re
+import subprocess
+import sys
 from contextlib import redirect_stdout
 from dataclasses import replace
+from functools import partial
 from io import StringIO
 from pathlib import Path
 
@@ -10,12 +14,14 @@ import pytest
 import torch
 
 import buffer
+from experts import Experts
 from networks import flatten_params, get_network, load_flat, unflatten
-from utils import accuracy, buffer_dir, get_dataset, set_seed
+from utils import DSA_STRATEGY, accuracy, buffer_dir, folder_lock, get_dataset, set_seed, train_epoch
 
 # A ConvNet of width 16 trains at ~1.7 s per epoch on the embedded set on 2 cores (width 32: ~5 s).
 MODEL = "ConvNetW16"
 TINY = ["--dataset", "FashionMNIST-mini", "--model", MODEL]
+FAST = "ConvNetW8"  # for tests about files, seeds and steps: 0.1 s per sliced epoch
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +38,13 @@ def sliced(monkeypatch, mini):
     monkeypatch.setattr(buffer, "get_dataset", lambda *args: small)
 
 
-def directory_of(buffer_path):
-    return buffer_dir(str(buffer_path), "FashionMNIST-mini", MODEL, False)
+def directory_of(buffer_path, model=MODEL):
+    return buffer_dir(str(buffer_path), "FashionMNIST-mini", model, False)
 
 
-def run(buffer_path, *flags):
-    buffer.main([*TINY, "--buffer_path", str(buffer_path), *flags])
-    return directory_of(buffer_path)
+def run(buffer_path, *flags, model=MODEL):
+    buffer.main(["--dataset", "FashionMNIST-mini", "--model", model, "--buffer_path", str(buffer_path), *flags])
+    return directory_of(buffer_path, model)
 
 
 def load_all(directory):
@@ -62,7 +68,7 @@ def test_a_run_writes_one_array_of_experts_by_snapshots_by_parameters(trained):
     assert [f.name for f in files] == ["replay_buffer_0.npy"]
     array = np.load(files[0], mmap_mode="r")
     assert array.shape == (2, 3, num_params) and array.dtype == np.float32
-    assert sorted(p.name for p in Path(directory).iterdir()) == ["buffer.json", "replay_buffer_0.npy"]
+    assert sorted(p.name for p in Path(directory).iterdir()) == [".lock", "buffer.json", "replay_buffer_0.npy"]
 
 
 def test_the_sidecar_describes_the_run_and_every_expert(trained):
@@ -74,7 +80,8 @@ def test_the_sidecar_describes_the_run_and_every_expert(trained):
                 "param_shapes": [list(p.shape) for p in net.parameters()], "lr_teacher": 0.01, "train_epochs": 2,
                 "batch_train": 256, "batch_real": 256, "dsa": True,
                 "dsa_strategy": "color_crop_cutout_flip_scale_rotate",
-                "mom": 0, "l2": 0, "decay": False, "seed": 0, "torch_version": torch.__version__}
+                "mom": 0, "l2": 0, "decay": False, "seed": 0, "torch_version": torch.__version__,
+                "next_index": 2}
     assert {key: meta[key] for key in expected} == expected
     assert {"subset", "res"} <= set(meta)
     assert [(e["file"], e["index"], e["row"], e["seed"]) for e in meta["experts"]] == [
@@ -122,25 +129,26 @@ def test_one_progress_line_per_epoch_with_accuracy_speed_and_eta(trained):
 
 def test_the_same_seed_gives_bit_identical_buffers(tmp_path, sliced):
     flags = ["--num_experts", "2", "--train_epochs", "1"]
-    first, second = run(tmp_path / "a", *flags), run(tmp_path / "b", *flags)
-    other_seed = run(tmp_path / "c", *flags, "--seed", "1")
+    first, second = run(tmp_path / "a", *flags, model=FAST), run(tmp_path / "b", *flags, model=FAST)
+    other_seed = run(tmp_path / "c", *flags, "--seed", "1", model=FAST)
     assert np.array_equal(load_all(first)[0], load_all(second)[0])
     assert buffer.read_sidecar(first)["experts"] == buffer.read_sidecar(second)["experts"]
     assert not np.array_equal(load_all(first)[0], load_all(other_seed)[0])
 
 
 def test_save_interval_one_writes_a_file_per_expert_and_leftovers_are_saved(tmp_path, sliced):
-    directory = run(tmp_path, "--num_experts", "3", "--train_epochs", "1", "--save_interval", "1")
+    directory = run(tmp_path, "--num_experts", "3", "--train_epochs", "1", "--save_interval", "1", model=FAST)
     assert [array.shape[0] for array in load_all(directory)] == [1, 1, 1]
-    directory = run(tmp_path / "leftover", "--num_experts", "3", "--train_epochs", "1", "--save_interval", "2")
+    directory = run(tmp_path / "leftover", "--num_experts", "3", "--train_epochs", "1", "--save_interval", "2",
+                    model=FAST)
     assert [array.shape[0] for array in load_all(directory)] == [2, 1]
 
 
 def test_a_rerun_appends_new_experts(tmp_path, sliced):
     flags = ["--num_experts", "2", "--train_epochs", "1", "--save_interval", "1"]
-    directory = run(tmp_path, *flags)
+    directory = run(tmp_path, *flags, model=FAST)
     before = load_all(directory)
-    run(tmp_path, *flags)
+    run(tmp_path, *flags, model=FAST)
     after = load_all(directory)
     assert [f.name for f in buffer.expert_files(directory)] == [f"replay_buffer_{n}.npy" for n in range(4)]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
@@ -161,15 +169,15 @@ def test_a_crash_mid_write_leaves_no_partial_file(tmp_path, sliced, monkeypatch)
 
     monkeypatch.setattr(buffer, "accuracy", interrupted_on_third_expert)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "--num_experts", "3", "--train_epochs", "1", "--save_interval", "2")
-    directory = directory_of(tmp_path)
-    assert sorted(p.name for p in Path(directory).iterdir()) == ["buffer.json", "replay_buffer_0.npy"]
+        run(tmp_path, "--num_experts", "3", "--train_epochs", "1", "--save_interval", "2", model=FAST)
+    directory = directory_of(tmp_path, FAST)
+    assert sorted(p.name for p in Path(directory).iterdir()) == [".lock", "buffer.json", "replay_buffer_0.npy"]
     assert len(buffer.read_sidecar(directory)["experts"]) == 2
 
     monkeypatch.setattr(buffer, "accuracy", lambda *args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        run(tmp_path / "first", "--num_experts", "1", "--train_epochs", "1")
-    assert list(Path(directory_of(tmp_path / "first")).iterdir()) == []
+        run(tmp_path / "first", "--num_experts", "1", "--train_epochs", "1", model=FAST)
+    assert [p.name for p in Path(directory_of(tmp_path / "first", FAST)).iterdir()] == [".lock"]
 
 
 def test_decay_divides_the_learning_rate_by_ten_after_epoch_train_epochs_over_2_plus_1(tmp_path, monkeypatch, mini):
@@ -196,14 +204,36 @@ def error_of(*argv):
     return message
 
 
-def test_bad_flags_and_paths_get_one_line_errors(tmp_path):
-    error = error_of(*TINY, "--save_interval", "0", "--buffer_path", str(tmp_path))
-    assert "--save_interval must be at least 1" in error
-    assert "--num_experts must be at least 1" in error_of(*TINY, "--num_experts", "0", "--buffer_path", str(tmp_path))
+BAD_FLAGS = [
+    (["--num_experts", "0"], "--num_experts must be at least 1"),
+    (["--train_epochs", "0"], "--train_epochs must be at least 1"),
+    (["--save_interval", "0"], "--save_interval must be at least 1"),
+    (["--batch_train", "0"], "--batch_train must be at least 1"),
+    (["--lr_teacher", "-0.01"], "--lr_teacher must be positive, not -0.01"),
+    (["--lr_teacher", "0"], "--lr_teacher must be positive, not 0.0"),
+    (["--mom", "-0.9"], "--mom must be non-negative, not -0.9"),
+    (["--seed", "-1"], "--seed must be non-negative"),
+    (["--device", "gpu"], "unknown --device 'gpu'; use cuda, cuda:N or cpu"),
+    pytest.param(["--device", "cuda"],
+                 "--device cuda: this machine has no CUDA GPU (torch sees none); use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS)
+def test_bad_flags_are_one_line_errors_before_any_folder_exists(tmp_path, flags, message):
+    assert error_of(*TINY, "--buffer_path", str(tmp_path / "buffers"), *flags) == f"error: {message}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_buffer_path_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("")
-    assert "cannot create the buffer directory" in error_of(*TINY, "--buffer_path", str(not_a_directory))
+    assert error_of(*TINY, "--buffer_path", str(not_a_directory)) == (
+        f"error: --buffer_path {directory_of(not_a_directory)}: cannot create it (Not a directory)")
+    monkeypatch.setattr(os, "access", lambda *args: False)  # a read-only folder (root may write to any)
+    assert error_of(*TINY, "--buffer_path", str(tmp_path)) == (
+        f"error: --buffer_path {directory_of(tmp_path)}: not writable")
     with pytest.raises(SystemExit) as raised:  # argparse's own error for a model it does not know
         buffer.main(["--model", "ConvNetW7"])
     assert raised.value.code == 2
@@ -267,3 +297,136 @@ def test_an_import_that_does_not_fit_the_model_is_refused(tmp_path):
     assert "no replay_buffer_{n}.pt files" in error_of(*TINY, "--import_pt", str(tmp_path / "buffers"))
     (tmp_path / "replay_buffer_0.pt").write_bytes(b"not a torch file")
     assert "cannot read" in error_of(*argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per directory, and what killed runs leave behind
+
+
+def test_a_second_buffer_py_on_a_directory_in_use_is_refused(tmp_path):
+    directory = Path(directory_of(tmp_path / "buffers"))
+    directory.mkdir(parents=True)
+    original_buffer(tmp_path / "replay_buffer_0.pt", 1, 2)
+    message = (f"error: {directory} is in use by another buffer.py run (it holds {directory}/.lock); wait for it to "
+               f"finish or choose another folder")
+    with folder_lock(directory, "buffer.py run"):
+        assert error_of(*TINY, "--buffer_path", str(tmp_path / "buffers")) == message
+        assert error_of(*TINY, "--buffer_path", str(tmp_path / "buffers"), "--import_pt", str(tmp_path),
+                        "--train_epochs", "1") == message
+    assert [p.name for p in directory.iterdir()] == [".lock"]
+
+
+def test_temporary_files_of_killed_runs_are_removed_and_said(tmp_path, capsys):
+    directory = Path(directory_of(tmp_path / "buffers"))
+    directory.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()  # a process id that has ended
+    killed = [f"buffer.json.tmp{child.pid}", f"replay_buffer_0.npy.tmp{child.pid}"]
+    alive = f"replay_buffer_1.npy.tmp{os.getpid()}"
+    for name in [*killed, alive]:
+        (directory / name).write_bytes(b"partial")
+    original_buffer(tmp_path / "replay_buffer_0.pt", 1, 2)
+    buffer.main([*TINY, "--buffer_path", str(tmp_path / "buffers"), "--import_pt", str(tmp_path),
+                 "--train_epochs", "1"])
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"removed the temporary files of killed runs in {directory}: {', '.join(killed)}")
+    assert sorted(p.name for p in directory.iterdir()) == [".lock", "buffer.json", alive, "replay_buffer_2.npy"]
+
+
+@pytest.fixture
+def killed_after_rename(tmp_path, sliced):
+    """A directory where a run was killed between renaming replay_buffer_1.npy into place and
+    listing it in the sidecar: the sidecar is as the first run left it."""
+    directory = Path(run(tmp_path, "--num_experts", "1", "--train_epochs", "1", model=FAST))
+    before = (directory / buffer.SIDECAR).read_text()
+    run(tmp_path, "--num_experts", "1", "--train_epochs", "1", model=FAST)
+    (directory / buffer.SIDECAR).write_text(before)
+    return directory, np.load(directory / "replay_buffer_1.npy")
+
+
+def summary(directory):
+    meta = buffer.read_sidecar(directory)
+    return meta["next_index"], [(e["file"], e["index"], e["seed"], len(e["train_acc"]), e.get("recovered"))
+                                for e in meta["experts"]]
+
+
+def test_a_complete_file_the_sidecar_missed_is_recovered(tmp_path, killed_after_rename, capsys):
+    directory, unlisted = killed_after_rename
+    capsys.readouterr()
+    run(tmp_path, "--num_experts", "1", "--train_epochs", "1", model=FAST)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"recovered {directory / 'replay_buffer_1.npy'}: 1 expert a killed run wrote but never listed in buffer.json "
+        f"(indices 1..1; their per-epoch accuracies are unknown)")
+    seed = partial(buffer.expert_seed, 0)
+    assert summary(directory) == (3, [("replay_buffer_0.npy", 0, seed(0), 1, None),
+                                      ("replay_buffer_1.npy", 1, seed(1), 0, True),
+                                      ("replay_buffer_2.npy", 2, seed(2), 1, None)])
+    assert np.array_equal(np.load(directory / "replay_buffer_1.npy"), unlisted)
+    assert [e.trajectory(k)[0].tolist() for e in [Experts(directory)] for k in range(3)] == [
+        buffer.initialisation(buffer.read_sidecar(directory), seed(k)).tolist() for k in range(3)]
+
+
+def test_an_unlisted_file_that_is_not_the_next_experts_is_set_aside(tmp_path, killed_after_rename, capsys):
+    """Rerun with another --seed: the unlisted file's experts are not those of the next indices
+    under it; a file numpy cannot read is set aside too. Neither index is given again."""
+    directory, unlisted = killed_after_rename
+    (directory / "replay_buffer_2.npy").write_bytes(b"junk")
+    capsys.readouterr()
+    run(tmp_path, "--num_experts", "1", "--train_epochs", "1", "--seed", "1", model=FAST)
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"set {directory / 'replay_buffer_1.npy'} aside as replay_buffer_1.npy.orphan: it is not listed in "
+        f"buffer.json and its experts do not start from the initialisations of indices 1.. under --seed 1",
+        f"set {directory / 'replay_buffer_2.npy'} aside as replay_buffer_2.npy.orphan: it is not listed in "
+        f"buffer.json and {directory / 'replay_buffer_2.npy'} is truncated or not a buffer.py array: numpy cannot "
+        f"map it as a .npy"]
+    assert sorted(p.name for p in directory.iterdir()) == [".lock", "buffer.json", "replay_buffer_0.npy",
+                                                           "replay_buffer_1.npy.orphan", "replay_buffer_2.npy.orphan",
+                                                           "replay_buffer_3.npy"]
+    assert np.array_equal(np.load(directory / "replay_buffer_1.npy.orphan"), unlisted)
+    assert (directory / "replay_buffer_2.npy.orphan").read_bytes() == b"junk"
+    assert summary(directory) == (3, [("replay_buffer_0.npy", 0, buffer.expert_seed(0, 0), 1, None),
+                                      ("replay_buffer_3.npy", 2, buffer.expert_seed(1, 2), 1, None)])
+
+
+def test_a_first_file_whose_sidecar_was_never_written_is_recovered(tmp_path, sliced):
+    directory = Path(run(tmp_path, "--num_experts", "1", "--train_epochs", "1", model=FAST))
+    (directory / buffer.SIDECAR).unlink()
+    run(tmp_path, "--num_experts", "1", "--train_epochs", "1", model=FAST)
+    assert summary(directory) == (2, [("replay_buffer_0.npy", 0, buffer.expert_seed(0, 0), 0, True),
+                                      ("replay_buffer_1.npy", 1, buffer.expert_seed(0, 1), 1, None)])
+
+
+def test_a_sidecar_written_before_next_index_is_appended_to(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    original_buffer(old / "replay_buffer_0.pt", 2, 3)
+    argv = [*TINY, "--import_pt", str(old), "--train_epochs", "2", "--buffer_path", str(tmp_path)]
+    buffer.main(argv)
+    sidecar = Path(directory_of(tmp_path)) / buffer.SIDECAR
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k != "next_index"}))
+    buffer.main(argv)
+    assert summary(directory_of(tmp_path)) == (4, [(f"replay_buffer_{n}.npy", 2 * n + row, None, 0, None)
+                                                   for n in range(2) for row in range(2)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain SGD as before
+
+
+def test_an_expert_is_plain_sgd_bit_for_bit(tmp_path, sliced):
+    """The training buffer.py has always done, written out: utils.train_epoch with torch's SGD,
+    the lr x0.1 (and momentum restarted) after epoch train_epochs // 2 + 1."""
+    array = load_all(run(tmp_path, "--num_experts", "1", "--train_epochs", "5", "--mom", "0.9", "--l2", "5e-4",
+                         "--decay", model=FAST))[0][0]
+    data = buffer.get_dataset()
+    set_seed(buffer.expert_seed(0, 0))
+    net = get_network(FAST, 1, 10, (28, 28))
+    sgd = lambda lr: torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=5e-4)
+    optimizer, expected = sgd(0.01), [flatten_params(net)]
+    for epoch in range(5):
+        train_epoch(net, data.images_train, data.labels_train, optimizer, 256, DSA_STRATEGY)
+        expected.append(flatten_params(net))
+        if epoch == 5 // 2 + 1:
+            optimizer = sgd(0.001)
+    assert torch.equal(torch.from_numpy(array), torch.stack(expected))
