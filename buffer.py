@@ -27,10 +27,11 @@ is used twice) starts from set_seed(expert_seed(--seed, k)). A rerun with other 
 dataset, zca, epochs, learning rate, ...) is refused rather than mixing trajectories.
 
 The original's buffers (replay_buffer_{n}.pt: a list of experts, each a list of epochs, each a
-list of per-parameter tensors) convert with one command; give the flags they were trained with
-(the defaults are the original's) so that the sidecar describes them:
+list of per-parameter tensors) convert both ways; give the flags they were trained with (the
+defaults are the original's) so that the sidecar describes them:
 
     python buffer.py --import_pt OLD_DIR --dataset CIFAR10 --model ConvNet --zca
+    python buffer.py --export_pt NEW_DIR --dataset CIFAR10 --model ConvNet --zca   # for MTT, TESLA, DATM
 """
 import argparse
 import os
@@ -45,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experts import SIDECAR, expert_files, numbered_files, open_checked, read_sidecar
-from networks import flatten_params, get_network
+from experts import SIDECAR, Experts, expert_files, numbered_files, open_checked, read_sidecar
+from networks import flatten_params, get_network, unflatten
 from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, buffer_dir,
                    check_common_args, eta, folder_lock, get_dataset, make_deterministic, make_folder, pick_device,
                    remove_stale_temps, require_positive, save_json, set_seed, train_epoch)
@@ -71,8 +72,12 @@ def parse_args(argv=None):
     parser.add_argument("--mom", type=float, default=0, help="SGD momentum")
     parser.add_argument("--l2", type=float, default=0, help="SGD weight decay")
     parser.add_argument("--save_interval", type=int, default=10, help="experts per replay_buffer file")
-    parser.add_argument("--import_pt", metavar="OLD_DIR",
-                        help="convert the original's replay_buffer_{n}.pt files in OLD_DIR instead of training")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--import_pt", metavar="OLD_DIR",
+                      help="convert the original's replay_buffer_{n}.pt files in OLD_DIR instead of training")
+    mode.add_argument("--export_pt", metavar="NEW_DIR",
+                      help="write this directory's experts into NEW_DIR as the original's replay_buffer_{n}.pt "
+                           "files (--save_interval experts each), which MTT, TESLA and DATM read")
     return parser.parse_args(argv)
 
 
@@ -259,11 +264,12 @@ def train(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Import of the original's buffers
+# The original's buffers: import and export
 
 
 def read_original(path, shapes, train_epochs):
-    """The original's replay_buffer_{n}.pt, checked against the model's parameter shapes."""
+    """The original's replay_buffer_{n}.pt, checked against the model's parameter shapes and for
+    snapshots that are all one tensor."""
     try:
         experts = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
@@ -279,6 +285,10 @@ def read_original(path, shapes, train_epochs):
             if found != shapes:
                 raise UsageError(f"{path}: expert {e} snapshot {t} has parameter shapes {found}, "
                                  f"but this --model and --dataset give {shapes}")
+        if all(torch.equal(a, b) for snapshot in expert[1:] for a, b in zip(snapshot, expert[0])):
+            raise UsageError(f"{path}: expert {e}'s {len(expert)} snapshots are all equal: aliased snapshots from "
+                             f"the original's buffer.py on CPU (.cpu() does not copy a CPU tensor); retrain, or "
+                             f"fix the original with .clone()")
     return experts
 
 
@@ -305,11 +315,31 @@ def import_pt(args):
             print(f"{source} -> {path} ({count(len(experts))})")
 
 
+def export_pt(args):
+    """The directory's experts as the original's files: --save_interval experts per
+    replay_buffer_{n}.pt, each a list of snapshots, each a list of per-parameter CPU tensors."""
+    experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res))
+    shapes = [torch.Size(shape) for shape in experts.meta["param_shapes"]]
+    folder = make_folder(args.export_pt, "--export_pt")
+    with folder_lock(folder, "buffer.py --export_pt"):
+        remove_temps(folder)
+        if numbered_files(folder, "pt"):
+            raise UsageError(f"--export_pt {folder} already holds replay_buffer_{{n}}.pt files; choose an empty folder")
+        for n, first in enumerate(range(0, len(experts), args.save_interval)):
+            chosen = range(first, min(first + args.save_interval, len(experts)))
+            trajectories = [[[p.clone() for p in unflatten(torch.from_numpy(np.array(snapshot)), shapes)]
+                             for snapshot in experts.trajectory(k)] for k in chosen]
+            path = folder / f"replay_buffer_{n}.pt"
+            with atomic_path(path) as tmp:
+                torch.save(trajectories, tmp)
+            print(f"wrote {path} ({count(len(chosen))})")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        (import_pt if args.import_pt else train)(args)
+        (import_pt if args.import_pt else export_pt if args.export_pt else train)(args)
     except UsageError as err:
         sys.exit(f"error: {err}")
 

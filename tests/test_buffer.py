@@ -299,6 +299,41 @@ def test_an_import_that_does_not_fit_the_model_is_refused(tmp_path):
     assert "cannot read" in error_of(*argv)
 
 
+def test_an_original_buffer_with_aliased_snapshots_is_refused(tmp_path):
+    """The original's buffer.py on a CPU saved p.detach().cpu(), which is p itself there: every
+    snapshot of an expert is its final parameters."""
+    params = [torch.randn(p.shape) for p in get_network(MODEL, 1, 10, (28, 28)).parameters()]
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save([[[p.detach() for p in params] for _ in range(3)]], old / "replay_buffer_0.pt")
+    assert error_of(*TINY, "--import_pt", str(old), "--train_epochs", "2", "--buffer_path", str(tmp_path)) == (
+        f"error: {old / 'replay_buffer_0.pt'}: expert 0's 3 snapshots are all equal: aliased snapshots from the "
+        f"original's buffer.py on CPU (.cpu() does not copy a CPU tensor); retrain, or fix the original with .clone()")
+    assert [p.name for p in Path(directory_of(tmp_path)).iterdir()] == [".lock"]
+
+
+def test_export_writes_the_original_format_and_imports_back_exactly(trained, tmp_path):
+    directory, _ = trained
+    exported = tmp_path / "pt"
+    export = [*TINY, "--buffer_path", str(Path(directory).parents[1]), "--export_pt", str(exported),
+              "--save_interval", "1"]
+    buffer.main(export)
+    original = load_all(directory)[0]
+    shapes = [p.shape for p in get_network(MODEL, 1, 10, (28, 28)).parameters()]
+    assert sorted(p.name for p in exported.iterdir()) == [".lock", "replay_buffer_0.pt", "replay_buffer_1.pt"]
+    for n in range(2):
+        experts = torch.load(exported / f"replay_buffer_{n}.pt", weights_only=True)
+        assert len(experts) == 1 and len(experts[0]) == 3
+        for t, snapshot in enumerate(experts[0]):
+            assert [p.shape for p in snapshot] == shapes
+            assert all(p.untyped_storage().nbytes() == 4 * p.numel() for p in snapshot)  # one tensor each
+            assert torch.equal(torch.cat([p.reshape(-1) for p in snapshot]), torch.from_numpy(original[n, t]))
+    buffer.main([*TINY, "--import_pt", str(exported), "--train_epochs", "2", "--buffer_path", str(tmp_path / "back")])
+    assert np.array_equal(np.concatenate(load_all(directory_of(tmp_path / "back"))), original)
+    assert error_of(*export) == (f"error: --export_pt {exported} already holds replay_buffer_{{n}}.pt files; "
+                                 f"choose an empty folder")
+
+
 # ---------------------------------------------------------------------------------------------
 # One writer per directory, and what killed runs leave behind
 
