@@ -1,9 +1,12 @@
 import gzip
+import shutil
 import struct
 
 import numpy as np
 import pytest
 import torch
+import torchvision
+from PIL import Image
 
 import utils
 from utils import ZCA, UsageError, get_dataset
@@ -67,20 +70,26 @@ def test_missing_dataset_folders_fail_with_one_clear_line(tmp_path):
 
 
 def save_png(path, colour, size=(72, 80)):
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
 
 
-def test_tiny_imagenet_layout_loads(tmp_path):
-    root = tmp_path / "tiny-imagenet-200"
-    for wnid, colour in (("n01", (255, 0, 0)), ("n02", (0, 0, 255))):
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def tiny_imagenet(root):
+    """A two-class Tiny ImageNet as the zip unpacks it: train/{wnid}/images/, val/images/ and its annotations."""
+    for wnid, colour in (("n01", RED), ("n02", BLUE)):
         for i in range(3):
             save_png(root / "train" / wnid / "images" / f"{wnid}_{i}.png", colour)
-    save_png(root / "val" / "images" / "val_0.png", (0, 0, 255))
-    save_png(root / "val" / "images" / "val_1.png", (255, 0, 0))
+    save_png(root / "val" / "images" / "val_0.png", BLUE)
+    save_png(root / "val" / "images" / "val_1.png", RED)
     (root / "val" / "val_annotations.txt").write_text("val_0.png\tn02\t0\t0\t1\t1\nval_1.png\tn01\t0\t0\t1\t1\n")
+    return root
+
+
+def test_tiny_imagenet_zip_layout_loads(tmp_path):
+    tiny_imagenet(tmp_path / "tiny-imagenet-200")
     data = get_dataset("Tiny", data_path=str(tmp_path))
     assert data.images_train.shape == (6, 3, 64, 64) and data.labels_train.tolist() == [0, 0, 0, 1, 1, 1]
     assert data.labels_test.tolist() == [1, 0] and data.class_names == ["n01", "n02"]
@@ -88,16 +97,114 @@ def test_tiny_imagenet_layout_loads(tmp_path):
     assert data.images_test[1, 0].sub(red).abs().max() < 1e-4
 
 
-def test_imagenet_subset_picks_the_configured_classes(tmp_path):
+def test_tiny_imagenet_loads_the_originals_image_folder_layout(tmp_path):
+    """The original reads val/images/{wnid}/ with ImageFolder. Its preparation leaves the stale
+    val_annotations.txt behind: the class folders must win over it."""
+    root = tiny_imagenet(tmp_path)
+    for file in (root / "val" / "images").iterdir():
+        file.unlink()
+    save_png(root / "val" / "images" / "n02" / "a.png", BLUE)
+    save_png(root / "val" / "images" / "n02" / "b.png", BLUE)
+    save_png(root / "val" / "images" / "n01" / "c.png", RED)
+    data = get_dataset("Tiny", data_path=str(tmp_path))
+    assert data.labels_test.tolist() == [0, 1, 1] and data.class_names == ["n01", "n02"]
+    corners = (data.to_pixels(data.images_test) * 255).round()[:, :, 0, 0]
+    assert corners.tolist() == [list(RED), list(BLUE), list(BLUE)]
+
+
+def empty_test_set(root):
+    for file in (root / "val" / "images").iterdir():
+        file.unlink()
+
+
+def empty_training_set(root):
+    for folder in (root / "train").iterdir():
+        shutil.rmtree(folder)
+
+
+def class_without_training_images(root):
+    for file in (root / "train" / "n02" / "images").iterdir():
+        file.unlink()
+
+
+def unknown_test_class(root):
+    empty_test_set(root)
+    save_png(root / "val" / "images" / "n01" / "a.png", RED)
+    save_png(root / "val" / "images" / "n03" / "a.png", RED)
+
+
+def unannotated_test_image(root):
+    save_png(root / "val" / "images" / "val_2.png", RED)
+
+
+def corrupt_image(root):
+    (root / "train" / "n01" / "images" / "n01_1.png").write_bytes(b"not a png")
+
+
+BROKEN_TINY = {  # what is wrong -> the one-line error it must give
+    empty_test_set: r"no test images in .*val/images",
+    empty_training_set: r"no class folders in .*train",
+    class_without_training_images: r"no images in .*train/n02 \(1 of 2 classes have none\)",
+    unknown_test_class: r"1 class folders in .*val/images are not in .*train, e\.g\. n03",
+    unannotated_test_image: r"1 images in .*val/images have no training class in .*val_annotations.txt, e\.g\. val_2",
+    corrupt_image: r"cannot read image .*n01_1\.png",
+}
+
+
+@pytest.mark.parametrize("breakage", BROKEN_TINY, ids=lambda f: f.__name__)
+def test_broken_tiny_imagenet_is_one_clear_line_not_an_empty_tensor(tmp_path, breakage):
+    breakage(tiny_imagenet(tmp_path))
+    with pytest.raises(UsageError, match=BROKEN_TINY[breakage]) as err:
+        get_dataset("Tiny", data_path=str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def imagenet_subset(root, subset, picture):
+    """A 1000-class ImageNet whose `subset` classes each hold `picture(label)` in train/ and val/."""
     wnids = [f"n{i:08d}" for i in range(1000)]
     for wnid in wnids:
-        (tmp_path / "train" / wnid).mkdir(parents=True)
+        (root / "train" / wnid).mkdir(parents=True)
     for split in ("train", "val"):
-        for label, index in enumerate(utils.IMAGENET_SUBSETS["imagewoof"]):
-            save_png(tmp_path / split / wnids[index] / "a.png", (label * 20, 0, 0))
+        for label, index in enumerate(utils.IMAGENET_SUBSETS[subset]):
+            (root / split / wnids[index]).mkdir(parents=True, exist_ok=True)
+            picture(label).save(root / split / wnids[index] / "a.png")
+    return wnids
+
+
+def test_imagenet_subset_picks_the_configured_classes(tmp_path):
+    wnids = imagenet_subset(tmp_path, "imagewoof", lambda label: Image.new("RGB", (72, 80), (label * 20, 0, 0)))
     data = get_dataset("ImageNet", data_path=str(tmp_path), subset="imagewoof", res=16)
     assert data.images_train.shape == (10, 3, 16, 16) and data.labels_test.tolist() == list(range(10))
     assert data.class_names[0] == wnids[193]
+
+
+def test_imagenet_images_are_squashed_to_res_not_cropped(tmp_path):
+    """A 2:1 picture, red on its left quarter: squashed to 16 x 16 the red keeps the left quarter
+    (columns 0-2 pure, 3-4 blended by the bilinear filter); a centre crop would cut it all away.
+    Noise pictures match torchvision's Resize((res, res)), the original's transform, exactly."""
+    striped = np.zeros((32, 64, 3), np.uint8)
+    striped[:, :16], striped[:, 16:] = RED, BLUE
+    noise = np.random.default_rng(0).integers(0, 256, (10, 24, 40, 3), dtype=np.uint8)
+    pictures = [Image.fromarray(striped)] + [Image.fromarray(n) for n in noise[:9]]
+    imagenet_subset(tmp_path, "imagenette", lambda label: pictures[label])
+    data = get_dataset("ImageNet", data_path=str(tmp_path), res=16)
+    pixels = (data.to_pixels(data.images_test) * 255).round().to(torch.uint8)
+    red = pixels[0, 0, 0].tolist()  # along the width; every row is the same
+    assert torch.equal(pixels[0], pixels[0, :, :1].expand(3, 16, 16))
+    assert red[:3] == [255] * 3 and 0 < red[4] < red[3] < 255 and red[5:] == [0] * 11
+    assert torch.equal(pixels[0, 2], 255 - pixels[0, 0])
+    resize = torchvision.transforms.Resize((16, 16))
+    for label in range(10):
+        expected = torch.from_numpy(np.array(resize(pictures[label]))).permute(2, 0, 1)
+        assert torch.equal(pixels[label], expected)
+
+
+def test_cifar100_is_normalised_with_cifar10s_constants_as_the_original():
+    """The original normalises CIFAR-100 with CIFAR-10's mean and std: its buffers and distilled
+    sets only mean the same here with the same constants."""
+    cifar100, cifar10 = utils.DATASETS["CIFAR100"], utils.DATASETS["CIFAR10"]
+    assert cifar100.mean == (0.4914, 0.4822, 0.4465) and cifar100.std == (0.2023, 0.1994, 0.2010)
+    assert (cifar100.mean, cifar100.std) == (cifar10.mean, cifar10.std)
 
 
 def test_buffer_dir_follows_the_original_layout():
@@ -129,19 +236,19 @@ def test_zca_inverse_recovers_real_images(mini):
     assert (zca.inverse(whitened) - x).abs().max().item() <= 1e-4
 
 
-def test_zca_matrix_equals_the_formula_in_float64():
-    x = torch.rand(40, 2, 3, 3)
+@pytest.mark.parametrize("n", [40, 10])  # 10 images of 18 pixels: a rank-deficient covariance
+def test_zca_whitens_to_the_shrunk_identity_with_a_symmetric_invertible_transform(n):
+    """With eps, ZCA does not whiten to the identity: each eigen-direction of the covariance keeps
+    variance s / (s + eps), and directions the images do not span stay at zero."""
+    torch.manual_seed(0)
+    x = torch.rand(n, 2, 3, 3)
     zca = ZCA.fit(x, eps=0.1)
-    flat = x.flatten(1).double().numpy()
-    centred = flat - flat.mean(0)
-    cov = centred.T @ centred / (len(flat) - 1)
-    s, u = np.linalg.eigh(cov)
-    s = np.clip(s, 0, None)
-    expected = u @ np.diag(1 / np.sqrt(s + 0.1)) @ u.T
-    assert np.abs(zca.transform.double().numpy() - expected).max() <= 1e-5
-    assert np.abs(zca.inverse_transform.double().numpy() - np.linalg.inv(expected)).max() <= 1e-5
-    out = zca(x).flatten(1).double().numpy()
-    assert np.abs(out - centred @ expected).max() <= 1e-5
+    s, u = torch.linalg.eigh(torch.cov(x.flatten(1).double().T))
+    s = s.clamp_min(0)
+    expected = u @ torch.diag(s / (s + 0.1)) @ u.T
+    assert (torch.cov(zca(x).flatten(1).double().T) - expected).abs().max() <= 1e-5
+    assert torch.allclose(zca.transform, zca.transform.T, atol=1e-6)
+    assert (zca.inverse_transform @ zca.transform - torch.eye(18)).abs().max() <= 1e-5
 
 
 def test_zca_saves_and_loads(tmp_path):
