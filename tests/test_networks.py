@@ -1,5 +1,6 @@
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -56,18 +57,48 @@ def test_functional_forward_differs_when_parameters_differ():
     assert (forward_flat(net, other, x) - net(x)).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["ConvNet", "ConvNetBN", "ResNet18BN_AP", "VGG11", "LeNet"])
-def test_flat_layout_is_parameters_order_and_load_inverts_it(name):
+LAYOUT_MODELS = ["ConvNet", "ConvNetBN", "ResNet18BN_AP", "VGG11", "LeNet", "MLP"]
+
+
+@pytest.mark.parametrize("name", LAYOUT_MODELS)
+def test_flat_vector_is_the_named_parameters_in_order_row_major(name):
+    """Buffers map onto networks only through this layout: parameter k of named_parameters() fills
+    the slice after parameters 0..k-1, element (i, j, ...) at its row-major offset in that slice."""
     torch.manual_seed(0)
     net = get_network(name, 3, 10, (32, 32))
-    flat = flatten_params(net)
-    assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    named = list(net.named_parameters())
+    views = networks.unflatten(flatten_params(net), networks.param_shapes(net))
+    assert len(views) == len(named)
+    for view, (_, p) in zip(views, named):
+        assert torch.equal(view, p)
+    starts = np.cumsum([0] + [p.numel() for _, p in named])
+    for k in sorted({0, len(named) // 2, len(named) - 1}):  # first, a middle and the last parameter
+        p = named[k][1]
+        element = tuple(side - 1 - side // 3 for side in p.shape)
+        before = flatten_params(net)
+        with torch.no_grad():
+            p[element] += 1
+        changed = (flatten_params(net) != before).nonzero().flatten().tolist()
+        assert changed == [starts[k] + np.ravel_multi_index(element, tuple(p.shape))], named[k][0]
+
+
+def test_convnet_parameter_names_are_the_originals():
+    """The original ConvNet's parameters, in order: a buffer row is these tensors concatenated."""
+    names = [name for name, _ in get_network("ConvNet", 3, 10).named_parameters()]
+    blocks = [f"features.{4 * d + i}.{kind}" for d in range(3) for i in (0, 1) for kind in ("weight", "bias")]
+    assert names == blocks + ["classifier.weight", "classifier.bias"]
+
+
+@pytest.mark.parametrize("name", LAYOUT_MODELS)
+def test_load_flat_inverts_flatten_params_and_keeps_its_own_copy(name):
+    torch.manual_seed(0)
+    flat = flatten_params(get_network(name, 3, 10, (32, 32)))
     torch.manual_seed(1)
     other = get_network(name, 3, 10, (32, 32))
     assert not torch.equal(flatten_params(other), flat)
     load_flat(other, flat)
     assert torch.equal(flatten_params(other), flat)
-    flat[0] += 1  # the loaded network keeps its own copy
+    flat[0] += 1
     assert not torch.equal(flatten_params(other), flat)
 
 
