@@ -1,8 +1,11 @@
+from collections import Counter
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import utils
-from utils import DSA_GROUPS, DSA_OPS, apply_augmentation, augment, draw_augmentation
+from utils import DSA_GROUPS, DSA_OPS, apply_augmentation, draw_augmentation
 
 
 def batch(n=4, dtype=torch.float32):
@@ -21,13 +24,54 @@ def test_replaying_a_draw_gives_identical_output(mode):
         assert torch.equal(apply_augmentation(x, draw), first)
 
 
-def test_same_seed_same_augmentation_and_different_seeds_differ():
-    x = batch()
-    outputs = []
-    for seed in (0, 0, 1):
-        torch.manual_seed(seed)
-        outputs.append(augment(x, mode="M"))
-    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+N = 4000  # draws per op: enough that each range is covered to within 2% of its ends
+PROBE = torch.arange(3.0).view(1, 3, 1, 1).repeat(N, 1, 8, 8)  # channels 0, 1, 2: mean 1 per pixel and image
+DOCUMENTED_RANGES = {  # op -> (what a draw does, from its parameters and the augmented probe; SPEC section 3 range)
+    "scale": (lambda params, out: params[:, [0, 1], [0, 1]], 1 / 1.2, 1.2),
+    "rotate": (lambda params, out: torch.atan2(params[:, 1, 0], params[:, 0, 0]).rad2deg(), -15, 15),
+    "crop": (lambda params, out: params / 8, -0.125, 0.125),  # shift as a fraction of the side
+    "brightness": (lambda params, out: out[:, 2] - 2, -0.5, 0.5),
+    "saturation": (lambda params, out: out[:, 2] - 1, 0, 2),  # the factor: channel 2 sits 1 above the mean
+    "contrast": (lambda params, out: out[:, 2] - 1, 0.5, 1.5),
+}
+
+
+@pytest.mark.parametrize("op", DOCUMENTED_RANGES)
+def test_each_op_draws_over_its_documented_range(op):
+    torch.manual_seed(0)
+    params = DSA_OPS[op][0](N, PROBE)
+    measure, low, high = DOCUMENTED_RANGES[op]
+    drawn = measure(params, apply_augmentation(PROBE, [(op, params)]))
+    margin = 0.02 * (high - low)
+    assert low - 1e-6 <= drawn.min().item() <= low + margin
+    assert high - margin <= drawn.max().item() <= high + 1e-6
+
+
+def test_mode_s_draws_each_group_equally_often_and_flip_flips_half():
+    """Counts of 1000 and a rate of 0.5 expected; the bounds are 3.5 and 6 standard deviations."""
+    torch.manual_seed(0)
+    x = torch.zeros(2, 1, 4, 4)
+    counts = Counter(tuple(op for op, _ in draw_augmentation(x)) for _ in range(6000))
+    assert set(counts) == set(DSA_GROUPS.values()) and all(900 <= n <= 1100 for n in counts.values())
+    marked = torch.zeros(N, 1, 1, 2)
+    marked[..., 0] = 1
+    flipped = apply_augmentation(marked, [("flip", DSA_OPS["flip"][0](N, marked))])[..., 1]
+    assert 0.45 < flipped.mean().item() < 0.55
+
+
+def test_bilinear_sample_equals_grid_sample_inside_and_outside_the_image():
+    """The deterministic sampler must be grid_sample(align_corners=True, zero padding) exactly, on
+    random points (a third outside [-1, 1]) and on the pixel centres, in value and in pixel gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, 7, dtype=torch.float64, requires_grad=True)
+    random_points = torch.rand(3, 4, 6, 2, dtype=torch.float64) * 3 - 1.5
+    pixel_centres = F.affine_grid(torch.eye(2, 3, dtype=torch.float64).expand(3, 2, 3), x.shape, align_corners=True)
+    for grid in (random_points, pixel_centres):
+        ours, torchs = utils.bilinear_sample(x, grid), F.grid_sample(x, grid, align_corners=True)
+        assert (ours - torchs).abs().max().item() <= 1e-12
+        weights = torch.randn_like(ours)
+        (ours_grad,), (torchs_grad,) = (torch.autograd.grad((out * weights).sum(), x) for out in (ours, torchs))
+        assert (ours_grad - torchs_grad).abs().max().item() <= 1e-12
 
 
 def test_mode_s_applies_one_group_and_mode_m_all():
