@@ -2,6 +2,7 @@
 
     python buffer.py --dataset CIFAR10 --zca                  # 100 experts x 50 epochs, as published
     python buffer.py --dataset FashionMNIST-mini --num_experts 5 --train_epochs 10
+    python buffer.py --dataset CIFAR10 --zca --rho_max 0.01 --rho_min 0.01 --alpha 0.3   # FTD's flat experts
 
 Each expert is a network trained from random init with SGD on the full real training set (DSA on
 every batch); its flat parameters (networks.flatten_params) are recorded at init and after every
@@ -24,7 +25,12 @@ of the sidecar's next indices under this --seed, else renamed replay_buffer_{n}.
 A rerun into the same directory appends new experts: the expert of index k (the sidecar's
 next_index counts every expert the directory has held, set-aside ones too, so no index or seed
 is used twice) starts from set_seed(expert_seed(--seed, k)). A rerun with other settings (model,
-dataset, zca, epochs, learning rate, ...) is refused rather than mixing trajectories.
+dataset, zca, epochs, learning rate, GSAM, ...) is refused rather than mixing trajectories.
+
+--rho_max > 0 trains FTD's flat experts: every batch takes a GSAM step (gsam_step) whose gradient
+the same SGD (--lr_teacher, --mom, --l2, --decay) then applies. GSAM moves rho linearly with the
+lr, from rho_max at lr_teacher to rho_min at lr_teacher / 10; the lr here is lr_teacher, then
+lr_teacher / 10 after --decay, so rho is --rho_max, then --rho_min after --decay (rho 0: SGD).
 
 The original's buffers (replay_buffer_{n}.pt: a list of experts, each a list of epochs, each a
 list of per-parameter tensors) convert both ways; give the flags they were trained with (the
@@ -45,18 +51,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from experts import SIDECAR, Experts, expert_files, numbered_files, open_checked, read_sidecar
 from networks import flatten_params, get_network, unflatten
-from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, buffer_dir,
+from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, augment, buffer_dir,
                    check_common_args, eta, folder_lock, get_dataset, make_deterministic, make_folder, pick_device,
                    remove_stale_temps, require_positive, save_json, set_seed, train_epoch)
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
-          "dsa_strategy", "mom", "l2", "decay")
-NON_NEGATIVE = ("mom", "l2")
+          "dsa_strategy", "mom", "l2", "decay", "rho_max", "rho_min", "alpha", "adaptive")
+# What a sidecar written before GSAM was added describes.
+PLAIN_SGD = {"rho_max": 0, "rho_min": 0, "alpha": 0, "adaptive": False}
+NON_NEGATIVE = ("mom", "l2", "rho_max", "rho_min", "alpha")
 NUMBERED = re.compile(r"replay_buffer_(\d+)\.")  # any file of number n: .npy, .npy.orphan, .pt
+GSAM_EPS = 1e-12  # GSAM's perturb_eps
 
 
 def parse_args(argv=None):
@@ -72,6 +83,17 @@ def parse_args(argv=None):
     parser.add_argument("--mom", type=float, default=0, help="SGD momentum")
     parser.add_argument("--l2", type=float, default=0, help="SGD weight decay")
     parser.add_argument("--save_interval", type=int, default=10, help="experts per replay_buffer file")
+    parser.add_argument("--rho_max", type=float, default=0,
+                        help="GSAM perturbation radius rho (FTD's flat experts; FTD uses 0.01); 0, the default, "
+                             "trains with plain SGD. GSAM scales rho linearly with the lr, from rho_max at "
+                             "--lr_teacher to rho_min at lr_teacher / 10: here rho is rho_max throughout, or "
+                             "rho_min after --decay")
+    parser.add_argument("--rho_min", type=float, default=0, help="GSAM rho after --decay's x0.1 (at most --rho_max)")
+    parser.add_argument("--alpha", type=float, default=0,
+                        help="GSAM: how much of the gradient orthogonal to the perturbed one is subtracted "
+                             "(FTD uses 0.3); needs --rho_max")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="GSAM: scale the perturbation per weight by w**2 (adaptive SAM); needs --rho_max")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--import_pt", metavar="OLD_DIR",
                       help="convert the original's replay_buffer_{n}.pt files in OLD_DIR instead of training")
@@ -90,6 +112,10 @@ def check_args(args):
     for flag in NON_NEGATIVE:
         if not getattr(args, flag) >= 0:
             raise UsageError(f"--{flag} must be non-negative, not {getattr(args, flag)}")
+    if args.rho_min > args.rho_max:
+        raise UsageError(f"--rho_min {args.rho_min} is above --rho_max {args.rho_max}")
+    if (args.alpha or args.adaptive) and not args.rho_max:
+        raise UsageError("--alpha and --adaptive set up GSAM: give --rho_max too (GSAM is off at rho 0)")
 
 
 def expert_seed(seed, index):
@@ -112,7 +138,8 @@ def describe(args, seed):
             "num_params": sum(int(np.prod(s)) for s in shapes), "param_shapes": shapes,
             "lr_teacher": args.lr_teacher, "train_epochs": args.train_epochs, "batch_train": args.batch_train,
             "batch_real": args.batch_real, "dsa": args.dsa, "dsa_strategy": args.dsa_strategy, "mom": args.mom,
-            "l2": args.l2, "decay": args.decay, "seed": seed, "torch_version": torch.__version__,
+            "l2": args.l2, "decay": args.decay, "rho_max": args.rho_max, "rho_min": args.rho_min,
+            "alpha": args.alpha, "adaptive": args.adaptive, "seed": seed, "torch_version": torch.__version__,
             "next_index": 0, "experts": []}
 
 
@@ -130,7 +157,7 @@ def open_directory(directory, settings, seed):
     """Check that the experts the (locked) directory holds were made like the new ones, list or
     set aside the files killed runs left unlisted, and return the sidecar to add experts to."""
     remove_temps(directory)
-    meta = read_sidecar(directory) if (Path(directory) / SIDECAR).exists() else settings
+    meta = {**PLAIN_SGD, **read_sidecar(directory)} if (Path(directory) / SIDECAR).exists() else settings
     differences = [f"{key} {meta.get(key)!r} (this run: {settings[key]!r})"
                    for key in SHARED if meta.get(key) != settings[key]]
     if differences:
@@ -202,23 +229,91 @@ def new_buffer_file(path, shape):
 # Training
 
 
+def gsam_step(net, x, y, optimizer, rho, alpha, adaptive):
+    """One GSAM step (Zhuang et al. 2022; FTD's flat experts) on the batch (x, y): the gradient g
+    at w and g_p at w + e_w (e_w = rho g / ||g||, or rho g w**2 / || |w| g || with `adaptive`),
+    then `optimizer` steps from w with g_p - alpha * (the part of g orthogonal to g_p). Norms
+    and inner products run over all parameters together; batch norm's running statistics see the
+    first pass only, as in GSAM. Returns the outputs at w."""
+    params = list(net.parameters())
+    out = net(x)
+    g = torch.autograd.grad(F.cross_entropy(out, y), params)
+    with torch.no_grad():
+        scaled = [p.abs() * gi for p, gi in zip(params, g)] if adaptive else g
+        scale = rho / (norm(scaled) + GSAM_EPS)
+        e_w = [gi * scale * (p ** 2 if adaptive else 1) for p, gi in zip(params, g)]
+        for p, e in zip(params, e_w):
+            p.add_(e)
+    with frozen_running_stats(net):
+        g_p = torch.autograd.grad(F.cross_entropy(net(x), y), params)
+    with torch.no_grad():
+        for p, e in zip(params, e_w):
+            p.sub_(e)
+        g_norm, g_p_norm = norm(g), norm(g_p)
+        cos = sum((a * b).sum() for a, b in zip(g, g_p)) / (g_p_norm * g_norm + GSAM_EPS)
+        for p, a, b in zip(params, g, g_p):
+            vertical = a - cos * g_norm * b / (g_p_norm + GSAM_EPS)
+            p.grad = b - alpha * vertical
+    optimizer.step()
+    return out.detach()
+
+
+@contextmanager
+def frozen_running_stats(net):
+    """Batch norm layers with momentum 0, so that a forward pass leaves their running mean and
+    variance as they were (GSAM's disable_running_stats)."""
+    layers = [m for m in net.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+
+
+def norm(tensors):
+    """The 2-norm of a list of tensors taken as one vector (GSAM's _grad_norm)."""
+    return torch.stack([t.norm() for t in tensors]).norm()
+
+
+def gsam_epoch(net, images, labels, optimizer, batch_size, dsa_strategy, rho, alpha, adaptive):
+    """utils.train_epoch with a GSAM step per batch: both gradients see the same augmented batch."""
+    net.train()
+    correct, seen = torch.zeros((), device=images.device), 0
+    for idx in torch.randperm(len(images), device=images.device).split(batch_size):
+        x, y = images[idx], labels[idx]
+        if dsa_strategy:
+            x = augment(x, dsa_strategy)
+        out = gsam_step(net, x, y, optimizer, rho, alpha, adaptive)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+    return correct / seen
+
+
 def train_expert(args, data, snapshots):
     """Train a fresh network from torch's RNG as the original does; write its flat parameters at
     init and after every epoch into snapshots; yield (train acc, test acc, images/s) per epoch."""
     net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(data.images_train.device)
     sgd = lambda lr: torch.optim.SGD(net.parameters(), lr, momentum=args.mom, weight_decay=args.l2)
-    optimizer = sgd(args.lr_teacher)
+    optimizer, rho = sgd(args.lr_teacher), args.rho_max
     dsa_strategy = args.dsa_strategy if args.dsa else None
     snapshots[0] = flatten_params(net).cpu().numpy()
     for epoch in range(args.train_epochs):
         start = time.time()
-        train_acc = train_epoch(net, data.images_train, data.labels_train, optimizer, args.batch_train,
-                                dsa_strategy).item()
+        if rho:
+            train_acc = gsam_epoch(net, data.images_train, data.labels_train, optimizer, args.batch_train,
+                                   dsa_strategy, rho, args.alpha, args.adaptive).item()
+        else:
+            train_acc = train_epoch(net, data.images_train, data.labels_train, optimizer, args.batch_train,
+                                    dsa_strategy).item()
         images_per_second = len(data.images_train) / (time.time() - start)
         test_acc = accuracy(net, data.images_test, data.labels_test)
         snapshots[epoch + 1] = flatten_params(net).cpu().numpy()
         if args.decay and epoch == args.train_epochs // 2 + 1:
-            optimizer = sgd(args.lr_teacher * 0.1)  # a new optimiser, so momentum restarts too
+            # a new optimiser, so momentum restarts too; GSAM's rho follows the lr down to rho_min
+            optimizer, rho = sgd(args.lr_teacher * 0.1), args.rho_min
         yield train_acc, test_acc, images_per_second
 
 

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import buffer
 from experts import Experts
@@ -80,8 +82,8 @@ def test_the_sidecar_describes_the_run_and_every_expert(trained):
                 "param_shapes": [list(p.shape) for p in net.parameters()], "lr_teacher": 0.01, "train_epochs": 2,
                 "batch_train": 256, "batch_real": 256, "dsa": True,
                 "dsa_strategy": "color_crop_cutout_flip_scale_rotate",
-                "mom": 0, "l2": 0, "decay": False, "seed": 0, "torch_version": torch.__version__,
-                "next_index": 2}
+                "mom": 0, "l2": 0, "decay": False, "rho_max": 0, "rho_min": 0, "alpha": 0, "adaptive": False, "seed": 0,
+                "torch_version": torch.__version__, "next_index": 2}
     assert {key: meta[key] for key in expected} == expected
     assert {"subset", "res"} <= set(meta)
     assert [(e["file"], e["index"], e["row"], e["seed"]) for e in meta["experts"]] == [
@@ -212,6 +214,12 @@ BAD_FLAGS = [
     (["--lr_teacher", "-0.01"], "--lr_teacher must be positive, not -0.01"),
     (["--lr_teacher", "0"], "--lr_teacher must be positive, not 0.0"),
     (["--mom", "-0.9"], "--mom must be non-negative, not -0.9"),
+    (["--rho_max", "-0.01"], "--rho_max must be non-negative, not -0.01"),
+    (["--rho_min", "-0.01"], "--rho_min must be non-negative, not -0.01"),
+    (["--alpha", "-0.3", "--rho_max", "0.01"], "--alpha must be non-negative, not -0.3"),
+    (["--rho_min", "0.02", "--rho_max", "0.01"], "--rho_min 0.02 is above --rho_max 0.01"),
+    (["--alpha", "0.3"], "--alpha and --adaptive set up GSAM: give --rho_max too (GSAM is off at rho 0)"),
+    (["--adaptive"], "--alpha and --adaptive set up GSAM: give --rho_max too (GSAM is off at rho 0)"),
     (["--seed", "-1"], "--seed must be non-negative"),
     (["--device", "gpu"], "unknown --device 'gpu'; use cuda, cuda:N or cpu"),
     pytest.param(["--device", "cuda"],
@@ -431,7 +439,7 @@ def test_a_first_file_whose_sidecar_was_never_written_is_recovered(tmp_path, sli
                                       ("replay_buffer_1.npy", 1, buffer.expert_seed(0, 1), 1, None)])
 
 
-def test_a_sidecar_written_before_next_index_is_appended_to(tmp_path):
+def test_a_sidecar_written_before_gsam_and_next_index_is_appended_to(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     original_buffer(old / "replay_buffer_0.pt", 2, 3)
@@ -439,19 +447,20 @@ def test_a_sidecar_written_before_next_index_is_appended_to(tmp_path):
     buffer.main(argv)
     sidecar = Path(directory_of(tmp_path)) / buffer.SIDECAR
     meta = json.loads(sidecar.read_text())
-    sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k != "next_index"}))
+    sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("next_index", *buffer.PLAIN_SGD)}))
     buffer.main(argv)
     assert summary(directory_of(tmp_path)) == (4, [(f"replay_buffer_{n}.npy", 2 * n + row, None, 0, None)
                                                    for n in range(2) for row in range(2)])
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain SGD as before
+# Plain SGD as before, and GSAM's flat experts (FTD)
 
 
-def test_an_expert_is_plain_sgd_bit_for_bit(tmp_path, sliced):
+def test_without_gsam_flags_an_expert_is_plain_sgd_bit_for_bit(tmp_path, sliced, monkeypatch):
     """The training buffer.py has always done, written out: utils.train_epoch with torch's SGD,
     the lr x0.1 (and momentum restarted) after epoch train_epochs // 2 + 1."""
+    monkeypatch.setattr(buffer, "gsam_step", None)  # calling it would fail the test
     array = load_all(run(tmp_path, "--num_experts", "1", "--train_epochs", "5", "--mom", "0.9", "--l2", "5e-4",
                          "--decay", model=FAST))[0][0]
     data = buffer.get_dataset()
@@ -465,3 +474,56 @@ def test_an_expert_is_plain_sgd_bit_for_bit(tmp_path, sliced):
         if epoch == 5 // 2 + 1:
             optimizer = sgd(0.001)
     assert torch.equal(torch.from_numpy(array), torch.stack(expected))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_one_gsam_step_is_the_published_formula(adaptive):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    rho, alpha, lr, l2 = 0.5, 0.3, 0.1, 1e-3
+    shapes = [p.shape for p in net.parameters()]
+    w = flatten_params(net).clone()
+
+    def gradient(flat):
+        flat = flat.clone().requires_grad_()
+        w1, b1, gamma, beta, w2, b2 = unflatten(flat, shapes)
+        hidden = F.batch_norm(F.linear(x, w1, b1), None, None, gamma, beta, training=True)
+        return torch.autograd.grad(F.cross_entropy(F.linear(hidden, w2, b2), y), flat)[0]
+
+    g = gradient(w)
+    e_w = rho * g / ((w.abs() * g).norm() + 1e-12) * w ** 2 if adaptive else rho * g / (g.norm() + 1e-12)
+    g_p = gradient(w + e_w)
+    cos = g @ g_p / (g_p.norm() * g.norm() + 1e-12)
+    vertical = g - cos * g.norm() * g_p / (g_p.norm() + 1e-12)
+    expected = w - lr * (g_p - alpha * vertical + l2 * w)  # SGD's first step: the momentum buffer is the gradient
+    one_pass = copy.deepcopy(net)
+    outputs = one_pass(x).detach()
+    returned = buffer.gsam_step(net, x, y, torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=l2),
+                                rho, alpha, adaptive)
+    assert (flatten_params(net) - expected).abs().max().item() < 1e-12
+    assert (expected - (w - lr * (g + l2 * w))).abs().max().item() > 1e-3  # not plain SGD's step
+    assert torch.equal(returned, outputs)
+    for stat in ("running_mean", "running_var"):  # as the first pass left them
+        assert torch.equal(getattr(net[1], stat), getattr(one_pass[1], stat))
+
+
+def test_gsam_flags_train_flat_experts_with_rho_following_the_lr(tmp_path, sliced, monkeypatch):
+    calls, gsam_step = [], buffer.gsam_step
+
+    def recorded(net, x, y, optimizer, rho, alpha, adaptive):
+        calls.append((rho, alpha, adaptive, optimizer.param_groups[0]["lr"], len(x)))
+        return gsam_step(net, x, y, optimizer, rho, alpha, adaptive)
+
+    monkeypatch.setattr(buffer, "gsam_step", recorded)
+    flags = ["--num_experts", "1", "--train_epochs", "5", "--decay", "--rho_max", "0.01", "--rho_min", "0.005",
+             "--alpha", "0.3", "--adaptive"]
+    directory = run(tmp_path, *flags, model=FAST)
+    assert calls == [(0.01, 0.3, True, 0.01, 256)] * 8 + [(0.005, 0.3, True, 0.001, 256)] * 2  # 2 batches an epoch
+    meta = buffer.read_sidecar(directory)
+    assert (meta["rho_max"], meta["rho_min"], meta["alpha"], meta["adaptive"]) == (0.01, 0.005, 0.3, True)
+    assert error_of("--dataset", "FashionMNIST-mini", "--model", FAST, "--buffer_path", str(tmp_path),
+                    *flags[:5]) == (
+        f"error: {directory} holds experts with rho_max 0.01 (this run: 0), rho_min 0.005 (this run: 0), "
+        f"alpha 0.3 (this run: 0), adaptive True (this run: False); choose another --buffer_path rather than mix "
+        f"trajectories")
