@@ -1,4 +1,5 @@
-"""Distill a dataset by matching training trajectories (Cazenavette et al., CVPR 2022).
+"""Distill a dataset by matching training trajectories (Cazenavette et al., CVPR 2022), with the
+additions of DATM (Guo et al., ICLR 2024) and FTD (Du et al., CVPR 2023) as options.
 
 A small synthetic set and a learnable learning rate syn_lr are trained so that syn_steps SGD
 steps on the synthetic set, started from an expert's parameters at epoch t, land close to
@@ -7,9 +8,15 @@ where the expert was at epoch t + expert_epochs. Experts come from buffer.py:
     python buffer.py --dataset CIFAR10 --zca
     python distill.py --dataset CIFAR10 --ipc 10 --syn_steps 30 --expert_epochs 2 \\
         --max_start_epoch 20 --lr_img 100 --lr_lr 1e-05 --lr_teacher 0.001 --zca
+    torchrun --standalone --nproc_per_node 8 distill.py ...     # each minibatch split over 8 GPUs
 
---low_memory computes the same gradient by replaying the unroll backwards one step at a time,
-so memory no longer grows with syn_steps.
+The learnable tensors (images, syn_lr and, with --soft_label, label logits) live in one
+SyntheticSet. The student step is written once (student_update); its exact gradient is either
+backpropagated through the whole unroll, or, with --low_memory, replayed in reverse one step at a
+time as a vector-Jacobian product of that step, so that only the stored parameter vectors
+theta_0..theta_N grow with syn_steps. Give any DATM flag (--soft_label, --pix_init
+samples_predicted_correctly, --threshold, the start-epoch window) and the others take DATM's
+defaults; give none and this is MTT exactly.
 """
 import argparse
 import json
@@ -17,7 +24,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,198 +33,438 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from buffer import expert_files, read_sidecar
-from networks import flatten_params, forward_flat, get_network
-from utils import (UsageError, add_common_args, apply_augmentation, atomic_path, buffer_dir, draw_augmentation,
-                   draw_texture_crops, eta, eval_pool, EvalSet, evaluate_sets, get_dataset, images_per_class,
-                   pick_device,
-                   require_positive, run_seed, save_json, set_seed, texture_crops)
+import parallel
+from experts import Experts
+from networks import forward_flat, get_network
+from utils import (TEMP_SUFFIX, EvalSet, UsageError, add_common_args, apply_augmentation, atomic_path, buffer_dir,
+                   check_common_args, cross_entropy, draw_augmentation, draw_texture_crops, eta, eval_pool,
+                   evaluate_sets, folder_lock, get_dataset, images_per_class, make_deterministic, make_folder,
+                   pick_device, remove_stale_temps, require_positive, run_info, run_seed, save_json, set_seed,
+                   texture_crops, true_false)
+
+# DATM's flags and defaults (SPEC section 8). They apply as a whole once any DATM flag is given;
+# with none given, MTT's values below stand in for the two that would change MTT's run.
+DATM_DEFAULTS = {"Label_Model_Timestamp": -1, "lr_y": 2.0, "Momentum_y": 0.9, "threshold": 1.0,
+                 "min_start_epoch": 0, "current_max_start_epoch": 20, "expansion_end_epoch": 3000,
+                 "Sequential_Generation": True}
+MTT_VALUES = {"threshold": None, "Sequential_Generation": False}
+
+# Flags that define what the checkpoint holds: a resumed run must keep them. Any other flag may
+# change on --resume (learning rates, steps, evaluation, ...): the new value applies and is logged.
+FIXED_ON_RESUME = ("dataset", "subset", "res", "model", "zca", "ipc", "texture", "canvas_size", "pix_init",
+                   "soft_label", "Label_Model_Timestamp", "seed", "val_per_class")
+
+PIXEL_BOUND = 100  # pixels beyond 100x the largest initial |pixel| mean the images diverged
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--ipc", type=int, default=1, help="synthetic images per class")
-    parser.add_argument("--eval_mode", default="S", help="models to evaluate with: S, C, M, W, D, A, P, N")
-    parser.add_argument("--num_eval", type=int, default=5, help="networks trained per evaluation")
-    parser.add_argument("--eval_it", type=int, default=100, help="evaluate every this many iterations")
-    parser.add_argument("--epoch_eval_train", type=int, default=1000, help="epochs of each evaluation training")
-    parser.add_argument("--Iteration", type=int, default=5000, help="distillation iterations")
-    parser.add_argument("--lr_img", type=float, default=1000, help="learning rate of the synthetic pixels")
-    parser.add_argument("--lr_lr", type=float, default=1e-05, help="learning rate of syn_lr")
-    parser.add_argument("--lr_teacher", type=float, default=0.01, help="initial syn_lr (the experts' lr)")
-    parser.add_argument("--batch_real", type=int, default=256, help="unused; kept so the original's commands run")
-    parser.add_argument("--batch_syn", type=int, default=None, help="student minibatch (default: the whole set)")
-    parser.add_argument("--pix_init", default="real", choices=["real", "noise"])
-    parser.add_argument("--buffer_path", default="./buffers")
-    parser.add_argument("--expert_epochs", type=int, default=3, help="expert epochs the student must cover")
-    parser.add_argument("--syn_steps", type=int, default=20, help="student steps per iteration")
-    parser.add_argument("--max_start_epoch", type=int, default=25, help="start epochs are drawn from [0, this)")
-    parser.add_argument("--load_all", action="store_true", help="read every expert into RAM instead of mapping")
-    parser.add_argument("--no_aug", nargs="?", const=True, default=False, type=lambda s: s.lower() in ("true", "1"),
-                        help="no DSA inside the unroll")
-    parser.add_argument("--texture", action="store_true", help="learn canvases and train on random crops")
-    parser.add_argument("--canvas_size", type=int, default=2, help="canvas side in images (texture)")
-    parser.add_argument("--canvas_samples", type=int, default=1, help="crops per canvas per step (texture)")
-    parser.add_argument("--max_files", type=int, default=None, help="use only the first this many buffer files")
-    parser.add_argument("--max_experts", type=int, default=None, help="use only this many experts per file")
-    parser.add_argument("--force_save", action="store_true", help="write the PNG grid even when ipc >= 50")
-    parser.add_argument("--low_memory", action="store_true",
-                        help="exact gradient by reverse replay: memory of one student step, not syn_steps")
-    parser.add_argument("--save_path", default=None, help="default: logged_files/{dataset}/{run name}")
-    parser.add_argument("--resume", action="store_true", help="continue from save_path/checkpoint.pt")
+    flag = parser.add_argument
+    flag("--ipc", type=int, default=1, help="synthetic images per class")
+    flag("--eval_mode", default="S",
+         help="models each evaluation trains: S = the distillation model (BN -> instance norm), C = it and "
+              "ConvNet, M = ConvNet AlexNet VGG11 ResNet18_AP ResNet18, W = widths, D = depths, "
+              "A = activations, P = poolings, N = norms")
+    flag("--num_eval", type=int, default=5, help="networks trained per model at each evaluation")
+    flag("--eval_it", type=int, default=100, help="evaluate every this many iterations (and at 0 and the end)")
+    flag("--epoch_eval_train", type=int, default=1000, help="epochs of each evaluation network")
+    flag("--Iteration", type=int, default=5000, help="distillation iterations")
+    flag("--lr_img", type=float, default=1000, help="learning rate of the synthetic pixels (SGD, momentum 0.5)")
+    flag("--lr_lr", type=float, default=1e-05, help="learning rate of syn_lr (SGD, momentum 0.5)")
+    flag("--lr_teacher", type=float, default=0.01, help="initial syn_lr (the experts' learning rate)")
+    flag("--lr_init", type=float, default=0.01, help="unused (syn_lr starts at --lr_teacher, as in the original)")
+    flag("--batch_real", type=int, default=256, help="unused; kept so the original's commands run")
+    flag("--batch_syn", type=int, default=None, help="student minibatch (default: the whole synthetic set)")
+    flag("--pix_init", default="real", choices=["real", "noise", "samples_predicted_correctly"],
+         help="initial images: random real ones, N(0,1) noise, or (DATM) real ones an expert classifies correctly")
+    flag("--buffer_path", default="./buffers", help="the --buffer_path buffer.py trained the experts into")
+    flag("--expert_epochs", type=int, default=3, help="expert epochs the student must cover")
+    flag("--syn_steps", type=int, default=20, help="student steps per iteration")
+    flag("--max_start_epoch", type=int, default=25, help="start epochs are drawn from [0, this)")
+    flag("--load_all", action="store_true", help="read the experts into RAM instead of memory-mapping them")
+    flag("--no_aug", nargs="?", const=True, default=False, type=lambda s: s.lower() in ("true", "1"),
+         help="no DSA inside the unroll (evaluations keep --dsa)")
+    flag("--texture", action="store_true", help="learn canvases and train on random toroidal crops of them")
+    flag("--canvas_size", type=int, default=2, help="canvas side in images (texture)")
+    flag("--canvas_samples", type=int, default=1, help="crops per canvas per step (texture)")
+    flag("--max_files", type=int, default=None, help="a random subset (seeded) of this many buffer files")
+    flag("--max_experts", type=int, default=None, help="the first this many experts of each buffer file")
+    flag("--force_save", action="store_true", help="write the PNG grid even when ipc >= 50")
+    flag("--low_memory", action="store_true",
+         help="the same gradient by reverse replay: memory of one student step plus the stored parameter vectors")
+    flag("--save_path", default=None, help="output folder (default: logged_files/{dataset}/{run name})")
+    flag("--resume", action="store_true",
+         help="continue the run in --save_path from its checkpoint (from iteration 0 if it has none); "
+              "new learning rates and other changeable flags apply")
+    flag("--val_per_class", type=int, default=0,
+         help="hold out this many real training images per class (seeded) and pick 'best' on them, not on "
+              "the test set (0: as the original)")
+    datm = parser.add_argument_group("DATM (any of these turns DATM's defaults on)")
+    datm.add_argument("--soft_label", action="store_true", help="learn soft labels (label logits) too")
+    datm.add_argument("--Label_Model_Timestamp", type=int, default=None,
+                      help="expert snapshot that classifies (pix_init) and labels the images (default -1: the last)")
+    datm.add_argument("--lr_y", type=float, default=None, help="learning rate of the label logits (default 2.0)")
+    datm.add_argument("--Momentum_y", type=float, default=None, help="momentum of the label logits (default 0.9)")
+    datm.add_argument("--threshold", type=float, default=None,
+                      help="skip the update of an iteration whose matching loss exceeds this (default 1.0)")
+    datm.add_argument("--min_start_epoch", type=int, default=None, help="lowest start epoch (default 0)")
+    datm.add_argument("--current_max_start_epoch", type=int, default=None,
+                      help="upper end of the start-epoch window at iteration 0 (default 20)")
+    datm.add_argument("--expansion_end_epoch", type=int, default=None,
+                      help="iteration at which the window reaches --max_start_epoch (default 3000)")
+    datm.add_argument("--Sequential_Generation", type=true_false, default=None, metavar="{True,False}",
+                      help="grow the start-epoch window with the iterations (default True)")
+    parser.add_argument_group("FTD").add_argument(
+        "--ema_decay", type=float, nargs="?", const=0.999, default=None,
+        help="keep an EMA of the images with this decay (0.999 if no value), evaluated and saved beside them")
     args = parser.parse_args(argv)
+    args.datm = args.soft_label or args.pix_init == "samples_predicted_correctly" or any(
+        getattr(args, name) is not None for name in DATM_DEFAULTS)
+    for name, value in DATM_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value if args.datm else MTT_VALUES.get(name, value))
     if args.save_path is None:
-        name = (f"{args.model}_ipc{args.ipc}_syn{args.syn_steps}_exp{args.expert_epochs}_max{args.max_start_epoch}"
-                f"{'_zca' if args.zca else ''}{'_texture' if args.texture else ''}_seed{args.seed}")
-        args.save_path = os.path.join("logged_files", args.dataset, name)
+        args.save_path = os.path.join("logged_files", args.dataset, run_name(args))
     return args
 
 
+def run_name(args):
+    """The default folder name: the flags a sweep varies, so that two runs of a sweep never meet."""
+    parts = [args.model, f"ipc{args.ipc}", f"syn{args.syn_steps}", f"exp{args.expert_epochs}",
+             f"max{args.max_start_epoch}", f"img{args.lr_img:g}", f"lrlr{args.lr_lr:g}", f"teacher{args.lr_teacher:g}",
+             f"batch{args.batch_syn or 'all'}"]
+    parts += ["zca"] * args.zca + ["texture"] * args.texture + ([f"soft{args.lr_y:g}"] if args.soft_label else [])
+    parts += ([f"ema{args.ema_decay:g}"] if args.ema_decay is not None else []) + [f"seed{args.seed}"]
+    return "_".join(parts)
+
+
+def check_args(args):
+    """Every check that needs no data, before any file or folder is read or made."""
+    check_common_args(args)
+    require_positive(args, "ipc", "syn_steps", "expert_epochs", "max_start_epoch", "eval_it", "num_eval",
+                     "epoch_eval_train", "canvas_size", "canvas_samples", "expansion_end_epoch")
+    for name in ("batch_syn", "max_files", "max_experts"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1 (omit it for all)")
+    if args.Iteration < 0:
+        raise UsageError("--Iteration must be 0 or more")
+    for name in ("lr_img", "lr_teacher", "lr_y"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name} must be positive, not {getattr(args, name)}")
+    if not args.lr_lr >= 0 or not 0 <= args.Momentum_y < 1 or args.val_per_class < 0:
+        raise UsageError("--lr_lr and --val_per_class must be 0 or more, --Momentum_y in [0, 1)")
+    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
+        raise UsageError(f"--ema_decay must lie in (0, 1), not {args.ema_decay}")
+    if args.threshold is not None and not args.threshold > 0:
+        raise UsageError(f"--threshold must be positive, not {args.threshold}")
+    if args.texture and args.zca:
+        raise UsageError("--texture cannot be combined with --zca (the original does not support it either)")
+    if not 0 <= args.min_start_epoch < min(args.max_start_epoch, start_epoch_window(args, 0)[1]):
+        raise UsageError(f"--min_start_epoch {args.min_start_epoch} leaves no start epoch below "
+                         f"--max_start_epoch / --current_max_start_epoch")
+    eval_pool(args.eval_mode, args.model)
+    if parallel.launched() and "BN" in args.model:
+        raise UsageError(f"--model {args.model} under torchrun: batch norm couples the images of a minibatch, "
+                         f"which the processes split; distill with the instance-norm model (the original "
+                         f"evaluates BN runs with it too)")
+
+
 class Diverged(RuntimeError):
-    """The loss or syn_lr left the range where training means anything."""
+    """The loss, a gradient, the pixels or syn_lr left the range where training means anything."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Experts
+# The learnable state
 
 
-class Experts:
-    """The trajectories of buffer.py, memory-mapped: an iteration reads only its two snapshots.
+class SyntheticSet:
+    """The learnable tensors of a distillation by name: images (N x C x H x W), syn_lr (a scalar)
+    and, with soft labels, label_logits (N x classes). The optimisers, the checkpoint, the
+    outputs and the evaluation iterate over `tensors`; `labels` are the images' fixed class ids."""
 
-    --max_experts caps the experts per file, or in all with --load_all (as in the original)."""
+    def __init__(self, images, labels, syn_lr, label_logits=None):
+        self.labels = labels
+        self.tensors = {"images": images, "syn_lr": syn_lr}
+        if label_logits is not None:
+            self.tensors["label_logits"] = label_logits
+        for tensor in self.tensors.values():
+            tensor.requires_grad_()
 
-    def __init__(self, directory, max_files=None, max_experts=None, load_all=False):
-        self.meta = read_sidecar(directory)
-        arrays = [np.load(path, mmap_mode=None if load_all else "r") for path in expert_files(directory)[:max_files]]
-        if not arrays:
-            raise UsageError(f"no replay_buffer_*.npy files in {directory}: run buffer.py first")
-        if load_all:
-            arrays = [np.concatenate(arrays)[:max_experts]]
-        self.trajectories = [(array, i) for array in arrays for i in range(len(array[:max_experts]))]
-        self.num_snapshots = arrays[0].shape[1]
+    @property
+    def images(self):
+        return self.tensors["images"]
 
-    def sample(self, max_start_epoch, expert_epochs, device):
-        """A random expert and start epoch t: its parameters at t and at t + expert_epochs."""
-        expert = torch.randint(len(self.trajectories), ()).item()
-        start = torch.randint(max_start_epoch, ()).item()
-        array, i = self.trajectories[expert]
-        snapshot = lambda epoch: torch.from_numpy(np.array(array[i, epoch])).to(device)
-        return snapshot(start), snapshot(start + expert_epochs), expert, start
+    @property
+    def syn_lr(self):
+        return self.tensors["syn_lr"]
+
+    @property
+    def soft(self):
+        return "label_logits" in self.tensors
+
+    def targets(self, rows):
+        """The student's targets for these items: label logits (soft labels) or class ids."""
+        return self.tensors["label_logits"][rows] if self.soft else self.labels[rows]
+
+    def eval_labels(self):
+        """What evaluation networks train on: the label logits, or the class ids."""
+        return self.tensors["label_logits"].detach() if self.soft else self.labels
+
+    def detached(self):
+        """The same values outside autograd, for the replay's forward pass."""
+        detached = SyntheticSet.__new__(SyntheticSet)
+        detached.labels, detached.tensors = self.labels, {k: t.detach() for k, t in self.tensors.items()}
+        return detached
+
+
+# Learnable tensor -> (its learning rate, its momentum), from the flags.
+OPTIMISERS = {"images": lambda args: (args.lr_img, 0.5), "syn_lr": lambda args: (args.lr_lr, 0.5),
+              "label_logits": lambda args: (args.lr_y, args.Momentum_y)}
+
+
+def make_optimisers(synset, args):
+    return {name: torch.optim.SGD([tensor], *OPTIMISERS[name](args)) for name, tensor in synset.tensors.items()}
+
+
+def apply_flags(optimisers, args):
+    """The learning rates and momenta of the flags, also over those a checkpoint restored."""
+    for name, optimiser in optimisers.items():
+        lr, momentum = OPTIMISERS[name](args)
+        for group in optimiser.param_groups:
+            group.update(lr=lr, momentum=momentum)
 
 
 # ---------------------------------------------------------------------------------------------
-# The student unroll and its two exact backward passes
+# The student step, the matching loss and the two exact backward passes
 
 
 @dataclass
 class Step:
-    """One student update's minibatch: which items, their texture crops and their DSA draw, kept
-    so that the low-memory backward rebuilds exactly the batch the forward used."""
-    indices: torch.Tensor
-    labels: torch.Tensor
-    augmentation: list = field(default_factory=list)
-    crops: torch.Tensor = None  # texture mode: toroidal offsets, one row per crop
+    """One student update's minibatch, one entry per image: the synthetic item it comes from
+    (rows), its texture crop and its DSA draw, kept so that the replay rebuilds exactly the batch
+    the forward pass used. `batch` is the size of the whole minibatch, whose mean loss the step
+    descends, whichever share of it a process computes."""
+    rows: torch.Tensor
+    augmentation: list
+    batch: int
+    crops: torch.Tensor = None  # texture mode: toroidal offsets, one row per image
     crop_size: tuple = None
 
-    def images(self, synthetic):
-        x = synthetic[self.indices]
+    def inputs(self, images):
+        x = images[self.rows]
         if self.crops is not None:
             x = texture_crops(x, self.crops, self.crop_size)
         return apply_augmentation(x, self.augmentation)
 
+    def share(self):
+        """This process's contiguous part of the minibatch (all of it in a single process)."""
+        part = parallel.share(len(self.rows))
+        return replace(self, rows=self.rows[part], augmentation=[(op, p[part]) for op, p in self.augmentation],
+                       crops=None if self.crops is None else self.crops[part])
+
 
 @torch.no_grad()
-def draw_schedule(synthetic, labels, syn_steps, batch_syn, dsa_strategy=None, texture=None):
+def draw_schedule(images, syn_steps, batch_syn, dsa_strategy=None, texture=None):
     """syn_steps minibatches: a random permutation of the set (from the CPU generator) cut into
-    chunks of batch_syn, taken from the last, redrawn when used up: the original's order.
+    chunks of batch_syn, taken from the last, redrawn when used up; then each step's crops and
+    DSA draw. This consumes the random stream in the original's order.
     texture = (crop size, crops per canvas); dsa_strategy None: no DSA."""
     schedule, chunks = [], []
     for _ in range(syn_steps):
         if not chunks:
-            chunks = list(torch.randperm(len(labels)).to(labels.device).split(batch_syn))
-        indices = chunks.pop()
-        step = Step(indices, labels[indices])
-        shape = (len(indices), *synthetic.shape[1:])
+            chunks = list(torch.randperm(len(images)).to(images.device).split(batch_syn))
+        rows = chunks.pop()
+        step = Step(rows, [], len(rows))
+        shape = (len(rows), *images.shape[1:])
         if texture is not None:
             step.crop_size, samples = texture
-            step.crops = draw_texture_crops(synthetic[indices], samples)
-            step.labels = step.labels.repeat(samples)
-            shape = (len(step.crops), synthetic.shape[1], *step.crop_size)
+            step.crops = draw_texture_crops(images[rows], samples)
+            step.rows = rows.repeat(samples)
+            step.batch = len(step.rows)
+            shape = (step.batch, images.shape[1], *step.crop_size)
         if dsa_strategy:
-            template = torch.empty(shape, device=synthetic.device, dtype=synthetic.dtype)
-            step.augmentation = draw_augmentation(template, dsa_strategy)
+            step.augmentation = draw_augmentation(torch.empty(shape, device=images.device, dtype=images.dtype),
+                                                  dsa_strategy)
         schedule.append(step)
     return schedule
 
 
-def student_gradient(net, theta, synthetic, step, create_graph):
-    loss = F.cross_entropy(forward_flat(net, theta, step.images(synthetic)), step.labels)
-    return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+def student_update(net, theta, synset, step, create_graph):
+    """-syn_lr * the gradient of the student's loss on the step's minibatch (this process's share
+    of it, weighted by its size): the one student step the unroll, the replay and every process use.
+    theta_{i+1} = theta_i + the sum of the updates of all processes."""
+    part = step.share()
+    if len(part.rows) == 0:  # more processes than images: nothing to add, but stay in the graph
+        return theta * 0
+    logits = forward_flat(net, theta, part.inputs(synset.images))
+    loss = cross_entropy(logits, synset.targets(part.rows)) * (len(part.rows) / step.batch)
+    return -synset.syn_lr * torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
 
 
-def unroll_backward(net, synthetic, syn_lr, theta0, target, schedule):
-    """Matching loss ||theta_N - theta*||^2 / ||theta_0 - theta*||^2 of the unrolled student,
-    backpropagated through every step at once (memory grows with syn_steps). Fills .grad."""
+def matching_loss(theta, theta0, target):
+    return (theta - target).square().sum() / (theta0 - target).square().sum()
+
+
+def accumulate(tensors, grads):
+    """Add grads (this process's parts) to the tensors' .grad, summed over the processes."""
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+    parallel.sum_(grads)
+    for tensor, grad in zip(tensors, grads):
+        tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+
+
+def unroll_backward(net, synset, theta0, target, schedule):
+    """The matching loss of the unrolled student, backpropagated through every step at once
+    (memory grows with syn_steps x batch). Fills the .grad of every learnable tensor."""
+    learnables = list(synset.tensors.values())
     theta = theta0.detach().requires_grad_()
     for step in schedule:
-        theta = theta - syn_lr * student_gradient(net, theta, synthetic, step, create_graph=True)
-    loss = (theta - target).square().sum() / (theta0 - target).square().sum()
-    loss.backward()
+        update = student_update(net, parallel.copy_to_ranks(theta), synset, step, create_graph=True)
+        theta = theta + parallel.sum_over_ranks(update)
+    loss = matching_loss(theta, theta0, target)
+    grads = torch.autograd.grad(loss, learnables, allow_unused=True)
+    accumulate(learnables, grads)
     return loss.detach()
 
 
-def replay_backward(net, synthetic, syn_lr, theta0, target, schedule):
-    """The same loss and exactly the same gradient, computed in reverse one step at a time.
+def replay_backward(net, synset, theta0, target, schedule):
+    """The same loss and gradient, computed in reverse one step at a time.
 
-    Forward without graphs, keeping only theta_0..theta_N. Then with lam = dL/dtheta_{i+1},
-    step i (theta_{i+1} = theta_i - syn_lr * g_i) contributes -lam.g_i to dL/dsyn_lr and
-    -syn_lr (dg_i/dX)^T lam to dL/dX, and passes back lam - syn_lr H_i lam: both products come
-    from one backward of lam.g_i through step i's rebuilt graph. Fills .grad."""
-    lr = syn_lr.detach()
+    The forward pass keeps only theta_0..theta_N. Then, with lam = dL/dtheta_{i+1}, step i is
+    rebuilt from theta_i and the same minibatch, and one vector-Jacobian product of its update
+    with lam gives lam's contribution through it to every learnable tensor and to theta_i:
+    dL/dtheta_i = lam + (d update_i / d theta_i)^T lam. Fills the .grad of every learnable tensor."""
+    learnables, frozen = list(synset.tensors.values()), synset.detached()
     thetas = [theta0.detach()]
     for step in schedule:
-        theta = thetas[-1].detach().requires_grad_()
-        thetas.append((theta - lr * student_gradient(net, theta, synthetic.detach(), step, False)).detach())
-    distance = (theta0 - target).square().sum()
-    lam = 2 * (thetas[-1] - target) / distance
-    grad_images, grad_lr = torch.zeros_like(synthetic), torch.zeros_like(lr)
+        update = student_update(net, thetas[-1].detach().requires_grad_(), frozen, step, False).detach()
+        parallel.sum_([update])
+        thetas.append(thetas[-1] + update)
+    theta_n = thetas[-1].requires_grad_()
+    loss = matching_loss(theta_n, theta0, target)
+    lam = torch.autograd.grad(loss, theta_n)[0]
+    grads = [torch.zeros_like(t) for t in learnables]
     for theta, step in zip(reversed(thetas[:-1]), reversed(schedule)):
         theta = theta.detach().requires_grad_()
-        g = student_gradient(net, theta, synthetic, step, create_graph=True)
-        hessian_lam, images_lam = torch.autograd.grad(g @ lam, (theta, synthetic))
-        grad_lr -= g.detach() @ lam
-        grad_images -= lr * images_lam
-        lam = lam - lr * hessian_lam
-    for tensor, grad in ((synthetic, grad_images), (syn_lr, grad_lr)):
-        tensor.grad = grad if tensor.grad is None else tensor.grad + grad
-    return (thetas[-1] - target).square().sum() / distance
+        update = student_update(net, theta, synset, step, create_graph=True)
+        through_theta, *parts = torch.autograd.grad(update, [theta, *learnables], lam, allow_unused=True)
+        parallel.sum_([through_theta])
+        lam = lam + through_theta
+        for grad, part in zip(grads, parts):
+            if part is not None:
+                grad += part
+    accumulate(learnables, grads)
+    return loss.detach()
 
 
 BACKWARD = {False: unroll_backward, True: replay_backward}
 
 
 # ---------------------------------------------------------------------------------------------
-# Set-up, outputs and the main loop
+# Initialisation: images, label logits, the validation split, the start-epoch window
 
 
-def init_synthetic(data, ipc, pix_init, texture, canvas_size):
-    """ipc items per class, labels fixed by class: random real images of the class (tiled into
-    canvas_size x canvas_size canvases in texture mode) or N(0, 1) noise."""
+def validation_split(data, per_class, seed):
+    """per_class real training images of each class held out (drawn by their own generator, so the
+    distillation's random stream is untouched): (their indices, a mask of the rest)."""
+    keep = torch.ones(len(data.labels_train), dtype=torch.bool)
+    if per_class == 0:
+        return torch.zeros(0, dtype=torch.long), keep
+    generator = torch.Generator().manual_seed(seed)
+    held = torch.cat([idx[torch.randperm(len(idx), generator=generator)[:per_class]]
+                      for idx in images_per_class(data.labels_train, data.num_classes)])
+    keep[held] = False
+    return held, keep
+
+
+def predict(net, theta, images, batch=256):
+    """The logits of the network at theta for the images, in batches, without a graph."""
+    with torch.no_grad():
+        return torch.cat([forward_flat(net, theta, x) for x in images.split(batch)])
+
+
+def choose_real(data, pool, ipc, pix_init, expert_thetas, net):
+    """ipc indices of real training images per class from `pool` (a mask): random ones, or (DATM)
+    the first ipc of a random order of the class that the first expert classifies correctly,
+    then the next expert's, and so on."""
+    chosen = []
+    for label, idx in enumerate(images_per_class(data.labels_train, data.num_classes)):
+        idx = idx[pool[idx]]
+        order = idx[torch.randperm(len(idx))]
+        if pix_init != "samples_predicted_correctly":
+            chosen.append(order[:ipc])
+            continue
+        picked = torch.zeros(len(order), dtype=torch.bool)
+        images = data.images_train[order]
+        for theta in expert_thetas:
+            correct = (predict(net, theta, images.to(theta.device)).argmax(1) == label).cpu()
+            new = (correct & ~picked).nonzero().flatten()[:ipc - int(picked.sum())]
+            picked[new] = True
+            if picked.sum() == ipc:
+                break
+        if picked.sum() < ipc:
+            raise UsageError(f"--pix_init samples_predicted_correctly: the experts classify only {int(picked.sum())} "
+                             f"images of class {label} ({data.class_names[label]}) correctly, fewer than --ipc {ipc}")
+        chosen.append(order[picked.nonzero().flatten()])
+    return torch.cat(chosen)
+
+
+def init_images(data, ipc, pix_init="real", tiles=1, pool=None, expert_thetas=(), net=None):
+    """ipc items per class with labels fixed by class: real images of the class from `pool` (a mask
+    of the training set; default all), tiled into tiles x tiles canvases in texture mode, or
+    N(0, 1) noise."""
     labels = torch.arange(data.num_classes).repeat_interleave(ipc)
-    tiles = canvas_size if texture else 1
     (h, w), c = data.im_size, data.channel
     if pix_init == "noise":
         return torch.randn(len(labels), c, h * tiles, w * tiles), labels
-    per_class = images_per_class(data.labels_train, data.num_classes)
-    needed = ipc * tiles * tiles
-    smallest = min(len(idx) for idx in per_class)
+    pool = torch.ones(len(data.labels_train), dtype=torch.bool) if pool is None else pool
+    needed, smallest = ipc * tiles * tiles, min(int(pool[idx].sum()) for idx in images_per_class(
+        data.labels_train, data.num_classes))
     if needed > smallest:
-        raise UsageError(f"--ipc {ipc} needs {needed} real images per class for --pix_init real, "
-                         f"but the smallest class has {smallest}")
-    chosen = torch.cat([idx[torch.randperm(len(idx))[:needed]] for idx in per_class])
+        raise UsageError(f"--ipc {ipc} needs {needed} real images per class for --pix_init {pix_init}, but the "
+                         f"smallest class has {smallest}" + (" (after --val_per_class)" if not pool.all() else ""))
+    chosen = choose_real(data, pool, needed, pix_init, expert_thetas, net)
     images = data.images_train[chosen].view(len(labels), tiles, tiles, c, h, w)
     return images.permute(0, 3, 1, 4, 2, 5).reshape(len(labels), c, h * tiles, w * tiles), labels
+
+
+def init_label_logits(net, images, labels, expert_thetas, filtered):
+    """DATM's initial label logits: the raw logits (no softmax) of the experts, averaged over those
+    that classify the image correctly (filtered), or of the first expert alone."""
+    if not filtered:
+        return predict(net, expert_thetas[0], images)
+    total, count = 0, 0
+    for theta in expert_thetas:
+        logits = predict(net, theta, images)
+        correct = (logits.argmax(1) == labels).unsqueeze(1)
+        total, count = total + logits * correct, count + correct
+    return total / count.clamp_min(1)
+
+
+def start_epoch_window(args, it):
+    """[low, high) of the start epochs drawn at iteration it: MTT's [0, max_start_epoch), or DATM's
+    window, whose upper end grows from current_max_start_epoch to max_start_epoch by
+    expansion_end_epoch iterations."""
+    high = args.max_start_epoch
+    if args.Sequential_Generation:
+        grown = int((args.max_start_epoch - args.current_max_start_epoch) * it / args.expansion_end_epoch)
+        high = min(high, args.current_max_start_epoch + grown)
+    return args.min_start_epoch, high
+
+
+def draw_segment(experts, window, expert_epochs, device):
+    """A random expert and start epoch t in the window: its parameters at t and t + expert_epochs."""
+    expert = torch.randint(len(experts), ()).item()
+    start = torch.randint(*window, ()).item()
+    trajectory = experts.trajectory(expert)
+    snapshot = lambda epoch: torch.from_numpy(np.array(trajectory[epoch])).to(device)
+    theta0, target = snapshot(start), snapshot(start + expert_epochs)
+    if torch.equal(theta0, target):
+        raise UsageError(f"expert {expert} has the same parameters at epochs {start} and {start + expert_epochs}: "
+                         f"its snapshots are copies of one another (the original's buffer.py on a CPU saves aliases); "
+                         f"retrain it with buffer.py")
+    return theta0, target, expert, start
 
 
 def check_experts(args, experts, num_params):
@@ -229,20 +477,12 @@ def check_experts(args, experts, num_params):
     if args.max_start_epoch + args.expert_epochs > length:
         raise UsageError(f"--max_start_epoch {args.max_start_epoch} + --expert_epochs {args.expert_epochs} "
                          f"goes beyond the experts' {length} snapshots (epochs 0..{length - 1})")
+    if not -length <= args.Label_Model_Timestamp < length:
+        raise UsageError(f"--Label_Model_Timestamp {args.Label_Model_Timestamp}: the experts have {length} snapshots")
 
 
-def check_args(args):
-    if args.texture and args.zca:
-        raise UsageError("--texture cannot be combined with --zca (the original does not support it either)")
-    require_positive(args, "ipc", "syn_steps", "expert_epochs", "max_start_epoch", "eval_it", "num_eval",
-                     "canvas_size", "canvas_samples")
-
-
-def save_grid(images, path, data, ipc):
-    """One row per class, de-whitened or de-normalised and clipped to [0, 1]."""
-    grid = torchvision.utils.make_grid(data.to_pixels(images).clamp(0, 1), nrow=ipc, padding=1)
-    with atomic_path(path) as tmp:
-        torchvision.utils.save_image(grid, tmp, format="png")
+# ---------------------------------------------------------------------------------------------
+# Outputs: files, log, checkpoint
 
 
 def save_tensor(tensor, path):
@@ -250,14 +490,48 @@ def save_tensor(tensor, path):
         torch.save(tensor.detach().cpu(), tmp)
 
 
+def save_grid(images, path, data, ipc):
+    """One row per class (one row of all classes at ipc 1), de-whitened or de-normalised, clipped
+    to [0, 1] and enlarged (nearest) to about 128 pixels a side, so that a 28-32 px image is visible."""
+    scale = max(1, 128 // max(images.shape[2:]))
+    pixels = F.interpolate(data.to_pixels(images).clamp(0, 1), scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(pixels, nrow=ipc if ipc > 1 else data.num_classes, padding=2, pad_value=1)
+    with atomic_path(path) as tmp:
+        torchvision.utils.save_image(grid, tmp, format="png")
+
+
+def save_outputs(save_path, prefix, tags, images, synset, data, zca, args, it):
+    """The original's files (images_{tag}.pt, labels_{tag}.pt, images_zca_{tag}.pt), syn_lr_{tag}.pt
+    and DATM's lr_{tag}.pt, labels as logits with soft labels; `prefix` ema_ for the EMA images."""
+    images = images.detach()
+    if not all(t.isfinite().all() for t in (images, *synset.tensors.values())):
+        raise Diverged(f"non-finite values at iteration {it}; nothing was saved")
+    files = {"images": images, "labels": synset.eval_labels(), "syn_lr": synset.syn_lr, "lr": synset.syn_lr}
+    if zca is not None:
+        files["images_zca"] = zca.inverse(images)
+    for tag in tags:
+        for name, tensor in files.items():
+            save_tensor(tensor, save_path / f"{prefix}{name}_{tag}.pt")
+    if args.ipc < 50 or args.force_save:
+        save_grid(images.cpu(), save_path / f"{prefix}synthetic_{it}.png", data, args.ipc)
+
+
 class Log:
     """log.jsonl: one line per iteration and per evaluated model. On resume, lines after the
-    checkpoint are dropped so the log reads as one uninterrupted run."""
+    checkpoint are dropped so that the log reads as one uninterrupted run; a line torn by a kill
+    is dropped too. Only the main process writes."""
 
-    def __init__(self, path, resume_iteration=None):
-        self.path = path
+    def __init__(self, path, resume_iteration=None, enabled=True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
         if resume_iteration is not None and os.path.exists(path):
-            rows = [json.loads(line) for line in open(path)]
+            rows = []
+            for line in open(path):
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    print(f"{path}: dropped a torn line")
             keep = [row for row in rows if row["it"] < resume_iteration
                     or (row["it"] == resume_iteration and row["type"] == "evaluation")]
             with atomic_path(path) as tmp, open(tmp, "w") as f:
@@ -266,142 +540,252 @@ class Log:
             os.remove(path)
 
     def write(self, **row):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
-def evaluate(images, labels, syn_lr, data, test_images, args, it, device):
-    """eval.py's protocol on the current set: (mean, std) test accuracy per model of the pool.
-    It runs on its own RNG stream, seeded by (seed, it), so how often we evaluate never changes
-    the distilled images."""
-    texture = (data.im_size, args.canvas_samples) if args.texture else None
-    train_set = EvalSet(f"it {it}", images.detach().clone(), labels, syn_lr.item(), args.epoch_eval_train, args.ipc,
-                        (test_images, data.labels_test), texture)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        rows = evaluate_sets([(train_set, model) for model in eval_pool(args.eval_mode, args.model)], data,
-                             args.num_eval, run_seed(args.seed, it), args.batch_train,
-                             args.dsa_strategy if args.dsa else None, device)
-    return {row["model"]: (row["test_acc_mean"], row["test_acc_std"]) for row in rows}
-
-
-def save_checkpoint(path, it, images, syn_lr, optimizers, best, device):
+def save_checkpoint(path, it, synset, optimisers, ema, best, args, device):
     """Everything --resume needs to continue bit for bit, written atomically."""
     with atomic_path(path) as tmp:
-        torch.save({"iteration": it, "images": images.detach().cpu(), "syn_lr": syn_lr.detach().cpu(),
-                    "optimizers": [opt.state_dict() for opt in optimizers], "best": best,
+        torch.save({"iteration": it, "tensors": {k: t.detach().cpu() for k, t in synset.tensors.items()},
+                    "optimizers": {k: opt.state_dict() for k, opt in optimisers.items()},
+                    "ema": None if ema is None else ema.cpu(), "best": best, "args": vars(args),
                     "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, tmp)
 
 
-def load_checkpoint(path, images, syn_lr, optimizers, device):
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"the checkpoint {path} is unreadable ({type(err).__name__}); move it away to start "
+                         f"again from iteration 0") from err
+    if not isinstance(state, dict) or not {"tensors", "optimizers", "args"} <= set(state):
+        raise UsageError(f"the checkpoint {path} is not one this distill.py writes; move it away to start again")
+    return state
+
+
+def resume_changes(saved, args):
+    """{flag: (old, new)} of the flags this --resume changes; a UsageError for one that cannot."""
+    ignored = {"resume", "save_path"}
+    changes = {k: (saved.get(k), v) for k, v in vars(args).items() if k not in ignored and saved.get(k) != v}
+    for name in FIXED_ON_RESUME:
+        if name in changes:
+            old, new = changes[name]
+            raise UsageError(f"--resume cannot change --{name} ({old} in the checkpoint, {new} now): it defines "
+                             f"the saved set; use the old value or a new --save_path")
+    return changes
+
+
+def restore(state, synset, optimisers, device):
+    """Load a checkpoint into the set and optimisers; returns its EMA images, best and iteration."""
     with torch.no_grad():
-        images.copy_(state["images"])
-        syn_lr.copy_(state["syn_lr"])
-    for opt, opt_state in zip(optimizers, state["optimizers"]):
-        opt.load_state_dict(opt_state)
+        for name, tensor in synset.tensors.items():
+            tensor.copy_(state["tensors"][name])
+    for name, optimiser in optimisers.items():
+        optimiser.load_state_dict(state["optimizers"][name])
     torch.set_rng_state(state["rng_cpu"])
     if device.type == "cuda" and state["rng_cuda"] is not None:
         torch.cuda.set_rng_state(state["rng_cuda"], device)
-    return state["best"], state["iteration"]
+    return state["ema"], state["best"], state["iteration"]
 
 
-def save_outputs(save_path, it, tags, images, labels, syn_lr, data, zca, args):
-    """The original's files (images_{tag}.pt, labels_{tag}.pt, images_zca_{tag}.pt) plus
-    syn_lr_{tag}.pt, and a PNG grid of the images."""
-    for tag in tags:
-        for name, tensor in (("images", images), ("labels", labels), ("syn_lr", syn_lr)):
-            save_tensor(tensor, save_path / f"{name}_{tag}.pt")
-        if zca is not None:
-            save_tensor(zca.inverse(images.detach()), save_path / f"images_zca_{tag}.pt")
-    if args.ipc < 50 or args.force_save:
-        save_grid(images.detach().cpu(), save_path / f"synthetic_{it}.png", data, args.ipc)
-
-
-def write_run_json(path, args, data):
-    """What eval.py needs to evaluate the set as it was distilled."""
+def save_run_json(path, args, data, device):
+    """What eval.py needs to evaluate the set as it was distilled, and where the run came from."""
     save_json({"dataset": args.dataset, "subset": args.subset, "res": args.res, "model": args.model,
-                "ipc": args.ipc, "zca": args.zca, "texture": args.texture, "canvas_size": args.canvas_size,
-                "canvas_samples": args.canvas_samples, "channel": data.channel, "im_size": list(data.im_size),
-                "num_classes": data.num_classes, "mean": data.mean, "std": data.std,
-                "dsa_strategy": args.dsa_strategy, "args": vars(args)}, path)
+               "ipc": args.ipc, "zca": args.zca, "texture": args.texture, "canvas_size": args.canvas_size,
+               "canvas_samples": args.canvas_samples, "channel": data.channel, "im_size": list(data.im_size),
+               "num_classes": data.num_classes, "mean": data.mean, "std": data.std,
+               "dsa_strategy": args.dsa_strategy, "soft_label": args.soft_label, "processes": parallel.world(),
+               **run_info(device), "args": vars(args)}, path)
+
+
+def check_save_path(save_path, resume):
+    """Whether the run starts afresh or resumes; refuse a folder that holds something else."""
+    if save_path.exists() and not save_path.is_dir():
+        raise UsageError(f"--save_path {save_path}: a file is in the way (not a folder)")
+    checkpoint = save_path / "checkpoint.pt"
+    if checkpoint.exists():
+        if not resume:
+            raise UsageError(f"{save_path} already holds a run: pass --resume to continue it or choose --save_path")
+        return True
+    if save_path.exists() and not resume:
+        found = [p.name for p in save_path.iterdir() if p.name != ".lock" and not TEMP_SUFFIX.search(p.name)]
+        if found:
+            raise UsageError(f"{save_path} holds files ({', '.join(sorted(found)[:3])}...) but no checkpoint: pass "
+                             f"--resume to start its run again from iteration 0, or choose an empty --save_path")
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and the main loop
+
+
+def evaluate(variants, synset, data, test, validation, args, it, device, log):
+    """eval.py's protocol on each variant of the set ({"": images, "ema_": EMA images}): a row per
+    variant and model of the pool. It draws from its own random stream, seeded by (seed, it), so
+    how often we evaluate never changes the distilled images."""
+    texture = (data.im_size, args.canvas_samples) if args.texture else None
+    pairs = [(EvalSet(f"{prefix}images", images.detach().clone(), synset.eval_labels(), synset.syn_lr.item(),
+                      args.epoch_eval_train, args.ipc, test, texture, validation, "learned"), model)
+             for prefix, images in variants.items() for model in eval_pool(args.eval_mode, args.model)]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return evaluate_sets(pairs, data, args.num_eval, run_seed(args.seed, it), args.batch_train,
+                             args.dsa_strategy if args.dsa else None, device, log)
+
+
+def record(rows, best, it, log, say):
+    """Update `best` (per set and model, picked on validation when there is one) and report the rows;
+    the sets that improved."""
+    improved = set()
+    for row in rows:
+        key = row["model"] + (" EMA" if row["set"] == "ema_images" else "")
+        score = row.get("val_acc_mean", row["test_acc_mean"])
+        if key not in best or score > best[key]["score"]:
+            best[key] = {"score": score, "it": it, "test_acc_mean": row["test_acc_mean"],
+                         "test_acc_std": row["test_acc_std"]}
+            improved.add(row["set"])
+        mark, picked = best[key], "validation" if "val_acc_mean" in row else "test"
+        validation = f", validation {100 * row['val_acc_mean']:.2f}" if "val_acc_mean" in row else ""
+        say(f"it {it} {key}: test acc {100 * row['test_acc_mean']:.2f} +- {100 * row['test_acc_std']:.2f}"
+            f"{validation} (final); best on {picked}: test acc {100 * mark['test_acc_mean']:.2f} +- "
+            f"{100 * mark['test_acc_std']:.2f} at it {mark['it']}")
+        log.write(type="evaluation", it=it, set=row["set"], model=row["model"], test_acc_mean=row["test_acc_mean"],
+                  test_acc_std=row["test_acc_std"], val_acc_mean=row.get("val_acc_mean"),
+                  best_picked_on=picked, best_test_acc_mean=mark["test_acc_mean"],
+                  best_test_acc_std=mark["test_acc_std"], best_it=mark["it"], syn_lr=row["lr"])
+    return improved
+
+
+def check_finite(synset, initial_bound, it):
+    """Stop on a non-finite gradient (before the update) or state (after it), exploding pixels or a
+    syn_lr that is no longer positive: nothing non-finite reaches a file."""
+    for name, tensor in synset.tensors.items():
+        if tensor.grad is not None and not tensor.grad.isfinite().all():
+            raise Diverged(f"the gradient of {name} became non-finite at iteration {it}")
+        if not tensor.isfinite().all():
+            raise Diverged(f"{name} became non-finite at iteration {it}")
+    largest = synset.images.detach().abs().max().item()
+    if largest > PIXEL_BOUND * initial_bound:
+        raise Diverged(f"the pixels reached {largest:.3g} at iteration {it}, over {PIXEL_BOUND}x the largest "
+                       f"initial pixel ({initial_bound:.3g})")
+    if not synset.syn_lr.item() > 0:
+        raise Diverged(f"syn_lr became {synset.syn_lr.item():.3g} at iteration {it}")
+
+
+def initial_set(args, data, experts, net, pool, device):
+    """The SyntheticSet to start from: images by --pix_init, syn_lr = lr_teacher, label logits
+    with --soft_label (DATM), from the experts' snapshot at --Label_Model_Timestamp."""
+    uses_experts = args.soft_label or args.pix_init == "samples_predicted_correctly"
+    label_thetas = [torch.from_numpy(np.array(experts.trajectory(k)[args.Label_Model_Timestamp])).to(device)
+                    for k in range(len(experts))] if uses_experts else []
+    images, labels = init_images(data, args.ipc, args.pix_init, args.canvas_size if args.texture else 1, pool,
+                                 label_thetas, net)
+    images, labels = images.to(device), labels.to(device)
+    label_logits = init_label_logits(net, images, labels, label_thetas,
+                                     args.pix_init == "samples_predicted_correctly") if args.soft_label else None
+    return SyntheticSet(images, labels, torch.tensor(args.lr_teacher, device=device), label_logits)
 
 
 def distill(args):
     check_args(args)
-    device = pick_device(args.device)
-    set_seed(args.seed)
+    device = parallel.setup(pick_device(args.device))
+    if args.deterministic:
+        make_deterministic()
+    main_process = parallel.is_main()
+    say = print if main_process else (lambda *a, **k: None)
     save_path = Path(args.save_path)
-    checkpoint_path = save_path / "checkpoint.pt"
-    if checkpoint_path.exists() and not args.resume:
-        raise UsageError(f"{save_path} already holds a run: pass --resume to continue it or choose --save_path")
-    if args.resume and not checkpoint_path.exists():
-        raise UsageError(f"--resume: no checkpoint in {save_path}")
+    resuming = check_save_path(save_path, args.resume) if main_process else False
+    state = parallel.broadcast_object(read_checkpoint(save_path / "checkpoint.pt") if resuming else None)
+    changes = resume_changes(state["args"], args) if state is not None else {}
+    set_seed(args.seed)
     data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
     experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res),
-                      args.max_files, args.max_experts, args.load_all)
+                      args.max_files, args.max_experts, args.load_all, args.seed)
     net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
-    check_experts(args, experts, flatten_params(net).numel())
+    check_experts(args, experts, sum(p.numel() for p in net.parameters()))
+    held_out, pool = validation_split(data, args.val_per_class, args.seed)
+    synset = initial_set(args, data, experts, net, pool, device)
+    optimisers = make_optimisers(synset, args)
+    initial_bound = synset.images.detach().abs().max().item()
+    ema = synset.images.detach().clone() if args.ema_decay is not None else None
 
-    images, labels = init_synthetic(data, args.ipc, args.pix_init, args.texture, args.canvas_size)
-    images, labels = images.to(device).requires_grad_(), labels.to(device)
-    syn_lr = torch.tensor(args.lr_teacher, device=device).requires_grad_()
-    optimizers = (torch.optim.SGD([images], lr=args.lr_img, momentum=0.5),
-                  torch.optim.SGD([syn_lr], lr=args.lr_lr, momentum=0.5))
     best, start_it = {}, 0
-    if args.resume:
-        best, start_it = load_checkpoint(checkpoint_path, images, syn_lr, optimizers, device)
-        print(f"resumed {save_path} at iteration {start_it}")
-    save_path.mkdir(parents=True, exist_ok=True)
-    log = Log(save_path / "log.jsonl", start_it if args.resume else None)
-    zca = data.zca.to(device) if data.zca is not None else None
-    if zca is not None:
-        data.zca.save(save_path / "zca.pt")
-    write_run_json(save_path / "run.json", args, data)
+    if state is not None:
+        saved_ema, best, start_it = restore(state, synset, optimisers, device)
+        apply_flags(optimisers, args)
+        if ema is not None:
+            ema = (synset.images.detach() if saved_ema is None else saved_ema).to(device).clone()
+        say(f"resumed {save_path} at iteration {start_it}" + "".join(
+            f"; --{k} {old} -> {new}" for k, (old, new) in changes.items()))
+    elif args.resume:
+        say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
+    parallel.broadcast_([*synset.tensors.values()] + ([ema] if ema is not None else []))
 
-    test_images = data.images_test.to(device)
-    batch_syn = args.batch_syn or len(labels)
-    dsa_strategy = args.dsa_strategy if args.dsa and not args.no_aug else None
-    texture = (data.im_size, args.canvas_samples) if args.texture else None
-    backward = BACKWARD[args.low_memory]
-    train_seconds = 0.0  # the ETA counts distillation steps only: evaluations come in bursts
-    for it in range(start_it, args.Iteration + 1):
-        if (it % args.eval_it == 0 or it == args.Iteration) and not (args.resume and it == start_it):
-            results = evaluate(images, labels, syn_lr, data, test_images, args, it, device)
-            improved = [model for model, (mean, _) in results.items() if model not in best or mean > best[model][0]]
-            best.update({model: (*results[model], it) for model in improved})
-            for model, (mean, std) in results.items():
-                print(f"it {it} {model}: test acc {100 * mean:.2f} +- {100 * std:.2f} (final); "
-                      f"best {100 * best[model][0]:.2f} +- {100 * best[model][1]:.2f} at it {best[model][2]}")
-                log.write(type="evaluation", it=it, model=model, test_acc_mean=mean, test_acc_std=std,
-                          best_test_acc_mean=best[model][0], best_test_acc_std=best[model][1],
-                          best_it=best[model][2], syn_lr=syn_lr.item())
-            tags = (["best"] if improved else []) + ([it] if improved or it % 1000 == 0 or it == args.Iteration else [])
-            save_outputs(save_path, it, tags, images, labels, syn_lr, data, zca, args)
-            save_checkpoint(checkpoint_path, it, images, syn_lr, optimizers, best, device)
-        if it == args.Iteration:
-            break
+    with ExitStack() as stack:
+        if main_process:
+            make_folder(save_path, "--save_path")
+            stack.enter_context(folder_lock(save_path, "distill.py run"))
+            for name in remove_stale_temps(save_path):
+                say(f"removed {name}, left by a killed run")
+        log = Log(save_path / "log.jsonl", start_it if state is not None else None, enabled=main_process)
+        if changes:
+            log.write(type="resume", it=start_it, changed={k: list(v) for k, v in changes.items()})
+        zca = data.zca.to(device) if data.zca is not None else None
+        if main_process:
+            if zca is not None:
+                data.zca.save(save_path / "zca.pt")
+            save_run_json(save_path / "run.json", args, data, device)
+        test = (data.images_test.to(device), data.labels_test.to(device))
+        validation = (data.images_train[held_out].to(device), data.labels_train[held_out].to(device)) \
+            if args.val_per_class else None
 
-        step_start = time.time()
-        theta0, target, expert, start_epoch = experts.sample(args.max_start_epoch, args.expert_epochs, device)
-        schedule = draw_schedule(images, labels, args.syn_steps, batch_syn, dsa_strategy, texture)
-        loss = backward(net, images, syn_lr, theta0, target, schedule).item()
-        if not math.isfinite(loss):
-            raise Diverged(f"the matching loss became {loss} at iteration {it}")
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        lr = syn_lr.item()
-        if not lr > 0:
-            raise Diverged(f"syn_lr became {lr:.3g} at iteration {it}")
-        seconds = time.time() - step_start
-        train_seconds += seconds
-        log.write(type="iteration", it=it, loss=loss, syn_lr=lr, expert=expert, start_epoch=start_epoch,
-                  seconds=seconds)
-        if it % 10 == 0:
-            done = it + 1 - start_it
-            print(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f} "
-                  f"{done / train_seconds:.2f} it/s {eta(train_seconds, done, args.Iteration - start_it)}")
+        batch_syn = args.batch_syn or len(synset.labels)
+        dsa_strategy = args.dsa_strategy if args.dsa and not args.no_aug else None
+        texture = (data.im_size, args.canvas_samples) if args.texture else None
+        backward = BACKWARD[args.low_memory]
+        train_seconds = 0.0  # the ETA counts distillation steps only: evaluations come in bursts
+        for it in range(start_it, args.Iteration + 1):
+            if (it % args.eval_it == 0 or it == args.Iteration) and not (state is not None and it == start_it):
+                variants = {"": synset.images, **({"ema_": ema} if ema is not None else {})}
+                rows = evaluate(variants, synset, data, test, validation, args, it, device, say)
+                improved = record(rows, best, it, log, say)
+                if main_process:
+                    for prefix, images in variants.items():
+                        tags = ["best"] * (f"{prefix}images" in improved)
+                        tags += [it] * bool(tags or it % 1000 == 0 or it == args.Iteration)
+                        save_outputs(save_path, prefix, tags, images, synset, data, zca, args, it)
+                    save_checkpoint(save_path / "checkpoint.pt", it, synset, optimisers, ema, best, args, device)
+            if it == args.Iteration:
+                break
+
+            step_start = time.time()
+            theta0, target, expert, start_epoch = draw_segment(experts, start_epoch_window(args, it),
+                                                               args.expert_epochs, device)
+            schedule = draw_schedule(synset.images, args.syn_steps, batch_syn, dsa_strategy, texture)
+            loss = backward(net, synset, theta0, target, schedule).item()
+            if not math.isfinite(loss):
+                raise Diverged(f"the matching loss became {loss} at iteration {it}")
+            check_finite(synset, initial_bound, it)
+            skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
+            for optimiser in optimisers.values():
+                if not skipped:
+                    optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
+            check_finite(synset, initial_bound, it)
+            if ema is not None and not skipped:
+                ema.mul_(args.ema_decay).add_(synset.images.detach(), alpha=1 - args.ema_decay)
+            lr = synset.syn_lr.item()
+            seconds = time.time() - step_start
+            train_seconds += seconds
+            log.write(type="iteration", it=it, loss=loss, syn_lr=lr, expert=expert, start_epoch=start_epoch,
+                      seconds=seconds, **({"skipped": True} if skipped else {}))
+            if it % 10 == 0:
+                done = it + 1 - start_it
+                say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f} "
+                    f"{done / train_seconds:.2f} it/s {eta(train_seconds, done, args.Iteration - start_it)}",
+                    flush=True)
     return best
 
 
@@ -410,12 +794,16 @@ def main(argv=None):
     try:
         best = distill(args)
     except UsageError as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error{f' (rank {parallel.rank()})' if parallel.rank() else ''}: {err}")
     except Diverged as err:
         sys.exit(f"error: {err}; stopped. The last checkpoint and images are in {args.save_path}: "
-                 f"lower --lr_img or --lr_lr and --resume, or start again")
-    for model, (mean, std, it) in best.items():
-        print(f"best {model}: {100 * mean:.2f} +- {100 * std:.2f} at iteration {it}")
+                 f"lower --lr_img or --lr_lr and --resume (the new rates apply), or start again")
+    if parallel.is_main():
+        for key, mark in best.items():
+            print(f"best {key}: {100 * mark['test_acc_mean']:.2f} +- {100 * mark['test_acc_std']:.2f} "
+                  f"at iteration {mark['it']}")
+    parallel.teardown()
+    return best
 
 
 if __name__ == "__main__":

@@ -1,167 +1,23 @@
+"""distill.py's command line on the embedded dataset, with experts from buffer.py: outputs, resume,
+divergence, bad input, and the images it gave before the learnable-state refactor."""
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import buffer
 import distill
-from distill import BACKWARD, draw_schedule, init_synthetic
-from networks import ConvNet, flatten_params
-from utils import DSA_STRATEGY, ZCA, UsageError, buffer_dir, get_dataset
-
-
-def problem(dtype, texture=False, seed=0):
-    """A tiny ConvNet, a target 0.05 away from its initialisation and 8 synthetic images."""
-    torch.manual_seed(seed)
-    net = ConvNet(1, 4, (8, 8), width=8, depth=2).to(dtype)
-    theta0 = flatten_params(net)
-    target = theta0 + 0.05 * torch.randn_like(theta0)
-    side = 16 if texture else 8
-    images = torch.randn(8, 1, side, side, dtype=dtype)
-    labels = torch.arange(4).repeat_interleave(2)
-    return net, theta0, target, images, labels
-
-
-def gradients(low_memory, dtype, texture=False, syn_steps=5, batch_syn=3, syn_lr=0.05):
-    """Loss and (image, syn_lr) gradients of one iteration with DSA on and batch_syn < the set,
-    so the unroll cycles through several chunks; the same seed gives both methods one schedule."""
-    net, theta0, target, images, labels = problem(dtype, texture)
-    images.requires_grad_()
-    lr = torch.tensor(syn_lr, dtype=dtype, requires_grad=True)
-    torch.manual_seed(1)
-    schedule = draw_schedule(images, labels, syn_steps, batch_syn, DSA_STRATEGY, ((8, 8), 2) if texture else None)
-    loss = BACKWARD[low_memory](net, images, lr, theta0, target, schedule)
-    return loss, images.grad, lr.grad
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
-@pytest.mark.parametrize("texture", [False, True])
-def test_low_memory_backward_equals_the_full_unroll(dtype, tolerance, texture):
-    loss_full, images_full, lr_full = gradients(False, dtype, texture)
-    loss_low, images_low, lr_low = gradients(True, dtype, texture)
-    assert images_full.abs().sum() > 0 and lr_full.abs() > 0
-    assert abs(loss_low.item() - loss_full.item()) <= tolerance * abs(loss_full.item())
-    assert relative_error(images_low, images_full) <= tolerance
-    assert relative_error(lr_low, lr_full) <= tolerance
-
-
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_syn_lr_gradient_matches_central_finite_difference(low_memory):
-    net, theta0, target, images, labels = problem(torch.float64)
-    torch.manual_seed(1)
-    schedule = draw_schedule(images, labels, 4, 3, DSA_STRATEGY)
-
-    def loss_at(lr_value):
-        lr = torch.tensor(lr_value, dtype=torch.float64, requires_grad=True)
-        synthetic = images.clone().requires_grad_()
-        return BACKWARD[low_memory](net, synthetic, lr, theta0, target, schedule).item(), lr.grad.item()
-
-    _, analytic = loss_at(0.05)
-    h = 1e-6
-    numeric = (loss_at(0.05 + h)[0] - loss_at(0.05 - h)[0]) / (2 * h)
-    assert abs(analytic) > 1e-3
-    assert abs(analytic - numeric) <= 1e-6 * abs(numeric)
-
-
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_image_gradient_matches_a_directional_finite_difference(low_memory):
-    net, theta0, target, images, labels = problem(torch.float64)
-    torch.manual_seed(1)
-    schedule = draw_schedule(images, labels, 4, 3, DSA_STRATEGY)
-    direction = torch.randn_like(images)
-
-    def loss_at(synthetic):
-        synthetic = synthetic.clone().requires_grad_()
-        lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-        return BACKWARD[low_memory](net, synthetic, lr, theta0, target, schedule).item(), synthetic.grad
-
-    _, grad = loss_at(images)
-    h = 1e-6
-    numeric = (loss_at(images + h * direction)[0] - loss_at(images - h * direction)[0]) / (2 * h)
-    analytic = (grad * direction).sum().item()
-    assert abs(analytic) > 1e-4
-    assert abs(analytic - numeric) <= 1e-6 * abs(numeric)
-
-
-def test_schedule_cycles_through_the_set_in_chunks():
-    images, labels = torch.zeros(10, 1, 4, 4), torch.arange(10)
-    torch.manual_seed(0)
-    schedule = draw_schedule(images, labels, 7, 4)
-    sizes = [len(step.indices) for step in schedule]
-    assert sizes == [2, 4, 4, 2, 4, 4, 2]  # the original pops chunks from the end of the list
-    assert sorted(torch.cat([s.indices for s in schedule[:3]]).tolist()) == list(range(10))
-    assert all(torch.equal(step.labels, labels[step.indices]) for step in schedule)
-    assert all(step.augmentation == [] for step in schedule)
-
-
-def test_texture_schedule_crops_each_canvas_several_times():
-    canvases, labels = torch.randn(6, 3, 16, 16), torch.arange(6)
-    torch.manual_seed(0)
-    step = draw_schedule(canvases, labels, 1, 6, DSA_STRATEGY, texture=((8, 8), 3))[0]
-    assert step.images(canvases).shape == (18, 3, 8, 8)
-    assert torch.equal(step.labels, labels[step.indices].repeat(3))
-
-
-def test_matching_loss_falls_on_a_fixed_trajectory():
-    """Distill 20 iterations towards one real expert segment of a small ConvNet on the embedded
-    data. Measured: the mean loss of the first 5 iterations is 0.40, of the last 5 0.19.
-    Asserting the last below 75% of the first leaves room for seed noise; images that did not
-    learn (a broken gradient) leave the loss flat and fail."""
-    data = get_dataset("FashionMNIST-mini")
-    torch.manual_seed(0)
-    net = ConvNet(1, 10, (28, 28), width=16, depth=3)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    theta0 = flatten_params(net)
-    for idx in torch.randperm(len(data.labels_train))[:1024].split(64):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(data.images_train[idx]), data.labels_train[idx]).backward()
-        opt.step()
-    target = flatten_params(net)
-    images, labels = init_synthetic(data, 2, "real", False, 2)
-    images.requires_grad_()
-    syn_lr = torch.tensor(0.01, requires_grad=True)
-    optimizer_img = torch.optim.SGD([images], lr=100, momentum=0.5)
-    optimizer_lr = torch.optim.SGD([syn_lr], lr=1e-5, momentum=0.5)
-    losses = []
-    for _ in range(20):
-        schedule = draw_schedule(images, labels, 10, len(labels), DSA_STRATEGY)
-        losses.append(BACKWARD[True](net, images, syn_lr, theta0, target, schedule).item())
-        optimizer_img.step()
-        optimizer_lr.step()
-        optimizer_img.zero_grad()
-        optimizer_lr.zero_grad()
-    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
-
-
-def test_real_initialisation_takes_distinct_images_of_each_class():
-    data = get_dataset("FashionMNIST-mini")
-    torch.manual_seed(0)
-    images, labels = init_synthetic(data, 3, "real", False, 2)
-    assert images.shape == (30, 1, 28, 28) and labels.tolist() == [c for c in range(10) for _ in range(3)]
-    for image, label in zip(images, labels):
-        matches = (data.images_train == image).flatten(1).all(1).nonzero().flatten()
-        assert len(matches) >= 1 and data.labels_train[matches[0]] == label
-    canvases, _ = init_synthetic(data, 1, "real", True, 2)
-    assert canvases.shape == (10, 1, 56, 56)
-    tile = canvases[0, :, 28:, :28]  # each tile is a real image of the class
-    assert data.labels_train[(data.images_train == tile).flatten(1).all(1)].tolist()[:1] == [0]
-    with pytest.raises(UsageError, match="--ipc 501 needs 501 real images per class"):
-        init_synthetic(data, 501, "real", False, 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line, on the embedded dataset with experts from buffer.py
+from utils import ZCA, buffer_dir
 
 TINY = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--ipc", "1", "--syn_steps", "2",
         "--expert_epochs", "1", "--max_start_epoch", "1", "--num_eval", "1", "--epoch_eval_train", "1",
         "--lr_img", "10", "--lr_lr", "1e-6", "--device", "cpu"]
+REFERENCE = Path(__file__).parent / "fixtures" / "mtt_reference_images.pt"
 
 
 @pytest.fixture(scope="module")
@@ -173,29 +29,63 @@ def buffers(tmp_path_factory):
 
 
 def run_distill(buffers, save_path, *flags):
-    distill.main(TINY + ["--buffer_path", str(buffers), "--save_path", str(save_path), *flags])
+    return distill.main(TINY + ["--buffer_path", str(buffers), "--save_path", str(save_path), *flags])
+
+
+def error_of(buffers, save_path, *flags):
+    with pytest.raises(SystemExit) as err:
+        run_distill(buffers, save_path, *flags)
+    message = str(err.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
 
 
 def test_cli_writes_every_output(buffers, tmp_path):
     run_distill(buffers, tmp_path, "--Iteration", "3", "--eval_it", "2")
     names = {p.name for p in tmp_path.iterdir()}
-    for name in ["images_best.pt", "labels_best.pt", "syn_lr_best.pt", "images_0.pt", "images_3.pt", "labels_3.pt",
-                 "syn_lr_3.pt", "synthetic_0.png", "synthetic_2.png", "synthetic_3.png", "run.json", "log.jsonl",
-                 "checkpoint.pt"]:
+    for name in ["images_best.pt", "labels_best.pt", "syn_lr_best.pt", "lr_best.pt", "images_0.pt", "images_3.pt",
+                 "labels_3.pt", "syn_lr_3.pt", "lr_3.pt", "synthetic_0.png", "synthetic_2.png", "synthetic_3.png",
+                 "run.json", "log.jsonl", "checkpoint.pt"]:
         assert name in names, name
-    images, labels = torch.load(tmp_path / "images_3.pt"), torch.load(tmp_path / "labels_3.pt")
+    images, labels = load(tmp_path / "images_3.pt"), load(tmp_path / "labels_3.pt")
     assert images.shape == (10, 1, 28, 28) and labels.tolist() == list(range(10))
-    assert not torch.equal(images, torch.load(tmp_path / "images_0.pt"))  # three updates happened
-    assert torch.load(tmp_path / "syn_lr_3.pt").item() > 0
+    assert not torch.equal(images, load(tmp_path / "images_0.pt"))  # three updates happened
+    assert load(tmp_path / "syn_lr_3.pt").item() > 0 and torch.equal(load(tmp_path / "lr_3.pt"),
+                                                                     load(tmp_path / "syn_lr_3.pt"))
     meta = json.loads((tmp_path / "run.json").read_text())
-    assert (meta["dataset"], meta["model"], meta["ipc"], meta["zca"], meta["im_size"]) == (
-        "FashionMNIST-mini", "ConvNetW16", 1, False, [28, 28])
+    assert (meta["dataset"], meta["model"], meta["ipc"], meta["zca"], meta["im_size"], meta["processes"]) == (
+        "FashionMNIST-mini", "ConvNetW16", 1, False, [28, 28], 1)
+    assert meta["torch_version"] == torch.__version__ and meta["device_name"].startswith("cpu")
+    assert meta["git_commit"] is None or len(meta["git_commit"]) == 40
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     steps = [r for r in rows if r["type"] == "iteration"]
     evals = [r for r in rows if r["type"] == "evaluation"]
     assert [r["it"] for r in steps] == [0, 1, 2] and [r["it"] for r in evals] == [0, 2, 3]
     assert all(r["loss"] > 0 and r["syn_lr"] > 0 and r["start_epoch"] == 0 and r["seconds"] > 0 for r in steps)
     assert all(0 <= r["test_acc_mean"] <= 1 and r["best_test_acc_mean"] >= r["test_acc_mean"] for r in evals)
+
+
+def test_without_new_flags_the_images_are_those_of_the_code_before_the_refactor(buffers, tmp_path):
+    """tests/fixtures/mtt_reference_images.pt holds the images and syn_lr that distill.py gave at
+    commit eb74aa0 (before the learnable state, the generic replay and the DATM/FTD options) for
+    these flags, ipc 2 and a minibatch smaller than the set. The unroll reproduces them bit for
+    bit; the replay to rounding (its products are ordered differently)."""
+    reference = torch.load(REFERENCE, weights_only=True)
+    for low_memory, key in ((False, "unroll"), (True, "low_memory")):
+        save = tmp_path / key
+        distill.main(reference["flags"] + ["--buffer_path", str(buffers), "--save_path", str(save)]
+                     + ["--low_memory"] * low_memory)
+        images, syn_lr = load(save / "images_4.pt"), load(save / "syn_lr_4.pt")
+        expected_images, expected_lr = reference[key]
+        if low_memory:
+            assert (images - expected_images).abs().max() <= 1e-5 * expected_images.abs().max()
+            assert abs(syn_lr - expected_lr) <= 1e-6 * expected_lr
+        else:
+            assert torch.equal(images, expected_images) and torch.equal(syn_lr, expected_lr)
 
 
 def test_zca_run_saves_the_transform_and_dewhitened_images(buffers, tmp_path):
@@ -209,49 +99,177 @@ def test_zca_run_saves_the_transform_and_dewhitened_images(buffers, tmp_path):
     run_distill(zca_buffers, tmp_path / "run", "--Iteration", "1", "--zca")
     run = tmp_path / "run"
     zca = ZCA.load(run / "zca.pt")
-    images = torch.load(run / "images_1.pt")
-    assert torch.allclose(torch.load(run / "images_zca_1.pt"), zca.inverse(images), atol=1e-5)
+    images = load(run / "images_1.pt")
+    assert torch.allclose(load(run / "images_zca_1.pt"), zca.inverse(images), atol=1e-5)
     assert json.loads((run / "run.json").read_text())["zca"] is True
+
+
+def crash_at(monkeypatch, iteration):
+    """Make the distillation step raise KeyboardInterrupt at the given (0-based) iteration."""
+    calls, real_backward = [], distill.BACKWARD[False]
+
+    def crashing(*args):
+        calls.append(1)
+        if len(calls) == iteration + 1:
+            raise KeyboardInterrupt
+        return real_backward(*args)
+
+    monkeypatch.setitem(distill.BACKWARD, False, crashing)
+    return real_backward
 
 
 def test_resume_after_an_interruption_gives_the_same_images(buffers, tmp_path, monkeypatch):
     flags = ["--Iteration", "4", "--eval_it", "2", "--seed", "3"]
     run_distill(buffers, tmp_path / "straight", *flags)
-    calls = []
-    real_backward = distill.BACKWARD[False]
-
-    def crash_at_fourth_iteration(*args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_backward(*args)
-
-    monkeypatch.setitem(distill.BACKWARD, False, crash_at_fourth_iteration)
+    real_backward = crash_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run_distill(buffers, tmp_path / "resumed", *flags)
     monkeypatch.setitem(distill.BACKWARD, False, real_backward)
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 2
+    assert load(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 2
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as log:
+        log.write('{"type": "iteration", "it": 3, "lo')  # a line torn by the kill
     run_distill(buffers, tmp_path / "resumed", *flags, "--resume")
     for name in ("images_4.pt", "syn_lr_4.pt"):
-        assert torch.equal(torch.load(tmp_path / "straight" / name), torch.load(tmp_path / "resumed" / name))
+        assert torch.equal(load(tmp_path / "straight" / name), load(tmp_path / "resumed" / name))
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("straight", "resumed")]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(logs[0]) == strip(logs[1])
 
 
-def test_low_memory_flag_runs_the_same_distillation(buffers, tmp_path):
+def test_resume_applies_new_learning_rates_and_refuses_fixed_flags(buffers, tmp_path):
+    run_distill(buffers, tmp_path, "--Iteration", "2", "--eval_it", "2")
+    assert "cannot change --ipc (1 in the checkpoint, 2 now)" in error_of(
+        buffers, tmp_path, "--Iteration", "4", "--eval_it", "2", "--resume", "--ipc", "2")
+    assert "cannot change --model" in error_of(
+        buffers, tmp_path, "--Iteration", "4", "--resume", "--model", "ConvNetW8")
+    run_distill(buffers, tmp_path, "--Iteration", "4", "--eval_it", "2", "--resume", "--lr_img", "50", "--lr_lr", "0")
+    optimizers = load(tmp_path / "checkpoint.pt")["optimizers"]
+    assert optimizers["images"]["param_groups"][0]["lr"] == 50 and optimizers["syn_lr"]["param_groups"][0]["lr"] == 0
+    resumed = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"resume"' in line]
+    assert resumed == [{"type": "resume", "it": 2, "changed": {"Iteration": [2, 4], "lr_img": [10.0, 50.0],
+                                                               "lr_lr": [1e-06, 0.0]}}]
+    lrs = [json.loads(line)["syn_lr"] for line in open(tmp_path / "log.jsonl") if '"iteration"' in line]
+    assert lrs[2] == lrs[3] != lrs[0]  # --lr_lr 0 froze syn_lr from the resume on
+
+
+def test_evaluating_more_often_does_not_change_the_images(buffers, tmp_path):
+    run_distill(buffers, tmp_path / "every", "--Iteration", "3", "--eval_it", "1")
+    run_distill(buffers, tmp_path / "end", "--Iteration", "3", "--eval_it", "3")
+    assert torch.equal(load(tmp_path / "every" / "images_3.pt"), load(tmp_path / "end" / "images_3.pt"))
+
+
+def test_low_memory_flag_runs_the_replay_and_gives_the_same_images(buffers, tmp_path, monkeypatch):
+    called = {False: 0, True: 0}
+    for low_memory, backward in list(distill.BACKWARD.items()):
+        def counted(*args, low_memory=low_memory, backward=backward):
+            called[low_memory] += 1
+            return backward(*args)
+        monkeypatch.setitem(distill.BACKWARD, low_memory, counted)
     run_distill(buffers, tmp_path / "full", "--Iteration", "2", "--eval_it", "2")
+    assert called == {False: 2, True: 0}
     run_distill(buffers, tmp_path / "low", "--Iteration", "2", "--eval_it", "2", "--low_memory")
-    full, low = (torch.load(tmp_path / run / "images_2.pt") for run in ("full", "low"))
-    assert not torch.equal(full, torch.load(tmp_path / "full" / "images_0.pt"))
+    assert called == {False: 2, True: 2}
+    full, low = (load(tmp_path / run / "images_2.pt") for run in ("full", "low"))
+    assert not torch.equal(full, load(tmp_path / "full" / "images_0.pt"))
     assert (full - low).abs().max().item() <= 1e-4 * full.abs().max().item()
 
 
-def test_divergence_stops_with_a_message_and_keeps_the_checkpoint(buffers, tmp_path, monkeypatch):
+def test_a_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(buffers, tmp_path, monkeypatch):
     monkeypatch.setitem(distill.BACKWARD, False, lambda *args: torch.tensor(float("nan")))
-    with pytest.raises(SystemExit, match="matching loss became nan at iteration 0"):
-        run_distill(buffers, tmp_path, "--Iteration", "5")
+    message = error_of(buffers, tmp_path, "--Iteration", "5")
+    assert "matching loss became nan at iteration 0" in message and "--resume (the new rates apply)" in message
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "images_0.pt").exists()
+
+
+def test_a_non_finite_gradient_stops_the_run(buffers, tmp_path, monkeypatch):
+    def poisoned(net, synset, *args):
+        synset.images.grad = torch.full_like(synset.images, float("inf"))
+        synset.syn_lr.grad = torch.zeros_like(synset.syn_lr)
+        return torch.tensor(0.5)
+
+    monkeypatch.setitem(distill.BACKWARD, False, poisoned)
+    assert "the gradient of images became non-finite at iteration 0" in error_of(buffers, tmp_path, "--Iteration", "3")
+
+
+def test_exploding_pixels_stop_the_run_and_nothing_non_finite_is_saved(buffers, tmp_path):
+    """lr_img 1e12 sends the pixels to ~1e9 in one step while instance norm keeps the loss near 1."""
+    message = error_of(buffers, tmp_path, "--Iteration", "3", "--lr_img", "1e12")
+    assert "the pixels reached" in message and "over 100x the largest initial pixel" in message
+    saved = [p for p in tmp_path.glob("*.pt") if p.name != "checkpoint.pt"]
+    assert {p.name for p in saved} >= {"images_0.pt", "images_best.pt"} and "images_1.pt" not in {p.name for p in saved}
+    assert all(load(p).isfinite().all() for p in saved)
+
+
+def test_resume_after_divergence_uses_the_lowered_rate(buffers, tmp_path):
+    error_of(buffers, tmp_path, "--Iteration", "3", "--lr_img", "1e12")
+    run_distill(buffers, tmp_path, "--Iteration", "3", "--lr_img", "10", "--resume")
+    assert load(tmp_path / "images_3.pt").abs().max() < 100
+
+
+def test_a_folder_with_files_but_no_checkpoint_is_refused_unless_resume(buffers, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert "holds files (notes.txt...) but no checkpoint" in error_of(buffers, tmp_path, "--Iteration", "1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    run_distill(buffers, tmp_path, "--Iteration", "1", "--resume")
+    assert (tmp_path / "images_1.pt").exists() and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(buffers, tmp_path):
+    run_distill(buffers, tmp_path, "--Iteration", "1")
+    assert "already holds a run: pass --resume" in error_of(buffers, tmp_path, "--Iteration", "1")
+
+
+def test_a_truncated_checkpoint_is_one_line(buffers, tmp_path):
+    run_distill(buffers, tmp_path, "--Iteration", "1")
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    assert "the checkpoint" in error_of(buffers, tmp_path, "--Iteration", "2", "--resume") and "unreadable" in \
+        error_of(buffers, tmp_path, "--Iteration", "2", "--resume")
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed(buffers, tmp_path):
+    run_distill(buffers, tmp_path, "--Iteration", "1")
+    dead = 2**22 + 12345  # above Linux's default pid_max
+    (tmp_path / f"images_9.pt.tmp{dead}").write_bytes(b"partial")
+    (tmp_path / f"images_9.pt.tmp{os.getpid()}").write_bytes(b"ours, alive")
+    run_distill(buffers, tmp_path, "--Iteration", "2", "--resume")
+    assert not (tmp_path / f"images_9.pt.tmp{dead}").exists() and (tmp_path / f"images_9.pt.tmp{os.getpid()}").exists()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(buffers, tmp_path):
+    from utils import folder_lock
+    with folder_lock(tmp_path, "distill.py run"):
+        assert "is in use by another distill.py run" in error_of(buffers, tmp_path, "--Iteration", "1")
+
+
+def test_the_grid_is_enlarged_and_ipc_1_is_one_row_of_classes(buffers, tmp_path):
+    run_distill(buffers, tmp_path / "one", "--Iteration", "0")
+    run_distill(buffers, tmp_path / "two", "--Iteration", "0", "--ipc", "2")
+    one, two = (Image.open(tmp_path / run / "synthetic_0.png") for run in ("one", "two"))
+    side = 28 * 4 + 2  # nearest x4 and a 2-pixel border
+    assert one.size == (10 * side + 2, side + 2)  # ten classes side by side
+    assert two.size == (2 * side + 2, 10 * side + 2)  # a row of two per class
+    pixels = np.asarray(one.convert("L"))
+    assert (pixels[2:6, 2:6] == pixels[2, 2]).all()  # each source pixel became a 4x4 block
+
+
+def test_the_default_run_name_tells_a_sweep_apart():
+    names = {distill.run_name(distill.parse_args(TINY + flags)) for flags in (
+        [], ["--lr_img", "100"], ["--lr_lr", "1e-5"], ["--lr_teacher", "0.001"], ["--batch_syn", "5"])}
+    assert len(names) == 5
+    assert distill.run_name(distill.parse_args(TINY)) == (
+        "ConvNetW16_ipc1_syn2_exp1_max1_img10_lrlr1e-06_teacher0.01_batchall_seed0")
+
+
+def test_experts_selection_flags_reach_the_sampler(buffers, tmp_path):
+    """Two experts: --max_experts 1 (per file) and --max_files 1 leave one; the log shows which is used."""
+    two = tmp_path / "two"
+    buffer.main(["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--num_experts", "2", "--train_epochs",
+                 "2", "--dsa", "False", "--buffer_path", str(two), "--save_interval", "1"])
+    experts_used = lambda run: {json.loads(line)["expert"] for line in open(run / "log.jsonl") if '"iteration"' in line}
+    run_distill(two, tmp_path / "all", "--Iteration", "8", "--eval_it", "8")
+    run_distill(two, tmp_path / "one", "--Iteration", "8", "--eval_it", "8", "--max_files", "1", "--load_all")
+    assert experts_used(tmp_path / "all") == {0, 1} and experts_used(tmp_path / "one") == {0}
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -259,11 +277,33 @@ def test_divergence_stops_with_a_message_and_keeps_the_checkpoint(buffers, tmp_p
     (["--max_start_epoch", "2", "--expert_epochs", "2"], "goes beyond the experts' 3 snapshots"),
     (["--texture", "--zca"], "--texture cannot be combined with --zca"),
     (["--syn_steps", "0"], "--syn_steps must be at least 1"),
+    (["--max_experts", "0"], "--max_experts must be at least 1"),
+    (["--batch_syn", "-1"], "--batch_syn must be at least 1"),
+    (["--batch_syn", "0"], "--batch_syn must be at least 1"),
+    (["--batch_train", "0"], "--batch_train must be at least 1"),
+    (["--lr_teacher", "-0.01"], "--lr_teacher must be positive"),
+    (["--epoch_eval_train", "-1"], "--epoch_eval_train must be at least 1"),
+    (["--Iteration", "-1"], "--Iteration must be 0 or more"),
+    (["--eval_mode", "Q"], "unknown --eval_mode 'Q'"),
+    (["--dsa_strategy", "color_blur"], "unknown DSA op(s) blur"),
+    (["--device", "gpu"], "unknown --device 'gpu'"),
+    (["--ema_decay", "1.5"], "--ema_decay must lie in (0, 1)"),
 ])
-def test_bad_input_gets_one_clear_line(buffers, tmp_path, flags, message):
-    with pytest.raises(SystemExit, match=message) as err:
-        run_distill(buffers, tmp_path, "--Iteration", "1", *flags)
-    assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+def test_bad_input_gets_one_clear_line_and_creates_nothing(buffers, tmp_path, flags, message):
+    assert message in error_of(buffers, tmp_path / "run", "--Iteration", "1", *flags)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_gpu_or_an_unwritable_save_path_is_one_line(buffers, tmp_path):
+    if not torch.cuda.is_available():
+        assert "this machine has no CUDA GPU" in error_of(buffers, tmp_path / "run", "--device", "cuda")
+    (tmp_path / "file").write_text("")
+    assert "a file is in the way" in error_of(buffers, tmp_path / "file", "--Iteration", "0")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o500)
+    if os.access(read_only, os.W_OK):  # root writes anywhere: a path under a file fails for everyone
+        read_only = tmp_path / "file" / "below"
+    assert "--save_path" in error_of(buffers, read_only / "run", "--Iteration", "0")
 
 
 def test_missing_or_mismatched_buffers_are_refused(buffers, tmp_path):
@@ -277,18 +317,14 @@ def test_missing_or_mismatched_buffers_are_refused(buffers, tmp_path):
                                                                        "--save_path", str(tmp_path / "run2")])
 
 
-def test_an_existing_run_is_not_overwritten_without_resume(buffers, tmp_path):
-    run_distill(buffers, tmp_path, "--Iteration", "1")
-    with pytest.raises(SystemExit, match="already holds a run: pass --resume"):
-        run_distill(buffers, tmp_path, "--Iteration", "1")
-
-
-def test_experts_are_memory_mapped_unless_load_all(buffers):
-    directory = buffer_dir(str(buffers), "FashionMNIST-mini", "ConvNetW16", False)
-    mapped, loaded = distill.Experts(directory), distill.Experts(directory, load_all=True)
-    assert isinstance(mapped.trajectories[0][0], np.memmap) and not isinstance(loaded.trajectories[0][0], np.memmap)
-    torch.manual_seed(0)
-    theta0, target, expert, start = mapped.sample(1, 2, "cpu")
-    array = np.load(buffer.expert_files(directory)[0])
-    assert (expert, start) == (0, 0)
-    assert torch.equal(theta0, torch.from_numpy(array[0, 0])) and torch.equal(target, torch.from_numpy(array[0, 2]))
+def test_an_expert_with_identical_snapshots_is_refused_with_its_own_line(buffers, tmp_path):
+    """The original's buffer.py on a CPU saves aliases: every snapshot equals the last."""
+    copied = tmp_path / "aliased"
+    directory = buffer_dir(str(copied), "FashionMNIST-mini", "ConvNetW16", False)
+    shutil.copytree(buffer_dir(str(buffers), "FashionMNIST-mini", "ConvNetW16", False), directory)
+    path = Path(directory) / "replay_buffer_0.npy"
+    array = np.load(path)
+    array[:] = array[:, -1:]
+    np.save(path, array)
+    message = error_of(copied, tmp_path / "run", "--Iteration", "2")
+    assert "has the same parameters at epochs 0 and 1" in message and "lower --lr_img" not in message
