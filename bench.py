@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from distill import BACKWARD, draw_schedule
+from matching import BACKWARD, draw_schedule
 from networks import flatten_params, get_network
 from utils import DSA_STRATEGY, pick_device
 

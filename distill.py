@@ -10,11 +10,10 @@ where the expert was at epoch t + expert_epochs. Experts come from buffer.py:
         --max_start_epoch 20 --lr_img 100 --lr_lr 1e-05 --lr_teacher 0.001 --zca
     torchrun --standalone --nproc_per_node 8 distill.py ...     # each minibatch split over 8 GPUs
 
-The learnable tensors (images, syn_lr and, with --soft_label, label logits) live in one
-SyntheticSet. The student step is written once (student_update); its exact gradient is either
-backpropagated through the whole unroll, or, with --low_memory, replayed in reverse one step at a
-time as a vector-Jacobian product of that step, so that only the stored parameter vectors
-theta_0..theta_N grow with syn_steps. Give any DATM flag (--soft_label, --pix_init
+The step itself (the learnable SyntheticSet, the student update and its two exact gradients:
+the full unroll, or with --low_memory the replay whose memory grows only by the stored parameter
+vectors theta_0..theta_N) is in matching.py; this script sets it up, runs it, evaluates and saves
+(the checkpoint after every evaluation: --resume continues bit for bit). Give any DATM flag (--soft_label, --pix_init
 samples_predicted_correctly, --threshold, the start-epoch window) and the others take DATM's
 defaults; give none and this is MTT exactly.
 """
@@ -25,7 +24,6 @@ import os
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +33,12 @@ import torchvision
 
 import parallel
 from experts import Experts
+from matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import forward_flat, get_network
-from utils import (TEMP_SUFFIX, EvalSet, UsageError, add_common_args, apply_augmentation, atomic_path, buffer_dir,
-                   check_common_args, cross_entropy, draw_augmentation, draw_texture_crops, eta, eval_pool,
-                   evaluate_sets, folder_lock, get_dataset, images_per_class, make_deterministic, make_folder,
-                   pick_device, remove_stale_temps, require_positive, run_info, run_seed, save_json, set_seed,
-                   texture_crops, true_false)
+from utils import (TEMP_SUFFIX, EvalSet, UsageError, add_common_args, atomic_path, buffer_dir, check_common_args,
+                   eta, eval_pool, evaluate_sets, folder_lock, get_dataset, images_per_class, make_deterministic,
+                   make_folder, pick_device, remove_stale_temps, require_positive, run_info, run_seed, save_json,
+                   set_seed, true_false)
 
 # DATM's flags and defaults (SPEC section 8). They apply as a whole once any DATM flag is given;
 # with none given, MTT's values below stand in for the two that would change MTT's run.
@@ -174,50 +172,6 @@ class Diverged(RuntimeError):
     """The loss, a gradient, the pixels or syn_lr left the range where training means anything."""
 
 
-# ---------------------------------------------------------------------------------------------
-# The learnable state
-
-
-class SyntheticSet:
-    """The learnable tensors of a distillation by name: images (N x C x H x W), syn_lr (a scalar)
-    and, with soft labels, label_logits (N x classes). The optimisers, the checkpoint, the
-    outputs and the evaluation iterate over `tensors`; `labels` are the images' fixed class ids."""
-
-    def __init__(self, images, labels, syn_lr, label_logits=None):
-        self.labels = labels
-        self.tensors = {"images": images, "syn_lr": syn_lr}
-        if label_logits is not None:
-            self.tensors["label_logits"] = label_logits
-        for tensor in self.tensors.values():
-            tensor.requires_grad_()
-
-    @property
-    def images(self):
-        return self.tensors["images"]
-
-    @property
-    def syn_lr(self):
-        return self.tensors["syn_lr"]
-
-    @property
-    def soft(self):
-        return "label_logits" in self.tensors
-
-    def targets(self, rows):
-        """The student's targets for these items: label logits (soft labels) or class ids."""
-        return self.tensors["label_logits"][rows] if self.soft else self.labels[rows]
-
-    def eval_labels(self):
-        """What evaluation networks train on: the label logits, or the class ids."""
-        return self.tensors["label_logits"].detach() if self.soft else self.labels
-
-    def detached(self):
-        """The same values outside autograd, for the replay's forward pass."""
-        detached = SyntheticSet.__new__(SyntheticSet)
-        detached.labels, detached.tensors = self.labels, {k: t.detach() for k, t in self.tensors.items()}
-        return detached
-
-
 # Learnable tensor -> (its learning rate, its momentum), from the flags.
 OPTIMISERS = {"images": lambda args: (args.lr_img, 0.5), "syn_lr": lambda args: (args.lr_lr, 0.5),
               "label_logits": lambda args: (args.lr_y, args.Momentum_y)}
@@ -233,132 +187,6 @@ def apply_flags(optimisers, args):
         lr, momentum = OPTIMISERS[name](args)
         for group in optimiser.param_groups:
             group.update(lr=lr, momentum=momentum)
-
-
-# ---------------------------------------------------------------------------------------------
-# The student step, the matching loss and the two exact backward passes
-
-
-@dataclass
-class Step:
-    """One student update's minibatch, one entry per image: the synthetic item it comes from
-    (rows), its texture crop and its DSA draw, kept so that the replay rebuilds exactly the batch
-    the forward pass used. `batch` is the size of the whole minibatch, whose mean loss the step
-    descends, whichever share of it a process computes."""
-    rows: torch.Tensor
-    augmentation: list
-    batch: int
-    crops: torch.Tensor = None  # texture mode: toroidal offsets, one row per image
-    crop_size: tuple = None
-
-    def inputs(self, images):
-        x = images[self.rows]
-        if self.crops is not None:
-            x = texture_crops(x, self.crops, self.crop_size)
-        return apply_augmentation(x, self.augmentation)
-
-    def share(self):
-        """This process's contiguous part of the minibatch (all of it in a single process)."""
-        part = parallel.share(len(self.rows))
-        return replace(self, rows=self.rows[part], augmentation=[(op, p[part]) for op, p in self.augmentation],
-                       crops=None if self.crops is None else self.crops[part])
-
-
-@torch.no_grad()
-def draw_schedule(images, syn_steps, batch_syn, dsa_strategy=None, texture=None):
-    """syn_steps minibatches: a random permutation of the set (from the CPU generator) cut into
-    chunks of batch_syn, taken from the last, redrawn when used up; then each step's crops and
-    DSA draw. This consumes the random stream in the original's order.
-    texture = (crop size, crops per canvas); dsa_strategy None: no DSA."""
-    schedule, chunks = [], []
-    for _ in range(syn_steps):
-        if not chunks:
-            chunks = list(torch.randperm(len(images)).to(images.device).split(batch_syn))
-        rows = chunks.pop()
-        step = Step(rows, [], len(rows))
-        shape = (len(rows), *images.shape[1:])
-        if texture is not None:
-            step.crop_size, samples = texture
-            step.crops = draw_texture_crops(images[rows], samples)
-            step.rows = rows.repeat(samples)
-            step.batch = len(step.rows)
-            shape = (step.batch, images.shape[1], *step.crop_size)
-        if dsa_strategy:
-            step.augmentation = draw_augmentation(torch.empty(shape, device=images.device, dtype=images.dtype),
-                                                  dsa_strategy)
-        schedule.append(step)
-    return schedule
-
-
-def student_update(net, theta, synset, step, create_graph):
-    """-syn_lr * the gradient of the student's loss on the step's minibatch (this process's share
-    of it, weighted by its size): the one student step the unroll, the replay and every process use.
-    theta_{i+1} = theta_i + the sum of the updates of all processes."""
-    part = step.share()
-    if len(part.rows) == 0:  # more processes than images: nothing to add, but stay in the graph
-        return theta * 0
-    logits = forward_flat(net, theta, part.inputs(synset.images))
-    loss = cross_entropy(logits, synset.targets(part.rows)) * (len(part.rows) / step.batch)
-    return -synset.syn_lr * torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
-
-
-def matching_loss(theta, theta0, target):
-    return (theta - target).square().sum() / (theta0 - target).square().sum()
-
-
-def accumulate(tensors, grads):
-    """Add grads (this process's parts) to the tensors' .grad, summed over the processes."""
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
-    parallel.sum_(grads)
-    for tensor, grad in zip(tensors, grads):
-        tensor.grad = grad if tensor.grad is None else tensor.grad + grad
-
-
-def unroll_backward(net, synset, theta0, target, schedule):
-    """The matching loss of the unrolled student, backpropagated through every step at once
-    (memory grows with syn_steps x batch). Fills the .grad of every learnable tensor."""
-    learnables = list(synset.tensors.values())
-    theta = theta0.detach().requires_grad_()
-    for step in schedule:
-        update = student_update(net, parallel.copy_to_ranks(theta), synset, step, create_graph=True)
-        theta = theta + parallel.sum_over_ranks(update)
-    loss = matching_loss(theta, theta0, target)
-    grads = torch.autograd.grad(loss, learnables, allow_unused=True)
-    accumulate(learnables, grads)
-    return loss.detach()
-
-
-def replay_backward(net, synset, theta0, target, schedule):
-    """The same loss and gradient, computed in reverse one step at a time.
-
-    The forward pass keeps only theta_0..theta_N. Then, with lam = dL/dtheta_{i+1}, step i is
-    rebuilt from theta_i and the same minibatch, and one vector-Jacobian product of its update
-    with lam gives lam's contribution through it to every learnable tensor and to theta_i:
-    dL/dtheta_i = lam + (d update_i / d theta_i)^T lam. Fills the .grad of every learnable tensor."""
-    learnables, frozen = list(synset.tensors.values()), synset.detached()
-    thetas = [theta0.detach()]
-    for step in schedule:
-        update = student_update(net, thetas[-1].detach().requires_grad_(), frozen, step, False).detach()
-        parallel.sum_([update])
-        thetas.append(thetas[-1] + update)
-    theta_n = thetas[-1].requires_grad_()
-    loss = matching_loss(theta_n, theta0, target)
-    lam = torch.autograd.grad(loss, theta_n)[0]
-    grads = [torch.zeros_like(t) for t in learnables]
-    for theta, step in zip(reversed(thetas[:-1]), reversed(schedule)):
-        theta = theta.detach().requires_grad_()
-        update = student_update(net, theta, synset, step, create_graph=True)
-        through_theta, *parts = torch.autograd.grad(update, [theta, *learnables], lam, allow_unused=True)
-        parallel.sum_([through_theta])
-        lam = lam + through_theta
-        for grad, part in zip(grads, parts):
-            if part is not None:
-                grad += part
-    accumulate(learnables, grads)
-    return loss.detach()
-
-
-BACKWARD = {False: unroll_backward, True: replay_backward}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,12 +154,3 @@ class Experts:
         """Expert k's snapshots: a (num_snapshots, num_params) array, mapped or in RAM."""
         array, row = self.trajectories[k]
         return array[row]
-
-    def sample(self, max_start_epoch, expert_epochs, device):
-        """A random expert and start epoch t (from the global torch RNG): its parameters at t and
-        at t + expert_epochs, the expert and t."""
-        expert = torch.randint(len(self), ()).item()
-        start = torch.randint(max_start_epoch, ()).item()
-        trajectory = self.trajectory(expert)
-        snapshot = lambda epoch: torch.from_numpy(np.array(trajectory[epoch])).to(device)
-        return snapshot(start), snapshot(start + expert_epochs), expert, start

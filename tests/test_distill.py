@@ -12,6 +12,7 @@ from PIL import Image
 
 import buffer
 import distill
+import matching
 from utils import ZCA, buffer_dir
 
 TINY = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--ipc", "1", "--syn_steps", "2",
@@ -106,7 +107,7 @@ def test_zca_run_saves_the_transform_and_dewhitened_images(buffers, tmp_path):
 
 def crash_at(monkeypatch, iteration):
     """Make the distillation step raise KeyboardInterrupt at the given (0-based) iteration."""
-    calls, real_backward = [], distill.BACKWARD[False]
+    calls, real_backward = [], matching.BACKWARD[False]
 
     def crashing(*args):
         calls.append(1)
@@ -114,7 +115,7 @@ def crash_at(monkeypatch, iteration):
             raise KeyboardInterrupt
         return real_backward(*args)
 
-    monkeypatch.setitem(distill.BACKWARD, False, crashing)
+    monkeypatch.setitem(matching.BACKWARD, False, crashing)
     return real_backward
 
 
@@ -124,7 +125,7 @@ def test_resume_after_an_interruption_gives_the_same_images(buffers, tmp_path, m
     real_backward = crash_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run_distill(buffers, tmp_path / "resumed", *flags)
-    monkeypatch.setitem(distill.BACKWARD, False, real_backward)
+    monkeypatch.setitem(matching.BACKWARD, False, real_backward)
     assert load(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 2
     with open(tmp_path / "resumed" / "log.jsonl", "a") as log:
         log.write('{"type": "iteration", "it": 3, "lo')  # a line torn by the kill
@@ -160,11 +161,11 @@ def test_evaluating_more_often_does_not_change_the_images(buffers, tmp_path):
 
 def test_low_memory_flag_runs_the_replay_and_gives_the_same_images(buffers, tmp_path, monkeypatch):
     called = {False: 0, True: 0}
-    for low_memory, backward in list(distill.BACKWARD.items()):
+    for low_memory, backward in list(matching.BACKWARD.items()):
         def counted(*args, low_memory=low_memory, backward=backward):
             called[low_memory] += 1
             return backward(*args)
-        monkeypatch.setitem(distill.BACKWARD, low_memory, counted)
+        monkeypatch.setitem(matching.BACKWARD, low_memory, counted)
     run_distill(buffers, tmp_path / "full", "--Iteration", "2", "--eval_it", "2")
     assert called == {False: 2, True: 0}
     run_distill(buffers, tmp_path / "low", "--Iteration", "2", "--eval_it", "2", "--low_memory")
@@ -175,7 +176,7 @@ def test_low_memory_flag_runs_the_replay_and_gives_the_same_images(buffers, tmp_
 
 
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(buffers, tmp_path, monkeypatch):
-    monkeypatch.setitem(distill.BACKWARD, False, lambda *args: torch.tensor(float("nan")))
+    monkeypatch.setitem(matching.BACKWARD, False, lambda *args: torch.tensor(float("nan")))
     message = error_of(buffers, tmp_path, "--Iteration", "5")
     assert "matching loss became nan at iteration 0" in message and "--resume (the new rates apply)" in message
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "images_0.pt").exists()
@@ -187,7 +188,7 @@ def test_a_non_finite_gradient_stops_the_run(buffers, tmp_path, monkeypatch):
         synset.syn_lr.grad = torch.zeros_like(synset.syn_lr)
         return torch.tensor(0.5)
 
-    monkeypatch.setitem(distill.BACKWARD, False, poisoned)
+    monkeypatch.setitem(matching.BACKWARD, False, poisoned)
     assert "the gradient of images became non-finite at iteration 0" in error_of(buffers, tmp_path, "--Iteration", "3")
 
 

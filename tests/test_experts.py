@@ -8,6 +8,7 @@ import torch
 
 import buffer
 import experts
+from distill import draw_segment
 from experts import SIDECAR, Experts
 from utils import UsageError, buffer_dir
 
@@ -91,12 +92,12 @@ def test_max_files_is_a_subset_drawn_by_its_own_seeded_generator(tmp_path, load_
     assert [n for n, _ in where(Experts(directory, max_files=9))] == list(range(6))
 
 
-def test_sample_draws_the_expert_then_the_start_epoch_from_the_global_rng(tmp_path):
+def test_draw_segment_draws_the_expert_then_the_start_epoch_from_the_global_rng(tmp_path):
     """distill.py's draws, unchanged: the distilled images repeat those of earlier versions."""
     directory = make_buffer(tmp_path, {0: 2, 1: 3})
     chosen = Experts(directory)
     torch.manual_seed(3)
-    drawn = [chosen.sample(2, 1, "cpu") for _ in range(6)]
+    drawn = [draw_segment(chosen, (0, 2), 1, "cpu") for _ in range(6)]
     torch.manual_seed(3)
     expected = [(torch.randint(5, ()).item(), torch.randint(2, ()).item()) for _ in range(6)]
     assert [(expert, start) for _, _, expert, start in drawn] == expected

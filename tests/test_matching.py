@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import parallel
-from distill import BACKWARD, SyntheticSet, draw_schedule, init_images
+from distill import init_images
+from matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import ConvNet, flatten_params, get_network
 from utils import DSA_STRATEGY, UsageError, cross_entropy, get_dataset
 

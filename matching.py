@@ -1,0 +1,182 @@
+"""The trajectory-matching step of MTT: the learnable state, one student update, the matching
+loss, and its exact gradient by two routes.
+
+A SyntheticSet holds every learnable tensor by name: images, syn_lr and optionally label logits
+(DATM's soft labels). `student_update` is the one student step,
+theta_{i+1} = theta_i - syn_lr * grad CE(forward(theta_i, x), y), hard or soft targets. The
+gradient of the matching loss ||theta_N - theta*||^2 / ||theta_0 - theta*||^2 with respect to
+every learnable tensor comes either from backpropagating through the whole unroll
+(unroll_backward: memory grows with syn_steps x batch) or from replaying the unroll in reverse,
+one vector-Jacobian product of the step at a time (replay_backward: the same gradient, with the
+memory of one step plus the stored theta_0..theta_N). Under torchrun each process computes its
+share of every minibatch; the results equal one process's to rounding.
+"""
+from dataclasses import dataclass, replace
+
+import torch
+
+import parallel
+from networks import forward_flat
+from utils import apply_augmentation, cross_entropy, draw_augmentation, draw_texture_crops, texture_crops
+
+
+class SyntheticSet:
+    """The learnable tensors of a distillation by name: images (N x C x H x W), syn_lr (a scalar)
+    and, with soft labels, label_logits (N x classes). The optimisers, the checkpoint, the
+    outputs and the evaluation iterate over `tensors`; `labels` are the images' fixed class ids."""
+
+    def __init__(self, images, labels, syn_lr, label_logits=None):
+        self.labels = labels
+        self.tensors = {"images": images, "syn_lr": syn_lr}
+        if label_logits is not None:
+            self.tensors["label_logits"] = label_logits
+        for tensor in self.tensors.values():
+            tensor.requires_grad_()
+
+    @property
+    def images(self):
+        return self.tensors["images"]
+
+    @property
+    def syn_lr(self):
+        return self.tensors["syn_lr"]
+
+    @property
+    def soft(self):
+        return "label_logits" in self.tensors
+
+    def targets(self, rows):
+        """The student's targets for these items: label logits (soft labels) or class ids."""
+        return self.tensors["label_logits"][rows] if self.soft else self.labels[rows]
+
+    def eval_labels(self):
+        """What evaluation networks train on: the label logits, or the class ids."""
+        return self.tensors["label_logits"].detach() if self.soft else self.labels
+
+    def detached(self):
+        """The same values outside autograd, for the replay's forward pass."""
+        detached = SyntheticSet.__new__(SyntheticSet)
+        detached.labels, detached.tensors = self.labels, {name: t.detach() for name, t in self.tensors.items()}
+        return detached
+
+
+@dataclass
+class Step:
+    """One student update's minibatch, one entry per image: the synthetic item it comes from
+    (rows), its texture crop and its DSA draw, kept so that the replay rebuilds exactly the batch
+    the forward pass used. `batch` is the size of the whole minibatch, whose mean loss the step
+    descends, whichever share of it a process computes."""
+    rows: torch.Tensor
+    augmentation: list
+    batch: int
+    crops: torch.Tensor = None  # texture mode: toroidal offsets, one row per image
+    crop_size: tuple = None
+
+    def inputs(self, images):
+        x = images[self.rows]
+        if self.crops is not None:
+            x = texture_crops(x, self.crops, self.crop_size)
+        return apply_augmentation(x, self.augmentation)
+
+    def share(self):
+        """This process's contiguous part of the minibatch (all of it in a single process)."""
+        part = parallel.share(len(self.rows))
+        return replace(self, rows=self.rows[part], augmentation=[(op, p[part]) for op, p in self.augmentation],
+                       crops=None if self.crops is None else self.crops[part])
+
+
+@torch.no_grad()
+def draw_schedule(images, syn_steps, batch_syn, dsa_strategy=None, texture=None):
+    """syn_steps minibatches: a random permutation of the set (from the CPU generator) cut into
+    chunks of batch_syn, taken from the last, redrawn when used up; then each step's crops and
+    DSA draw. This consumes the random stream in the original's order.
+    texture = (crop size, crops per canvas); dsa_strategy None: no DSA."""
+    schedule, chunks = [], []
+    for _ in range(syn_steps):
+        if not chunks:
+            chunks = list(torch.randperm(len(images)).to(images.device).split(batch_syn))
+        rows = chunks.pop()
+        step = Step(rows, [], len(rows))
+        shape = (len(rows), *images.shape[1:])
+        if texture is not None:
+            step.crop_size, samples = texture
+            step.crops = draw_texture_crops(images[rows], samples)
+            step.rows = rows.repeat(samples)
+            step.batch = len(step.rows)
+            shape = (step.batch, images.shape[1], *step.crop_size)
+        if dsa_strategy:
+            step.augmentation = draw_augmentation(torch.empty(shape, device=images.device, dtype=images.dtype),
+                                                  dsa_strategy)
+        schedule.append(step)
+    return schedule
+
+
+def student_update(net, theta, synset, step, create_graph):
+    """-syn_lr * the gradient of the student's loss on the step's minibatch (this process's share
+    of it, weighted by its size): the one student step the unroll, the replay and every process use.
+    theta_{i+1} = theta_i + the sum of the updates of all processes."""
+    part = step.share()
+    if len(part.rows) == 0:  # more processes than images: nothing to add, but stay in the graph
+        return theta * 0
+    logits = forward_flat(net, theta, part.inputs(synset.images))
+    loss = cross_entropy(logits, synset.targets(part.rows)) * (len(part.rows) / step.batch)
+    return -synset.syn_lr * torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+
+
+def matching_loss(theta, theta0, target):
+    return (theta - target).square().sum() / (theta0 - target).square().sum()
+
+
+def accumulate(tensors, grads):
+    """Add grads (this process's parts) to the tensors' .grad, summed over the processes."""
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+    parallel.sum_(grads)
+    for tensor, grad in zip(tensors, grads):
+        tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+
+
+def unroll_backward(net, synset, theta0, target, schedule):
+    """The matching loss of the unrolled student, backpropagated through every step at once
+    (memory grows with syn_steps x batch). Fills the .grad of every learnable tensor."""
+    learnables = list(synset.tensors.values())
+    theta = theta0.detach().requires_grad_()
+    for step in schedule:
+        update = student_update(net, parallel.copy_to_ranks(theta), synset, step, create_graph=True)
+        theta = theta + parallel.sum_over_ranks(update)
+    loss = matching_loss(theta, theta0, target)
+    grads = torch.autograd.grad(loss, learnables, allow_unused=True)
+    accumulate(learnables, grads)
+    return loss.detach()
+
+
+def replay_backward(net, synset, theta0, target, schedule):
+    """The same loss and gradient, computed in reverse one step at a time.
+
+    The forward pass keeps only theta_0..theta_N. Then, with lam = dL/dtheta_{i+1}, step i is
+    rebuilt from theta_i and the same minibatch, and one vector-Jacobian product of its update
+    with lam gives lam's contribution through it to every learnable tensor and to theta_i:
+    dL/dtheta_i = lam + (d update_i / d theta_i)^T lam. Fills the .grad of every learnable tensor."""
+    learnables, frozen = list(synset.tensors.values()), synset.detached()
+    thetas = [theta0.detach()]
+    for step in schedule:
+        update = student_update(net, thetas[-1].detach().requires_grad_(), frozen, step, False).detach()
+        parallel.sum_([update])
+        thetas.append(thetas[-1] + update)
+    theta_n = thetas[-1].requires_grad_()
+    loss = matching_loss(theta_n, theta0, target)
+    lam = torch.autograd.grad(loss, theta_n)[0]
+    grads = [torch.zeros_like(t) for t in learnables]
+    for theta, step in zip(reversed(thetas[:-1]), reversed(schedule)):
+        theta = theta.detach().requires_grad_()
+        update = student_update(net, theta, synset, step, create_graph=True)
+        through_theta, *parts = torch.autograd.grad(update, [theta, *learnables], lam, allow_unused=True)
+        parallel.sum_([through_theta])
+        lam = lam + through_theta
+        for grad, part in zip(grads, parts):
+            if part is not None:
+                grad += part
+    accumulate(learnables, grads)
+    return loss.detach()
+
+
+BACKWARD = {False: unroll_backward, True: replay_backward}
