@@ -139,12 +139,14 @@ def unroll_backward(net, synset, theta0, target, schedule):
     """The matching loss of the unrolled student, backpropagated through every step at once
     (memory grows with syn_steps x batch). Fills the .grad of every learnable tensor."""
     learnables = list(synset.tensors.values())
-    theta = theta0.detach().requires_grad_()
+    theta = start = theta0.detach().requires_grad_()
     for step in schedule:
         update = student_update(net, parallel.copy_to_ranks(theta), synset, step, create_graph=True)
         theta = theta + parallel.sum_over_ranks(update)
     loss = matching_loss(theta, theta0, target)
-    grads = torch.autograd.grad(loss, learnables, allow_unused=True)
+    # theta_0 is an input too, so that every process runs every step's all-reduce in its backward:
+    # autograd would skip it where a step's share holds no image and leads to no learnable tensor.
+    _, *grads = torch.autograd.grad(loss, [start, *learnables], allow_unused=True)
     accumulate(learnables, grads)
     return loss.detach()
 

@@ -1,0 +1,125 @@
+"""The scripts under torchrun: two CPU processes with the Gloo backend give what one process gives."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import buffer
+import distill
+from torchrun_gradients import CASES, gradients
+
+REPO = Path(__file__).resolve().parent.parent
+ONE_THREAD = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+TINY = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--ipc", "2", "--batch_syn", "3",
+        "--syn_steps", "3", "--expert_epochs", "1", "--max_start_epoch", "1", "--num_eval", "2",
+        "--epoch_eval_train", "2", "--lr_img", "100", "--lr_lr", "1e-5", "--device", "cpu"]
+
+
+def torchrun(*argv, processes=2, timeout=240):
+    """`python -m torch.distributed.run --standalone --nproc_per_node 2 ARGV` from the repository root."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               *map(str, argv)]
+    return subprocess.run(command, cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=timeout)
+
+
+def python(*argv, timeout=240):
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=ONE_THREAD, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_the_gradient_of_an_iteration_split_over_two_processes_equals_one_process(tmp_path):
+    """Unroll and low-memory replay, DSA on, texture crops and soft labels, minibatches of 3, 3 and
+    1 image split 2+1, 2+1 and 1+0: every gradient within 1e-5 of the one-process gradient."""
+    result = torchrun("tests/torchrun_gradients.py", tmp_path / "grads.pt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(tmp_path / "grads.pt", weights_only=False)
+    assert saved["world"] == 2
+    for case in CASES:
+        loss, grads = gradients(*case)
+        split_loss, split_grads = saved["results"][case]
+        assert abs(split_loss.item() - loss.item()) <= 1e-6 * loss.item(), case
+        assert sorted(split_grads) == sorted(grads)
+        for name in grads:
+            assert grads[name].abs().sum() > 0 and relative_error(split_grads[name], grads[name]) <= 1e-5, (case, name)
+
+
+@pytest.fixture(scope="module")
+def buffers(tmp_path_factory):
+    path = tmp_path_factory.mktemp("buffers")
+    buffer.main(["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--num_experts", "2", "--train_epochs",
+                 "2", "--dsa", "False", "--buffer_path", str(path), "--device", "cpu"])
+    return path
+
+
+def test_distill_under_torchrun_gives_the_one_process_images_and_resumes(buffers, tmp_path):
+    flags = TINY + ["--buffer_path", buffers, "--eval_it", "2"]
+    distill.main([*map(str, flags), "--Iteration", "4", "--save_path", str(tmp_path / "one")])
+    first = torchrun("distill.py", *flags, "--Iteration", "2", "--save_path", tmp_path / "two")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun("distill.py", *flags, "--Iteration", "4", "--save_path", tmp_path / "two", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resumed") == 1  # only rank 0 prints
+    load = lambda run, name: torch.load(tmp_path / run / name, weights_only=True)
+    assert not torch.equal(load("one", "images_4.pt"), load("one", "images_0.pt"))
+    for name in ("images_4.pt", "syn_lr_4.pt"):
+        one, two = load("one", name), load("two", name)
+        assert (one - two).abs().max() <= 1e-4 * one.abs().max(), name
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
+    iterations = [[(row["it"], row["expert"], row["start_epoch"]) for row in log if row["type"] == "iteration"]
+                  for log in logs]
+    assert iterations[0] == iterations[1] and len(iterations[0]) == 4
+
+
+def test_eval_under_torchrun_prints_and_writes_the_one_process_rows(tmp_path):
+    flags = ["eval.py", "--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--baseline", "random", "--ipc", "2",
+             "--num_eval", "3", "--epoch_eval_train", "3", "--device", "cpu"]
+    one = python(*flags, "--out", tmp_path / "one.json")
+    two = torchrun(*flags, "--out", tmp_path / "two.json")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    rows = [json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json")]
+    assert rows[0]["rows"] == rows[1]["rows"] and (rows[0]["processes"], rows[1]["processes"]) == (1, 2)
+    table = lambda out: [line for line in out.splitlines() if line.startswith(("set", "random"))]
+    assert table(one.stdout) == table(two.stdout) and len(table(one.stdout)) == 2
+
+
+def test_a_failing_rank_ends_the_job_with_its_line_not_a_hang(buffers, tmp_path):
+    """Rank 1 is given a buffer path with no experts: the job must stop with rank 1's one-line error
+    and a non-zero status while rank 0 waits in a collective (subprocess's timeout catches a hang)."""
+    wrapper = tmp_path / "rank1_elsewhere.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"if os.environ['RANK'] == '1':\n    sys.argv = [a.replace({str(buffers)!r}, {str(tmp_path / 'none')!r}) "
+        "for a in sys.argv]\n"
+        f"sys.path.insert(0, {str(REPO)!r})\nrunpy.run_path({str(REPO / 'distill.py')!r}, run_name='__main__')\n")
+    result = torchrun(wrapper, *TINY, "--buffer_path", buffers, "--Iteration", "2",
+                      "--save_path", tmp_path / "run", timeout=180)
+    assert result.returncode != 0
+    assert "error (rank 1): no expert trajectories in" in result.stderr
+    assert not list((tmp_path / "run").glob("images_*.pt"))
+
+
+def test_buffer_under_torchrun_writes_the_experts_of_one_process(tmp_path):
+    """Whole files per process: the same arrays, bit for bit, and one sidecar describing them all."""
+    flags = ["buffer.py", "--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--num_experts", "3",
+             "--train_epochs", "1", "--save_interval", "1", "--dsa", "False", "--device", "cpu"]
+    one = python(*flags, "--buffer_path", tmp_path / "one")
+    two = torchrun(*flags, "--buffer_path", tmp_path / "two")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    directories = [Path(buffer.buffer_dir(str(tmp_path / run), "FashionMNIST-mini", "ConvNetW8", False))
+                   for run in ("one", "two")]
+    arrays = [[np.load(path) for path in buffer.expert_files(directory)] for directory in directories]
+    assert len(arrays[0]) == len(arrays[1]) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(*arrays))
+    sidecars = [json.loads((directory / "buffer.json").read_text()) for directory in directories]
+    strip = lambda meta: [{k: v for k, v in e.items() if k != "seconds"} for e in meta["experts"]]
+    assert strip(sidecars[0]) == strip(sidecars[1])
