@@ -21,14 +21,6 @@ TINY = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--ipc", "1",
 REFERENCE = Path(__file__).parent / "fixtures" / "mtt_reference_images.pt"
 
 
-@pytest.fixture(scope="module")
-def buffers(tmp_path_factory):
-    path = tmp_path_factory.mktemp("buffers")
-    buffer.main(["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--num_experts", "1",
-                 "--train_epochs", "2", "--dsa", "False", "--buffer_path", str(path), "--device", "cpu"])
-    return path
-
-
 def run_distill(buffers, save_path, *flags):
     return distill.main(TINY + ["--buffer_path", str(buffers), "--save_path", str(save_path), *flags])
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import buffer
@@ -50,14 +49,6 @@ def test_the_gradient_of_an_iteration_split_over_two_processes_equals_one_proces
         assert sorted(split_grads) == sorted(grads)
         for name in grads:
             assert grads[name].abs().sum() > 0 and relative_error(split_grads[name], grads[name]) <= 1e-5, (case, name)
-
-
-@pytest.fixture(scope="module")
-def buffers(tmp_path_factory):
-    path = tmp_path_factory.mktemp("buffers")
-    buffer.main(["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--num_experts", "2", "--train_epochs",
-                 "2", "--dsa", "False", "--buffer_path", str(path), "--device", "cpu"])
-    return path
 
 
 def test_distill_under_torchrun_gives_the_one_process_images_and_resumes(buffers, tmp_path):
