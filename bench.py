@@ -1,25 +1,62 @@
-"""Seconds per distillation iteration and peak memory: full unroll vs --low_memory replay.
+"""Seconds per distillation iteration and peak memory, in two modes, printed as Markdown tables.
 
-    python bench.py                                   # CPU: ipc 1 and 10 at syn_steps 10, 20, 40
+    python bench.py                                    # CPU, mode 1: ipc 1 and 10 at syn_steps 10 and 20
+    python bench.py --processes 1 2                    # CPU, mode 2: 1 and 2 processes, 1 process of 2 threads
     python bench.py --device cuda --ipc 1 10 50 --syn_steps 10 30 50
+    python bench.py --device cuda --processes 1 2      # on a machine with 2 GPUs (no 2-thread row on CUDA)
 
-Each configuration runs in a fresh process, so peak memory is its own: on CPU the growth of
-the process's peak resident set over the set-up, on CUDA torch.cuda.max_memory_allocated over
-the set-up. One warm-up iteration, then the median of --repeats timed ones.
+Mode 1 (the default): the full unroll vs --low_memory's replay, ConvNet (width 128) on 3x32x32
+images of 10 classes, batch_syn = all, DSA on.
+
+Mode 2 (--processes): distill.py's iteration under torchrun, every minibatch split across the
+processes (Gloo on CPU, NCCL on CUDA with one GPU per process), unroll and --low_memory, at ipc 10
+and 50 and syn_steps 20 by default. The default model is ConvNetW32 (width 32) at 3x32x32, so
+that ipc 50 unrolled fits in 24 GB of RAM. On CPU each process gets 1 thread, and 1 process of 2
+threads (for --processes 1 2) runs beside them. Mode 2 then times buffer.py on FashionMNIST-mini
+(5000 training images; --buffer_model, --buffer_experts, --buffer_epochs), 1 thread per process,
+--save_interval 1 so that the experts split across the processes by whole files. Its throughput
+is experts x epochs x 5000 images / the wall seconds of the whole command, so it includes the
+processes' start-up and data loading.
+
+Every figure comes from a fresh process (a torchrun job in mode 2), so peak memory is its own:
+on CPU the growth of the process's peak resident set over the set-up (network, synthetic set,
+target), on CUDA torch.cuda.max_memory_allocated over the set-up; per rank under torchrun. A
+process runs one warm-up iteration, then --iterations timed ones (their median). The
+configurations are alternated, every one once per round for --repeats rounds, so that a slow
+drift of the machine hits them all alike; the tables give the median [min-max] over the rounds,
+and ratios as the median [min-max] of the per-round ratios. Progress goes to stderr.
 """
 import argparse
 import json
+import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from matching import BACKWARD, draw_schedule
+import parallel
+from matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import flatten_params, get_network
 from utils import DSA_STRATEGY, pick_device
+
+REPO = Path(__file__).resolve().parent
+DEFAULTS = {  # each mode's grid, where --model, --ipc or --syn_steps is not given
+    "backward": {"model": "ConvNet", "ipc": [1, 10], "syn_steps": [10, 20]},
+    "processes": {"model": "ConvNetW32", "ipc": [10, 50], "syn_steps": [20]},
+}
+BACKWARD_NAMES = {False: "unroll", True: "low-memory"}
+MINI_TRAIN_IMAGES = 5000  # FashionMNIST-mini: 500 training images per class
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement, in its own process (every rank of a torchrun job runs this)
 
 
 def peak_mb(device):
@@ -28,69 +65,233 @@ def peak_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def measure(model, ipc, syn_steps, low_memory, device, repeats):
-    """One configuration, in this process: (median seconds per iteration, peak MB above set-up)."""
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model, ipc, syn_steps, low_memory, iterations, device):
+    """(median seconds of the timed iterations, peak MB above the set-up) of this process; under
+    torchrun every rank builds the same problem and draws the same minibatches (one seed), and
+    matching.BACKWARD computes this rank's share of each."""
     torch.manual_seed(0)
     net = get_network(model, 3, 10, (32, 32)).to(device)
     theta0 = flatten_params(net)
     target = theta0 + 0.01 * torch.randn_like(theta0)
-    images = torch.randn(10 * ipc, 3, 32, 32, device=device).requires_grad_()
-    labels = torch.arange(10, device=device).repeat_interleave(ipc)
-    syn_lr = torch.tensor(0.01, device=device).requires_grad_()
+    synset = SyntheticSet(torch.randn(10 * ipc, 3, 32, 32, device=device),
+                          torch.arange(10, device=device).repeat_interleave(ipc), torch.tensor(0.01, device=device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = peak_mb(device)
-    times = []
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    seconds = []
+    for _ in range(1 + iterations):  # the first is the warm-up
+        parallel.barrier()  # the ranks start together, so that no rank's clock counts waiting for another
+        synchronize(device)
         start = time.perf_counter()
-        schedule = draw_schedule(images, labels, syn_steps, len(labels), DSA_STRATEGY)
-        BACKWARD[low_memory](net, images, syn_lr, theta0, target, schedule)
-        images.grad = syn_lr.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]), peak_mb(device) - base
+        schedule = draw_schedule(synset.images, syn_steps, len(synset.labels), DSA_STRATEGY)
+        BACKWARD[low_memory](net, synset, theta0, target, schedule)
+        for tensor in synset.tensors.values():
+            tensor.grad = None
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[1:]), peak_mb(device) - base
+
+
+def worker(args):
+    """The hidden --one side: measure, and print one JSON line (rank 0) with every rank's figures."""
+    device = parallel.setup(pick_device(args.device))
+    seconds, peak = measure(args.model, *args.one, args.low_memory, args.iterations, device)
+    ranks = parallel.gather_objects((seconds, peak))
+    if parallel.is_main():
+        print(json.dumps({"threads": torch.get_num_threads(), "seconds": [s for s, _ in ranks],
+                          "peak_mb": [m for _, m in ranks]}))
+    parallel.teardown()
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: fresh processes, alternated rounds, tables
+
+
+def run(command, threads=None):
+    """The command's stdout; its stderr's tail and a one-line error if it fails. `threads`:
+    OMP_NUM_THREADS for it (torch's thread count in each of its processes)."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{result.stderr[-3000:]}\nerror: exit status {result.returncode} from {shlex.join(command)}")
+    return result.stdout
+
+
+def launcher(processes):
+    """Plain python for one process (distill.py's usual run, no process group), torchrun for more."""
+    return [sys.executable] if processes == 1 else TORCHRUN + [str(processes)]
+
+
+def iteration(args, ipc, syn_steps, low_memory, processes=1, threads=None):
+    """One fresh measurement: {"seconds": of the slowest rank, whose pace the job keeps,
+    "peak_mb": [per rank]}."""
+    command = launcher(processes) + [__file__, "--one", str(ipc), str(syn_steps), "--model", args.model,
+                                     "--device", args.device, "--iterations", str(args.iterations)]
+    found = json.loads(run(command + ["--low_memory"] * low_memory, threads).splitlines()[-1])
+    if threads and found["threads"] != threads:
+        sys.exit(f"error: {shlex.join(command)} ran {found['threads']} threads, not {threads}")
+    return {"seconds": max(found["seconds"]), "peak_mb": found["peak_mb"]}
+
+
+def buffer_run(args, processes):
+    """Images per second of one buffer.py command into a fresh folder, start-up and data loading included."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = launcher(processes) + [
+            str(REPO / "buffer.py"), "--dataset", "FashionMNIST-mini", "--model", args.buffer_model,
+            "--num_experts", str(args.buffer_experts), "--train_epochs", str(args.buffer_epochs),
+            "--save_interval", "1", "--dsa", "True", "--device", args.device, "--buffer_path", folder]
+        start = time.perf_counter()
+        run(command, threads=1)
+        seconds = time.perf_counter() - start
+        # the throughput counts each expert once: a job whose ranks each trained them all is no speed-up
+        listed = len(json.loads(next(Path(folder).rglob("buffer.json")).read_text())["experts"])
+        if listed != args.buffer_experts:
+            sys.exit(f"error: {shlex.join(command)} listed {listed} experts, not {args.buffer_experts}")
+    return args.buffer_experts * args.buffer_epochs * MINI_TRAIN_IMAGES / seconds
+
+
+def alternate(configs, measure_one, repeats):
+    """Every configuration once per round, in the given order, for `repeats` rounds, so that a
+    slow drift of the machine hits them all alike: {config: [its result in each round]}."""
+    results = {config: [] for config in configs}
+    for round_ in range(repeats):
+        for config in configs:
+            results[config].append(measure_one(config))
+            print(f"round {round_ + 1}/{repeats} {config}: {results[config][-1]}", file=sys.stderr, flush=True)
+    return results
+
+
+def spread(values, digits):
+    """'median [min-max]' of the values."""
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def ratios(numerators, denominators):
+    """The per-round ratios of two configurations measured in the same rounds."""
+    return [a / b for a, b in zip(numerators, denominators, strict=True)]
+
+
+def markdown(header, rows):
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
+def seconds_of(results):
+    return [result["seconds"] for result in results]
+
+
+def peak_per_rank(results):
+    """Each rank's median peak MB over the rounds, 'rank 0 / rank 1 / ...'."""
+    ranks = zip(*(result["peak_mb"] for result in results))
+    return " / ".join(f"{statistics.median(rank):.0f}" for rank in ranks)
+
+
+def backward_table(results, ipcs, syn_steps):
+    """Mode 1's table from {(ipc, syn_steps, low_memory): [per-round results]}."""
+    rows = []
+    for ipc in ipcs:
+        for steps in syn_steps:
+            unroll, low = results[ipc, steps, False], results[ipc, steps, True]
+            rows.append([ipc, steps, spread(seconds_of(unroll), 3), spread(seconds_of(low), 3),
+                         spread(ratios(seconds_of(low), seconds_of(unroll)), 2),
+                         spread([r["peak_mb"][0] for r in unroll], 0), spread([r["peak_mb"][0] for r in low], 0)])
+    return markdown(["ipc", "syn_steps", "unroll s/it", "low-memory s/it", "low-memory / unroll", "unroll peak MB",
+                     "low-memory peak MB"], rows)
+
+
+def settings(processes, device):
+    """{name: (processes, threads per process)}: 1 thread each, and on CPU, 1 process of as many
+    threads as each multi-process setting has processes."""
+    found = {f"{p} proc{'s' * (p > 1)} x 1 thread": (p, 1) for p in processes}
+    if device.type == "cpu":
+        found.update({f"1 proc x {p} threads": (1, p) for p in processes if p > 1})
+    return found
+
+
+def processes_table(results, ipcs, syn_steps, named):
+    """Mode 2's table from {(ipc, syn_steps, low_memory, setting name): [per-round results]}; the
+    first setting (1 x 1) is the baseline of the speed-ups."""
+    rows, baseline = [], next(iter(named))
+    for ipc in ipcs:
+        for steps in syn_steps:
+            for low_memory, backward in BACKWARD_NAMES.items():
+                for name in named:
+                    found, base = results[ipc, steps, low_memory, name], results[ipc, steps, low_memory, baseline]
+                    rows.append([ipc, steps, backward, name, spread(seconds_of(found), 3),
+                                 spread(ratios(seconds_of(base), seconds_of(found)), 2), peak_per_rank(found)])
+    return markdown(["ipc", "syn_steps", "backward", "setting", "s/it", "speed-up over 1x1", "peak MB per rank"],
+                    rows)
+
+
+def buffer_table(throughput):
+    """buffer.py's table from {processes: [per-round images/s]}; 1 process is the baseline."""
+    rows = [[p, spread(found, 0), spread(ratios(found, throughput[1]), 2)] for p, found in throughput.items()]
+    return markdown(["processes (1 thread each)", "images/s", "speed-up over 1"], rows)
+
+
+def describe(args, device):
+    """The line before a table: the problem and the protocol."""
+    params = sum(p.numel() for p in get_network(args.model, 3, 10, (32, 32)).parameters())
+    memory = "max_memory_allocated" if device.type == "cuda" else "peak resident set"
+    return (f"{args.model} ({params:,} parameters), 3x32x32, 10 classes, batch_syn = all, DSA on; each figure a "
+            f"fresh process: 1 warm-up + {args.iterations} timed iteration(s); median [min-max] over {args.repeats} "
+            f"alternated rounds; peak MB = growth of the {memory} over the set-up.")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ConvNet")
-    parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
-    parser.add_argument("--syn_steps", type=int, nargs="+", default=[10, 20, 40])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", help="ConvNet in mode 1, ConvNetW32 in mode 2")
+    parser.add_argument("--ipc", type=int, nargs="+", help="1 10 in mode 1, 10 50 in mode 2")
+    parser.add_argument("--syn_steps", type=int, nargs="+", help="10 20 in mode 1, 20 in mode 2")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (at least 3)")
+    parser.add_argument("--iterations", type=int, default=1, help="timed iterations per process (their median)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--processes", type=int, nargs="+", help="mode 2: these process counts (and 1) under torchrun")
+    parser.add_argument("--buffer_model", default="ConvNetW32", help="mode 2: buffer.py's --model")
+    parser.add_argument("--buffer_experts", type=int, default=2, help="mode 2: buffer.py's --num_experts")
+    parser.add_argument("--buffer_epochs", type=int, default=1, help="mode 2: buffer.py's --train_epochs")
     parser.add_argument("--one", nargs=2, type=int, metavar=("IPC", "SYN_STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--low_memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = pick_device(args.device)
     if args.one:
-        print(json.dumps(measure(args.model, *args.one, args.low_memory, device, args.repeats)))
+        return worker(args)
+    if args.repeats < 3 or args.iterations < 1:
+        sys.exit("error: --repeats must be at least 3 (a median and a spread) and --iterations at least 1")
+    mode = "processes" if args.processes else "backward"
+    for flag, default in DEFAULTS[mode].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+    device = pick_device(args.device)
+    args.device = device.type  # the workers: cuda:LOCAL_RANK under torchrun, else the default GPU
+    processes = sorted({1, *(args.processes or [])})
+    if device.type == "cuda" and torch.cuda.device_count() < processes[-1]:
+        sys.exit(f"error: --processes {processes[-1]} needs {processes[-1]} GPUs; this machine has "
+                 f"{torch.cuda.device_count()}")
+    name = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+            else f"CPU, {os.cpu_count()} cores ({torch.get_num_threads()} threads unless a row says otherwise)")
+    print(f"{name}; torch {torch.__version__}; `{shlex.join(['python', *sys.argv])}`\n", flush=True)
+
+    if mode == "backward":
+        configs = [(ipc, steps, low) for ipc in args.ipc for steps in args.syn_steps for low in BACKWARD_NAMES]
+        results = alternate(configs, lambda config: iteration(args, *config), args.repeats)
+        print(describe(args, device) + "\n\n" + backward_table(results, args.ipc, args.syn_steps))
         return
 
-    def run(ipc, steps, low_memory):
-        command = [sys.executable, __file__, "--one", str(ipc), str(steps), "--model", args.model,
-                   "--device", str(device), "--repeats", str(args.repeats)] + ["--low_memory"] * low_memory
-        return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.model}, 3x32x32, 10 classes, batch_syn = all, DSA on; {name}; torch {torch.__version__}\n")
-    print("| ipc | syn_steps | unroll s/it | low-memory s/it | time ratio | unroll peak MB | low-memory peak MB |")
-    print("|---|---|---|---|---|---|---|")
-    growth = []
-    for ipc in args.ipc:
-        peaks = {}
-        for steps in args.syn_steps:
-            (t_unroll, m_unroll), (t_low, m_low) = run(ipc, steps, False), run(ipc, steps, True)
-            peaks[steps] = (m_unroll, m_low)
-            print(f"| {ipc} | {steps} | {t_unroll:.3f} | {t_low:.3f} | {t_low / t_unroll:.2f} | {m_unroll:.0f} "
-                  f"| {m_low:.0f} |", flush=True)
-        first, last = min(peaks), max(peaks)
-        unroll, low = (100 * (peaks[last][k] / peaks[first][k] - 1) for k in (0, 1))
-        growth.append(f"ipc {ipc}, syn_steps {first} -> {last}: "
-                      f"unroll peak {unroll:+.0f}%, low-memory peak {low:+.0f}%")
-    print("\n" + "\n".join(growth))
+    named = settings(processes, device)
+    configs = [(ipc, steps, low, setting) for ipc in args.ipc for steps in args.syn_steps for low in BACKWARD_NAMES
+               for setting in named]
+    results = alternate(configs, lambda config: iteration(args, *config[:3], *named[config[3]]), args.repeats)
+    print(f"{describe(args, device)}\n\n{processes_table(results, args.ipc, args.syn_steps, named)}\n", flush=True)
+    throughput = alternate(processes, lambda p: buffer_run(args, p), args.repeats)
+    print(f"buffer.py --dataset FashionMNIST-mini --model {args.buffer_model} --num_experts {args.buffer_experts} "
+          f"--train_epochs {args.buffer_epochs} --save_interval 1 --dsa True --device {args.device}; images/s = "
+          f"experts x epochs x {MINI_TRAIN_IMAGES} / wall seconds of the command (start-up and data loading "
+          f"included); median [min-max] over {args.repeats} alternated rounds\n\n{buffer_table(throughput)}")
 
 
 if __name__ == "__main__":

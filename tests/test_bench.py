@@ -1,0 +1,44 @@
+"""bench.py's rounds and tables, on made-up figures (no process is started)."""
+import torch
+
+import bench
+
+
+def test_every_round_runs_every_configuration_in_order():
+    calls = []
+    results = bench.alternate(["a", "b"], lambda config: calls.append(config) or len(calls), repeats=3)
+    assert calls == ["a", "b"] * 3
+    assert results == {"a": [1, 3, 5], "b": [2, 4, 6]}
+
+
+def test_the_ratio_is_the_median_of_the_per_round_ratios():
+    unroll = [{"seconds": s, "peak_mb": [m]} for s, m in ((1.0, 500), (2.0, 520), (4.0, 510))]
+    low = [{"seconds": s, "peak_mb": [m]} for s, m in ((1.5, 100), (2.0, 90), (2.0, 95))]
+    table = bench.backward_table({(1, 10, False): unroll, (1, 10, True): low}, [1], [10])
+    # per-round ratios 1.5, 1.0, 0.5: the ratio of the medians (2.0 / 2.0) would say 1.00 too, but not its spread
+    assert table.splitlines()[-1] == ("| 1 | 10 | 2.000 [1.000-4.000] | 2.000 [1.500-2.000] | 1.00 [0.50-1.50] "
+                                      "| 510 [500-520] | 95 [90-100] |")
+
+
+def test_the_speed_up_is_over_one_process_of_one_thread_and_peaks_are_per_rank():
+    named = bench.settings([1, 2], torch.device("cpu"))
+    assert named == {"1 proc x 1 thread": (1, 1), "2 procs x 1 thread": (2, 1), "1 proc x 2 threads": (1, 2)}
+    assert list(bench.settings([1, 2], torch.device("cuda"))) == ["1 proc x 1 thread", "2 procs x 1 thread"]
+    figures = {"1 proc x 1 thread": [(4.0, [100])] * 3, "2 procs x 1 thread": [(2.0, [60, 58]), (2.5, [62, 58]),
+                                                                               (1.0, [61, 57])],
+               "1 proc x 2 threads": [(3.0, [110])] * 3}
+    results = {(10, 20, low, name): [{"seconds": s, "peak_mb": m} for s, m in rounds]
+               for low in (False, True) for name, rounds in figures.items()}
+    rows = bench.processes_table(results, [10], [20], named).splitlines()
+    assert rows[0] == "| ipc | syn_steps | backward | setting | s/it | speed-up over 1x1 | peak MB per rank |"
+    assert len(rows) == 2 + 2 * 3
+    assert rows[2] == "| 10 | 20 | unroll | 1 proc x 1 thread | 4.000 [4.000-4.000] | 1.00 [1.00-1.00] | 100 |"
+    assert rows[3] == "| 10 | 20 | unroll | 2 procs x 1 thread | 2.000 [1.000-2.500] | 2.00 [1.60-4.00] | 61 / 58 |"
+    assert rows[4] == "| 10 | 20 | unroll | 1 proc x 2 threads | 3.000 [3.000-3.000] | 1.33 [1.33-1.33] | 110 |"
+    assert rows[5].startswith("| 10 | 20 | low-memory | 1 proc x 1 thread |")
+
+
+def test_buffer_throughput_speed_up_is_per_round():
+    table = bench.buffer_table({1: [100.0, 110.0, 90.0], 2: [150.0, 220.0, 180.0]}).splitlines()
+    assert table[:2] == ["| processes (1 thread each) | images/s | speed-up over 1 |", "|---|---|---|"]
+    assert table[2:] == ["| 1 | 100 [90-110] | 1.00 [1.00-1.00] |", "| 2 | 180 [150-220] | 2.00 [1.50-2.00] |"]
