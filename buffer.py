@@ -3,6 +3,7 @@
     python buffer.py --dataset CIFAR10 --zca                  # 100 experts x 50 epochs, as published
     python buffer.py --dataset FashionMNIST-mini --num_experts 5 --train_epochs 10
     python buffer.py --dataset CIFAR10 --zca --rho_max 0.01 --rho_min 0.01 --alpha 0.3   # FTD's flat experts
+    python -m torch.distributed.run --standalone --nproc_per_node 8 buffer.py --dataset CIFAR10 --zca   # 8 GPUs
 
 Each expert is a network trained from random init with SGD on the full real training set (DSA on
 every batch); its flat parameters (networks.flatten_params) are recorded at init and after every
@@ -27,6 +28,17 @@ next_index counts every expert the directory has held, set-aside ones too, so no
 is used twice) starts from set_seed(expert_seed(--seed, k)). A rerun with other settings (model,
 dataset, zca, epochs, learning rate, GSAM, ...) is refused rather than mixing trajectories.
 
+Under torchrun (one process per GPU, or CPU processes with Gloo; on several machines the folder
+must be shared) the run's files are numbered up front and file j (the run's experts
+j * save_interval..) is trained by rank j mod ranks. Every expert keeps the index and seed one
+process gives it, so the directory holds the same experts (bit for bit on CPU). Rank 0 alone
+holds the lock, cleans up and recovers before the others start, prints (every rank's progress,
+gathered each epoch, so that no rank waits in a collective for longer than an epoch) and writes
+the sidecar after every round of files (one per rank). While the run lasts, the sidecar's
+"pending" gives each of its files its first index, so that the next run lists a file whose rank
+finished it in a round that was cut short elsewhere. --import_pt and --export_pt run in one
+process only.
+
 --rho_max > 0 trains FTD's flat experts: every batch takes a GSAM step (gsam_step) whose gradient
 the same SGD (--lr_teacher, --mom, --l2, --decay) then applies. GSAM moves rho linearly with the
 lr, from rho_max at lr_teacher to rho_min at lr_teacher / 10; the lr here is lr_teacher, then
@@ -45,8 +57,9 @@ import pickle
 import re
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import parallel
 from experts import SIDECAR, Experts, expert_files, numbered_files, open_checked, read_sidecar
 from networks import flatten_params, get_network, unflatten
 from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, augment, buffer_dir,
@@ -96,10 +110,12 @@ def parse_args(argv=None):
                         help="GSAM: scale the perturbation per weight by w**2 (adaptive SAM); needs --rho_max")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--import_pt", metavar="OLD_DIR",
-                      help="convert the original's replay_buffer_{n}.pt files in OLD_DIR instead of training")
+                      help="convert the original's replay_buffer_{n}.pt files in OLD_DIR instead of training "
+                           "(one process: refused under torchrun)")
     mode.add_argument("--export_pt", metavar="NEW_DIR",
                       help="write this directory's experts into NEW_DIR as the original's replay_buffer_{n}.pt "
-                           "files (--save_interval experts each), which MTT, TESLA and DATM read")
+                           "files (--save_interval experts each), which MTT, TESLA and DATM read (one process: "
+                           "refused under torchrun)")
     return parser.parse_args(argv)
 
 
@@ -116,6 +132,8 @@ def check_args(args):
         raise UsageError(f"--rho_min {args.rho_min} is above --rho_max {args.rho_max}")
     if (args.alpha or args.adaptive) and not args.rho_max:
         raise UsageError("--alpha and --adaptive set up GSAM: give --rho_max too (GSAM is off at rho 0)")
+    if parallel.launched() and (args.import_pt or args.export_pt):
+        raise UsageError("--import_pt and --export_pt convert files in one process: run them with python, not torchrun")
 
 
 def expert_seed(seed, index):
@@ -164,11 +182,12 @@ def open_directory(directory, settings, seed):
         raise UsageError(f"{directory} holds experts with {', '.join(differences)}; choose another "
                          f"--buffer_path rather than mix trajectories")
     meta.setdefault("next_index", len(meta["experts"]))
+    planned = meta.pop("pending", {})  # a killed multi-process run's files: name -> index of its first expert
     listed = {expert["file"] for expert in meta["experts"]}
     unlisted = [path for path in expert_files(directory) if path.name not in listed]
     for path in unlisted:
-        recover(path, meta, seed)
-    if unlisted:
+        recover(path, meta, seed, planned.get(path.name, meta["next_index"]))
+    if unlisted or planned:
         save_json(meta, Path(directory) / SIDECAR)
     return meta
 
@@ -179,11 +198,11 @@ def initialisation(meta, seed):
     return flatten_params(get_network(meta["model"], meta["channel"], meta["num_classes"], meta["im_size"])).numpy()
 
 
-def recover(path, meta, seed):
-    """List an unlisted file if its experts start from the initialisations of the next indices
-    under `seed` (a run killed before its sidecar write), else set it aside. Either way the
-    indices of its experts are never given again."""
-    first = meta["next_index"]
+def recover(path, meta, seed, first):
+    """List an unlisted file if its experts start from the initialisations of indices first..
+    under `seed` (a run killed before its sidecar write; `first` is the sidecar's next index, or
+    the one a multi-process run planned for the file), else set it aside. Either way the indices
+    of its experts are never given again."""
     try:
         array = open_checked(path, 1, meta["train_epochs"] + 1, meta["num_params"])
     except UsageError as err:
@@ -196,7 +215,7 @@ def recover(path, meta, seed):
               f"(indices {first}..{first + len(array) - 1}; their per-epoch accuracies are unknown)")
     else:
         set_aside(path, f"its experts do not start from the initialisations of indices {first}.. under --seed {seed}")
-    meta["next_index"] = first + len(array)
+    meta["next_index"] = max(meta["next_index"], first + len(array))
 
 
 def set_aside(path, reason):
@@ -208,11 +227,23 @@ def set_aside(path, reason):
     print(f"set {path} aside as {orphan.name}: it is not listed in {SIDECAR} and {reason}")
 
 
-def next_file(directory, meta):
-    """The name after every numbered file on disk or in the sidecar, so none is ever reused."""
+def next_number(directory, meta):
+    """The number after every numbered file on disk or in the sidecar, so none is ever reused."""
     names = [p.name for p in Path(directory).glob("replay_buffer_*")] + [e["file"] for e in meta["experts"]]
     numbers = [int(match[1]) for match in map(NUMBERED.match, names) if match]
-    return Path(directory) / f"replay_buffer_{max(numbers, default=-1) + 1}.npy"
+    return max(numbers, default=-1) + 1
+
+
+def buffer_file(directory, number):
+    return Path(directory) / f"replay_buffer_{number}.npy"
+
+
+def plan_files(args, directory, meta):
+    """This run's files as (path, index of its first expert, experts), numbered up front in the
+    order one process writes them, so that every rank knows them all."""
+    number, index = next_number(directory, meta), meta["next_index"]
+    return [(buffer_file(directory, number + j), index + first, min(args.save_interval, args.num_experts - first))
+            for j, first in enumerate(range(0, args.num_experts, args.save_interval))]
 
 
 @contextmanager
@@ -317,45 +348,90 @@ def train_expert(args, data, snapshots):
         yield train_acc, test_acc, images_per_second
 
 
+def train_file(args, data, num_params, file, entries):
+    """Train the experts of one file (path, index of its first expert, experts) and write it;
+    append their sidecar entries to `entries`; yield (index, epoch, train acc, test acc, images/s)
+    per epoch. The file appears, complete, only when the last epoch has been yielded."""
+    path, first, size = file
+    with new_buffer_file(path, (size, args.train_epochs + 1, num_params)) as array:
+        for row in range(size):
+            index = first + row
+            seed = expert_seed(args.seed, index)
+            set_seed(seed)
+            entry = {"file": path.name, "index": index, "row": row, "seed": seed, "train_acc": [], "test_acc": []}
+            for epoch, (train_acc, test_acc, speed) in enumerate(train_expert(args, data, array[row]), 1):
+                entry["train_acc"].append(train_acc)
+                entry["test_acc"].append(test_acc)
+                yield index, epoch, train_acc, test_acc, speed
+            entries.append(entry)
+
+
+def load_data(args, device, settings):
+    data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
+    shape = [data.channel, list(data.im_size), data.num_classes]
+    assert shape == [settings["channel"], settings["im_size"], settings["num_classes"]], "DatasetInfo.shape disagrees"
+    return replace(data, images_train=data.images_train.to(device), labels_train=data.labels_train.to(device),
+                   images_test=data.images_test.to(device), labels_test=data.labels_test.to(device))
+
+
+def open_run(args, directory, settings, world):
+    """On rank 0, alone in the locked directory before the others start: clean it up, recover,
+    and number this run's files. Returns the sidecar and the plan of files."""
+    meta = open_directory(directory, settings, args.seed)
+    plan = plan_files(args, directory, meta)
+    if world > 1:  # ranks finish the files of a round in any order: the next run must know which indices each holds
+        meta["pending"] = {path.name: first for path, first, _ in plan}
+        save_json(meta, directory / SIDECAR)
+    return meta, plan
+
+
 def train(args):
-    device = pick_device(args.device)
+    device = parallel.setup(pick_device(args.device))
     if args.deterministic:
         make_deterministic()
-    directory = make_folder(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res),
-                            "--buffer_path")
-    with folder_lock(directory, "buffer.py run"):
-        meta = open_directory(directory, describe(args, args.seed), args.seed)
-        data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
-        shape = [data.channel, list(data.im_size), data.num_classes]
-        assert shape == [meta["channel"], meta["im_size"], meta["num_classes"]], "DatasetInfo.shape disagrees"
-        data = replace(data, images_train=data.images_train.to(device), labels_train=data.labels_train.to(device),
-                       images_test=data.images_test.to(device), labels_test=data.labels_test.to(device))
-        print(f"{args.num_experts} {args.model} experts x {args.train_epochs} epochs on {args.dataset} "
-              f"({len(data.images_train)} images, {device}) -> {directory}")
-        start, done, total = time.time(), 0, args.num_experts * args.train_epochs
-        for first in range(0, args.num_experts, args.save_interval):
-            size = min(args.save_interval, args.num_experts - first)
-            path = next_file(directory, meta)
+    directory = Path(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res))
+    settings, rank, world = describe(args, args.seed), parallel.rank(), parallel.world()
+    main_process = parallel.is_main()
+    say = print if main_process else lambda *_, **__: None
+    meta = plan = None
+    with ExitStack() as stack:
+        try:
+            if main_process:  # it holds the lock for the whole run; the others never take it
+                stack.enter_context(folder_lock(make_folder(directory, "--buffer_path"), "buffer.py run"))
+                meta, plan = open_run(args, directory, settings, world)
+        finally:  # also when rank 0 fails (plan None), so that the others stop quietly rather than in a collective
+            plan = parallel.broadcast_object(plan)
+        if plan is None:
+            return  # on ranks 1.. when rank 0 failed: its one line says why
+        if not directory.is_dir():
+            raise UsageError(f"{directory} does not exist on this machine: on several machines --buffer_path must "
+                             f"be a folder they all share")
+        rounds = [plan[j:j + world] for j in range(0, len(plan), world)]  # file j on rank j mod world
+        data = load_data(args, device, settings)
+        where = device if world == 1 else f"{world} processes on {device.type}, file j on rank j mod {world}"
+        say(f"{args.num_experts} {args.model} experts x {args.train_epochs} epochs on {args.dataset} "
+            f"({len(data.images_train)} images, {where}) -> {directory}")
+        steps = [max(size for _, _, size in files) * args.train_epochs for files in rounds]
+        start, done, total = time.time(), 0, sum(steps)
+        for files, round_steps in zip(rounds, steps):
             entries = []
-            with new_buffer_file(path, (size, args.train_epochs + 1, meta["num_params"])) as array:
-                for row in range(size):
-                    index = meta["next_index"] + row
-                    seed = expert_seed(args.seed, index)
-                    set_seed(seed)
-                    entry = {"file": path.name, "index": index, "row": row, "seed": seed, "train_acc": [],
-                             "test_acc": []}
-                    for epoch, (train_acc, test_acc, speed) in enumerate(train_expert(args, data, array[row]), 1):
-                        entry["train_acc"].append(train_acc)
-                        entry["test_acc"].append(test_acc)
-                        done += 1
-                        print(f"expert {first + row + 1}/{args.num_experts} (#{index}) epoch "
-                              f"{epoch}/{args.train_epochs}: train acc {train_acc:.4f} test acc {test_acc:.4f}, "
-                              f"{speed:.0f} images/s, {eta(time.time() - start, done, total)}", flush=True)
-                    entries.append(entry)
-            meta["experts"] += entries
-            meta["next_index"] += size
-            save_json(meta, Path(directory) / SIDECAR)
-            print(f"wrote {path} ({count(size)})")
+            epochs = train_file(args, data, settings["num_params"], files[rank], entries) if rank < len(files) else ()
+            # one gather an epoch, a rank whose file is done sending None: no collective waits longer than an epoch
+            for progress, _ in zip_longest(epochs, range(round_steps)):
+                done += 1
+                for index, epoch, train_acc, test_acc, speed in filter(None, parallel.gather_objects(progress)):
+                    say(f"expert {index - plan[0][1] + 1}/{args.num_experts} (#{index}) epoch "
+                        f"{epoch}/{args.train_epochs}: train acc {train_acc:.4f} test acc {test_acc:.4f}, "
+                        f"{speed:.0f} images/s, {eta(time.time() - start, done, total)}", flush=True)
+            finished = [entry for share in parallel.gather_objects(entries) for entry in share]
+            if main_process:
+                meta["experts"] += finished
+                meta["next_index"] += len(finished)
+                if files is rounds[-1]:
+                    meta.pop("pending", None)
+                save_json(meta, directory / SIDECAR)
+                for path, _, size in files:
+                    print(f"wrote {path} ({count(size)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +473,7 @@ def import_pt(args):
         meta = open_directory(directory, describe(args, seed=None), args.seed)
         for source in sources:
             experts = read_original(source, meta["param_shapes"], args.train_epochs)
-            path = next_file(directory, meta)
+            path = buffer_file(directory, next_number(directory, meta))
             with new_buffer_file(path, (len(experts), args.train_epochs + 1, meta["num_params"])) as array:
                 for row, expert in enumerate(experts):
                     for epoch, snapshot in enumerate(expert):
@@ -436,7 +512,8 @@ def main(argv=None):
         check_args(args)
         (import_pt if args.import_pt else export_pt if args.export_pt else train)(args)
     except UsageError as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error{f' (rank {parallel.rank()})' if parallel.rank() else ''}: {err}")
+    parallel.teardown()
 
 
 if __name__ == "__main__":

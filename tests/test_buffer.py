@@ -431,6 +431,41 @@ def test_an_unlisted_file_that_is_not_the_next_experts_is_set_aside(tmp_path, ki
                                       ("replay_buffer_3.npy", 2, buffer.expert_seed(1, 2), 1, None)])
 
 
+def test_a_file_of_a_round_a_killed_multi_process_run_cut_short_is_listed_at_its_planned_indices(
+        tmp_path, sliced, capsys):
+    """Two ranks, four files of one expert: killed in the second round after rank 1 renamed
+    replay_buffer_3.npy into place but before rank 0 finished replay_buffer_2.npy. The sidecar
+    lists the first round and plans index 3 for file 3 ("pending"), so the next run lists it
+    there (the next index, 2, would set it aside) and starts at index 4; "pending" is gone."""
+    directory = Path(run(tmp_path, "--num_experts", "2", "--train_epochs", "1", "--save_interval", "1", model=FAST))
+    after_first_round = json.loads((directory / buffer.SIDECAR).read_text())
+    run(tmp_path, "--num_experts", "2", "--train_epochs", "1", "--save_interval", "1", model=FAST)
+    (directory / "replay_buffer_2.npy").unlink()
+    unlisted = np.load(directory / "replay_buffer_3.npy")
+    (directory / buffer.SIDECAR).write_text(json.dumps(
+        {**after_first_round, "pending": {f"replay_buffer_{n}.npy": n for n in range(4)}}))
+    capsys.readouterr()
+    run(tmp_path, "--num_experts", "1", "--train_epochs", "1", model=FAST)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"recovered {directory / 'replay_buffer_3.npy'}: 1 expert a killed run wrote but never listed in buffer.json "
+        f"(indices 3..3; their per-epoch accuracies are unknown)")
+    seed = partial(buffer.expert_seed, 0)
+    assert summary(directory) == (5, [("replay_buffer_0.npy", 0, seed(0), 1, None),
+                                      ("replay_buffer_1.npy", 1, seed(1), 1, None),
+                                      ("replay_buffer_3.npy", 3, seed(3), 0, True),
+                                      ("replay_buffer_4.npy", 4, seed(4), 1, None)])
+    assert np.array_equal(np.load(directory / "replay_buffer_3.npy"), unlisted)
+    assert "pending" not in buffer.read_sidecar(directory)
+
+
+def test_conversions_are_refused_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for flag in ("--import_pt", "--export_pt"):
+        assert error_of(*TINY, flag, str(tmp_path / "pt"), "--buffer_path", str(tmp_path / "buffers")) == (
+            "error: --import_pt and --export_pt convert files in one process: run them with python, not torchrun")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_first_file_whose_sidecar_was_never_written_is_recovered(tmp_path, sliced):
     directory = Path(run(tmp_path, "--num_experts", "1", "--train_epochs", "1", model=FAST))
     (directory / buffer.SIDECAR).unlink()

@@ -1,11 +1,13 @@
 """The scripts under torchrun: two CPU processes with the Gloo backend give what one process gives."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import buffer
@@ -99,10 +101,13 @@ def test_a_failing_rank_ends_the_job_with_its_line_not_a_hang(buffers, tmp_path)
     assert not list((tmp_path / "run").glob("images_*.pt"))
 
 
-def test_buffer_under_torchrun_writes_the_experts_of_one_process(tmp_path):
-    """Whole files per process: the same arrays, bit for bit, and one sidecar describing them all."""
+@pytest.mark.parametrize("gsam", [[], ["--rho_max", "0.05", "--alpha", "0.3"]], ids=["sgd", "gsam"])
+def test_buffer_under_torchrun_writes_the_experts_of_one_process(tmp_path, gsam):
+    """Whole files per process (file j on rank j mod 2, so rank 1 has none in the second round):
+    the same arrays, bit for bit, one sidecar equal to one process's, and rank 0 printing every
+    expert's progress once, in one process's order (one epoch each)."""
     flags = ["buffer.py", "--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--num_experts", "3",
-             "--train_epochs", "1", "--save_interval", "1", "--dsa", "False", "--device", "cpu"]
+             "--train_epochs", "1", "--save_interval", "1", "--dsa", "False", "--device", "cpu", *gsam]
     one = python(*flags, "--buffer_path", tmp_path / "one")
     two = torchrun(*flags, "--buffer_path", tmp_path / "two")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
@@ -111,6 +116,12 @@ def test_buffer_under_torchrun_writes_the_experts_of_one_process(tmp_path):
     arrays = [[np.load(path) for path in buffer.expert_files(directory)] for directory in directories]
     assert len(arrays[0]) == len(arrays[1]) == 3
     assert all(np.array_equal(a, b) for a, b in zip(*arrays))
+    assert not np.array_equal(arrays[1][0][0, 1], arrays[1][0][0, 0])  # the experts trained
     sidecars = [json.loads((directory / "buffer.json").read_text()) for directory in directories]
-    strip = lambda meta: [{k: v for k, v in e.items() if k != "seconds"} for e in meta["experts"]]
-    assert strip(sidecars[0]) == strip(sidecars[1])
+    assert sidecars[0] == sidecars[1] and sidecars[1]["next_index"] == 3
+    assert sidecars[1]["rho_max"] == (0.05 if gsam else 0)
+    progress = lambda out: [re.sub(r", \d+ images/s, .*", "", line) for line in out.splitlines()
+                            if line.startswith("expert ")]
+    assert progress(two.stdout) == progress(one.stdout) and len(progress(one.stdout)) == 3
+    assert [line for line in two.stdout.splitlines() if line.startswith("wrote ")] == [
+        f"wrote {directories[1] / f'replay_buffer_{n}.npy'} (1 expert)" for n in range(3)]
