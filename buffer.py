@@ -59,6 +59,7 @@ import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from functools import partial
 from itertools import zip_longest
 from pathlib import Path
 
@@ -70,9 +71,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import parallel
 from experts import SIDECAR, Experts, expert_files, numbered_files, open_checked, read_sidecar
 from networks import flatten_params, get_network, unflatten
-from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, augment, buffer_dir,
+from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, buffer_dir,
                    check_common_args, eta, folder_lock, get_dataset, make_deterministic, make_folder, pick_device,
-                   remove_stale_temps, require_positive, save_json, set_seed, train_epoch)
+                   remove_stale_temps, require_positive, save_json, set_seed, sgd_step, train_epoch)
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
@@ -309,20 +310,6 @@ def norm(tensors):
     return torch.stack([t.norm() for t in tensors]).norm()
 
 
-def gsam_epoch(net, images, labels, optimizer, batch_size, dsa_strategy, rho, alpha, adaptive):
-    """utils.train_epoch with a GSAM step per batch: both gradients see the same augmented batch."""
-    net.train()
-    correct, seen = torch.zeros((), device=images.device), 0
-    for idx in torch.randperm(len(images), device=images.device).split(batch_size):
-        x, y = images[idx], labels[idx]
-        if dsa_strategy:
-            x = augment(x, dsa_strategy)
-        out = gsam_step(net, x, y, optimizer, rho, alpha, adaptive)
-        correct += (out.argmax(1) == y).sum()
-        seen += len(y)
-    return correct / seen
-
-
 def train_expert(args, data, snapshots):
     """Train a fresh network from torch's RNG as the original does; write its flat parameters at
     init and after every epoch into snapshots; yield (train acc, test acc, images/s) per epoch."""
@@ -333,12 +320,9 @@ def train_expert(args, data, snapshots):
     snapshots[0] = flatten_params(net).cpu().numpy()
     for epoch in range(args.train_epochs):
         start = time.time()
-        if rho:
-            train_acc = gsam_epoch(net, data.images_train, data.labels_train, optimizer, args.batch_train,
-                                   dsa_strategy, rho, args.alpha, args.adaptive).item()
-        else:
-            train_acc = train_epoch(net, data.images_train, data.labels_train, optimizer, args.batch_train,
-                                    dsa_strategy).item()
+        step = partial(gsam_step, rho=rho, alpha=args.alpha, adaptive=args.adaptive) if rho else sgd_step
+        train_acc = train_epoch(net, data.images_train, data.labels_train, optimizer, args.batch_train,
+                                dsa_strategy, step=step).item()
         images_per_second = len(data.images_train) / (time.time() - start)
         test_acc = accuracy(net, data.images_test, data.labels_test)
         snapshots[epoch + 1] = flatten_params(net).cpu().numpy()

@@ -11,9 +11,14 @@ a share's contribution leaves through `sum_over_ranks` (summed forward, identity
 everything after it is replicated).
 """
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# How long a rank may wait in a collective: evaluations spread unevenly over the ranks, so some
+# wait while others train a network for a thousand epochs; NCCL's default of 10 minutes is too short.
+TIMEOUT = timedelta(hours=2)
 
 
 def launched():
@@ -29,7 +34,7 @@ def setup(picked):
         picked = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(picked)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if picked.type == "cuda" else "gloo",
+        dist.init_process_group("nccl" if picked.type == "cuda" else "gloo", timeout=TIMEOUT,
                                 device_id=picked if picked.type == "cuda" else None)
     return picked
 

@@ -738,11 +738,21 @@ def class_ids(labels):
     return labels.argmax(1) if labels.is_floating_point() else labels
 
 
-def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, texture=None):
-    """One shuffled pass over (images, labels) with DSA on every batch (one draw per image);
-    labels are class ids or label logits; texture = (res, samples) trains on random crops of
-    canvases. Returns the training accuracy as a 0-dim tensor: reading it waits for the GPU,
-    which a 1000-epoch evaluation should not do per step."""
+def sgd_step(net, x, y, optimizer):
+    """train_epoch's update: one gradient step of `optimizer` on the batch; returns the outputs."""
+    out = net(x)
+    loss = cross_entropy(out, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return out
+
+
+def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, texture=None, step=sgd_step):
+    """One shuffled pass over (images, labels) with DSA on every batch (one draw per image) and
+    `step` on each (buffer.py's GSAM takes sgd_step's place); labels are class ids or label logits;
+    texture = (res, samples) trains on random crops of canvases. Returns the training accuracy as
+    a 0-dim tensor: reading it waits for the GPU, which a 1000-epoch evaluation should not do per step."""
     net.train()
     correct, seen = torch.zeros((), device=images.device), 0
     for idx in torch.randperm(len(images), device=images.device).split(batch_size):
@@ -753,11 +763,7 @@ def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, t
             y = y.repeat(samples, *[1] * (y.ndim - 1))
         if dsa_strategy:
             x = augment(x, dsa_strategy)
-        out = net(x)
-        loss = cross_entropy(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        out = step(net, x, y, optimizer)
         correct += (out.argmax(1) == class_ids(y)).sum()
         seen += len(y)
     return correct / seen
