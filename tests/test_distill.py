@@ -255,14 +255,23 @@ def test_the_default_run_name_tells_a_sweep_apart():
 
 
 def test_experts_selection_flags_reach_the_sampler(buffers, tmp_path):
-    """Two experts: --max_experts 1 (per file) and --max_files 1 leave one; the log shows which is used."""
-    two = tmp_path / "two"
-    buffer.main(["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--num_experts", "2", "--train_epochs",
-                 "2", "--dsa", "False", "--buffer_path", str(two), "--save_interval", "1"])
+    """Three experts in two files (copies of the session's expert, moved apart): several are drawn
+    without flags; --max_files 1 --max_experts 1 --load_all leave exactly one."""
+    source = Path(buffer_dir(str(buffers), "FashionMNIST-mini", "ConvNetW16", False))
+    directory = Path(buffer_dir(str(tmp_path / "three"), "FashionMNIST-mini", "ConvNetW16", False))
+    directory.mkdir(parents=True)
+    expert = np.load(source / "replay_buffer_0.npy")
+    np.save(directory / "replay_buffer_0.npy", expert)
+    np.save(directory / "replay_buffer_1.npy", np.concatenate([expert + 0.01, expert - 0.01]))
+    meta = json.loads((source / "buffer.json").read_text())
+    meta["experts"] = [{**meta["experts"][0], "file": f"replay_buffer_{file}.npy", "row": row, "index": index}
+                       for index, (file, row) in enumerate([(0, 0), (1, 0), (1, 1)])]
+    (directory / "buffer.json").write_text(json.dumps({**meta, "next_index": 3}))
     experts_used = lambda run: {json.loads(line)["expert"] for line in open(run / "log.jsonl") if '"iteration"' in line}
-    run_distill(two, tmp_path / "all", "--Iteration", "8", "--eval_it", "8")
-    run_distill(two, tmp_path / "one", "--Iteration", "8", "--eval_it", "8", "--max_files", "1", "--load_all")
-    assert experts_used(tmp_path / "all") == {0, 1} and experts_used(tmp_path / "one") == {0}
+    run_distill(tmp_path / "three", tmp_path / "all", "--Iteration", "6", "--eval_it", "6")
+    run_distill(tmp_path / "three", tmp_path / "one", "--Iteration", "6", "--eval_it", "6", "--max_files", "1",
+                "--max_experts", "1", "--load_all")
+    assert len(experts_used(tmp_path / "all")) > 1 and experts_used(tmp_path / "one") == {0}
 
 
 @pytest.mark.parametrize("flags,message", [
