@@ -148,8 +148,9 @@ def buffer_dir(buffer_path, dataset, model, zca, subset="imagenette", res=128):
 TEMP_SUFFIX = re.compile(r"\.tmp(\d+)$")
 
 
-def fsync_dir(directory):
-    fd = os.open(directory, os.O_RDONLY)
+def fsync(path):
+    """Flush a file's or a folder's contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -164,13 +165,9 @@ def atomic_path(path):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(tmp)
         os.replace(tmp, path)
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        fsync(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

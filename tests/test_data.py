@@ -1,4 +1,5 @@
 import gzip
+import os
 import shutil
 import struct
 
@@ -266,3 +267,16 @@ def test_get_dataset_with_zca_whitens_train_and_test_with_one_transform():
     assert data.zca is not None
     assert torch.allclose(data.images_test[:5], data.zca(unscaled), atol=1e-4)
     assert abs(data.images_train.mean().item()) < 1e-3
+
+
+def test_atomic_path_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Without the first fsync a renamed file can be empty after a power loss; without the second
+    the rename itself can be lost."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    target = tmp_path / "file.pt"
+    with utils.atomic_path(target) as tmp:
+        torch.save(torch.arange(3), tmp)
+    assert events == [("fsync", tmp), ("replace", str(target)), ("fsync", str(tmp_path))]

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import buffer
 import distill
 import matching
 from utils import ZCA, buffer_dir
