@@ -80,6 +80,17 @@ def test_without_new_flags_the_images_are_those_of_the_code_before_the_refactor(
             assert torch.equal(images, expected_images) and torch.equal(syn_lr, expected_lr)
 
 
+def test_the_image_ema_leaves_the_learned_images_unchanged(buffers, tmp_path):
+    """The EMA only watches: a run with --ema_decay learns the images and syn_lr of a run without,
+    bit for bit, so one run gives both the MTT set and its EMA (BENCHMARKS.md section 2)."""
+    reference = torch.load(REFERENCE, weights_only=True)
+    distill.main(reference["flags"] + ["--buffer_path", str(buffers), "--save_path", str(tmp_path), "--ema_decay", "0.9"])
+    expected_images, expected_lr = reference["unroll"]
+    assert torch.equal(load(tmp_path / "images_4.pt"), expected_images)
+    assert torch.equal(load(tmp_path / "syn_lr_4.pt"), expected_lr)
+    assert not torch.equal(load(tmp_path / "ema_images_4.pt"), expected_images)
+
+
 def test_zca_run_saves_the_transform_and_dewhitened_images(buffers, tmp_path):
     """Trajectory contents do not matter to the file layout: relabel the experts as ZCA ones."""
     zca_buffers = tmp_path / "zca_buffers"
