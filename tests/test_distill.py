@@ -84,7 +84,8 @@ def test_the_image_ema_leaves_the_learned_images_unchanged(buffers, tmp_path):
     """The EMA only watches: a run with --ema_decay learns the images and syn_lr of a run without,
     bit for bit, so one run gives both the MTT set and its EMA (BENCHMARKS.md section 2)."""
     reference = torch.load(REFERENCE, weights_only=True)
-    distill.main(reference["flags"] + ["--buffer_path", str(buffers), "--save_path", str(tmp_path), "--ema_decay", "0.9"])
+    distill.main(reference["flags"] + ["--buffer_path", str(buffers), "--save_path", str(tmp_path),
+                                       "--ema_decay", "0.9"])
     expected_images, expected_lr = reference["unroll"]
     assert torch.equal(load(tmp_path / "images_4.pt"), expected_images)
     assert torch.equal(load(tmp_path / "syn_lr_4.pt"), expected_lr)
