@@ -161,7 +161,9 @@ def replay_backward(net, synset, theta0, target, schedule):
     learnables, frozen = list(synset.tensors.values()), synset.detached()
     thetas = [theta0.detach()]
     for step in schedule:
-        update = student_update(net, thetas[-1].detach().requires_grad_(), frozen, step, False).detach()
+        # create_graph as in the unroll: the same backward kernels, so theta_0..theta_N equal the unroll's bit for
+        # bit (the plain backward's conv kernels on AVX-512 CPUs round differently, to 8e-5 in the golden case)
+        update = student_update(net, thetas[-1].detach().requires_grad_(), frozen, step, True).detach()
         parallel.sum_([update])
         thetas.append(thetas[-1] + update)
     theta_n = thetas[-1].requires_grad_()

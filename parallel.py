@@ -75,8 +75,10 @@ def sum_(tensors):
         tensor.copy_(part.view_as(tensor))
 
 
+@torch.no_grad()
 def broadcast_(tensors):
-    """Rank 0's values of the tensors, on every rank (in place)."""
+    """Rank 0's values of the tensors, on every rank (in place, outside autograd: no gradient flows
+    through a copy of rank 0's values)."""
     if world() > 1:
         for tensor in tensors:
             dist.broadcast(tensor, 0)
