@@ -6,25 +6,16 @@
     python bench.py --device cuda --processes 1 2      # on a machine with 2 GPUs (no 2-thread row on CUDA)
 
 Mode 1 (the default): the full unroll vs --low_memory's replay, ConvNet (width 128) on 3x32x32
-images of 10 classes, batch_syn = all, DSA on.
+images of 10 classes, batch_syn = all, DSA on. Mode 2 (--processes): the same iteration under
+torchrun, each minibatch split over the processes (1 thread each on CPU, and 1 process of as many
+threads beside them), ConvNetW32 at ipc 10 and 50, syn_steps 20; then buffer.py's images/s on
+FashionMNIST-mini, start-up included.
 
-Mode 2 (--processes): distill.py's iteration under torchrun, every minibatch split across the
-processes (Gloo on CPU, NCCL on CUDA with one GPU per process), unroll and --low_memory, at ipc 10
-and 50 and syn_steps 20 by default. The default model is ConvNetW32 (width 32) at 3x32x32, so
-that ipc 50 unrolled fits in 24 GB of RAM. On CPU each process gets 1 thread, and 1 process of 2
-threads (for --processes 1 2) runs beside them. Mode 2 then times buffer.py on FashionMNIST-mini
-(5000 training images; --buffer_model, --buffer_experts, --buffer_epochs), 1 thread per process,
---save_interval 1 so that the experts split across the processes by whole files. Its throughput
-is experts x epochs x 5000 images / the wall seconds of the whole command, so it includes the
-processes' start-up and data loading.
-
-Every figure comes from a fresh process (a torchrun job in mode 2), so peak memory is its own:
-on CPU the growth of the process's peak resident set over the set-up (network, synthetic set,
-target), on CUDA torch.cuda.max_memory_allocated over the set-up; per rank under torchrun. A
-process runs one warm-up iteration, then --iterations timed ones (their median). The
-configurations are alternated, every one once per round for --repeats rounds, so that a slow
-drift of the machine hits them all alike; the tables give the median [min-max] over the rounds,
-and ratios as the median [min-max] of the per-round ratios. Progress goes to stderr.
+Every figure comes from a fresh process (a torchrun job in mode 2): one warm-up iteration, then
+--iterations timed ones (their median); peak memory is the growth of the peak resident set (CPU)
+or of max_memory_allocated (CUDA) over the set-up, per rank. The configurations alternate, each
+once per round for --repeats rounds, so a drift of the machine hits them all alike; tables give
+the median [min-max] over the rounds, and ratios the median [min-max] of per-round ratios.
 """
 import argparse
 import json
@@ -41,9 +32,10 @@ from pathlib import Path
 import torch
 
 import parallel
+from augment import DSA_STRATEGY
 from matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import flatten_params, get_network
-from utils import DSA_STRATEGY, pick_device
+from utils import pick_device
 
 REPO = Path(__file__).resolve().parent
 DEFAULTS = {  # each mode's grid, where --model, --ipc or --syn_steps is not given

@@ -4,58 +4,28 @@
     python buffer.py --dataset FashionMNIST-mini --num_experts 5 --train_epochs 10
     python buffer.py --dataset CIFAR10 --zca --rho_max 0.01 --rho_min 0.01 --alpha 0.3   # FTD's flat experts
     python -m torch.distributed.run --standalone --nproc_per_node 8 buffer.py --dataset CIFAR10 --zca   # 8 GPUs
+    python buffer.py --import_pt OLD_DIR --dataset CIFAR10 --zca   # the original's replay_buffer_{n}.pt files
+    python buffer.py --export_pt NEW_DIR --dataset CIFAR10 --zca   # ... and back, for MTT, TESLA and DATM
 
 Each expert is a network trained from random init with SGD on the full real training set (DSA on
-every batch); its flat parameters (networks.flatten_params) are recorded at init and after every
-epoch. Experts land in {buffer_path}/{dataset}[_NO_ZCA]/{model}/ (ImageNet adds {subset}/{res});
-experts.py reads them:
+every batch); its flat parameters are recorded at init and after every epoch, into the buffer
+directory experts.py describes and reads. With --rho_max > 0 every batch takes FTD's GSAM step
+(gsam_step) whose gradient the same SGD then applies; rho is --rho_max, then --rho_min after
+--decay (GSAM scales rho with the lr, which --decay divides by ten).
 
-    replay_buffer_{n}.npy  float32 (experts, train_epochs + 1, num_params), save_interval experts
-                           per file; np.load(path, mmap_mode="r") reads only the snapshots used
-    buffer.json            the sidecar: the settings, parameter shapes, next_index and, per expert,
-                           its file, row, index, seed and per-epoch train and test accuracy.
-                           Readers use exactly the files and rows it lists.
+A rerun into a directory appends experts: expert k of a directory starts from
+set_seed(expert_seed(--seed, k)), and the sidecar's next_index counts every expert the directory
+ever held, so no index or seed is used twice; a rerun with other settings is refused rather
+than mixing trajectories. One buffer.py at a time writes a directory (its .lock). A file is
+written under a temporary name and renamed when complete, then listed in the sidecar; the next
+run lists a complete file that a kill left unlisted if its experts are the seeded ones it
+expects ("recovered": true), else sets it aside as replay_buffer_{n}.npy.orphan.
 
-One buffer.py at a time writes a directory (it holds {directory}/.lock). A file is written under
-a temporary name, flushed to disk, renamed when complete and then listed in the sidecar, so an
-interrupted run never leaves a partial buffer. The next run removes the temporary files of killed
-runs, and a file that a run killed between the rename and the sidecar left unlisted is listed
-("recovered": true, its accuracies unknown) if its experts start from the seeded initialisations
-of the sidecar's next indices under this --seed, else renamed replay_buffer_{n}.npy.orphan.
-
-A rerun into the same directory appends new experts: the expert of index k (the sidecar's
-next_index counts every expert the directory has held, set-aside ones too, so no index or seed
-is used twice) starts from set_seed(expert_seed(--seed, k)). A rerun with other settings (model,
-dataset, zca, epochs, learning rate, GSAM, ...) is refused rather than mixing trajectories.
-
-Under torchrun (one process per GPU, or CPU processes with Gloo; on several machines the folder
-must be shared) the run's files are numbered up front and file j (the run's experts
-j * save_interval..) is trained by rank j mod ranks. Every expert keeps the index and seed one
-process gives it, so the directory holds the same experts (bit for bit on CPU). Rank 0 alone
-holds the lock, cleans up and recovers before the others start, prints (every rank's progress,
-gathered each epoch, so that no rank waits in a collective for longer than an epoch) and writes
-the sidecar after every round of files (one per rank). While the run lasts, the sidecar's
-"pending" gives each of its files its first index, so that the next run lists a file whose rank
-finished it in a round that was cut short elsewhere. --import_pt and --export_pt run in one
-process only.
-
---rho_max > 0 trains FTD's flat experts: every batch takes a GSAM step (gsam_step) whose gradient
-the same SGD (--lr_teacher, --mom, --l2, --decay) then applies. GSAM moves rho linearly with the
-lr, from rho_max at lr_teacher to rho_min at lr_teacher / 10; the lr here is lr_teacher, then
-lr_teacher / 10 after --decay, so rho is --rho_max, then --rho_min after --decay (rho 0: SGD).
-
-The original's buffers (replay_buffer_{n}.pt: a list of experts, each a list of epochs, each a
-list of per-parameter tensors) convert both ways; give the flags they were trained with (the
-defaults are the original's) so that the sidecar describes them:
-
-    python buffer.py --import_pt OLD_DIR --dataset CIFAR10 --model ConvNet --zca
-    python buffer.py --export_pt NEW_DIR --dataset CIFAR10 --model ConvNet --zca   # for MTT, TESLA, DATM
+Under torchrun the run's files are numbered up front and file j is trained by rank j mod ranks,
+each expert with the index and seed one process gives it (the same arrays, bit for bit on CPU).
+Rank 0 alone holds the lock, recovers, prints and writes the sidecar after every round of files;
+its "pending" entry lets the next run list a file finished in a round that was cut short.
 """
-import argparse
-import os
-import pickle
-import re
-import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -69,46 +39,46 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import parallel
-from experts import SIDECAR, Experts, expert_files, numbered_files, open_checked, read_sidecar
-from networks import flatten_params, get_network, unflatten
-from utils import (DATASETS, UsageError, accuracy, add_common_args, atomic_path, buffer_dir,
-                   check_common_args, eta, folder_lock, get_dataset, make_deterministic, make_folder, pick_device,
-                   remove_stale_temps, require_positive, save_json, set_seed, sgd_step, train_epoch)
+from data import DATASETS, get_dataset
+from experts import (SIDECAR, Experts, buffer_dir, buffer_file, expert_files, new_buffer_file, next_number,
+                     numbered_files, open_checked, read_original, read_sidecar, set_aside, write_original,
+                     write_sidecar)
+from networks import flatten_params, get_network
+from training import accuracy, decay_epoch, sgd_step, train_epoch
+from utils import (Parser, UsageError, add_common_args, eta, folder_lock, make_folder, non_negative_float, parse,
+                   positive_float, positive_int, remove_stale_temps, run_script, set_seed, switch)
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
           "dsa_strategy", "mom", "l2", "decay", "rho_max", "rho_min", "alpha", "adaptive")
 # What a sidecar written before GSAM was added describes.
 PLAIN_SGD = {"rho_max": 0, "rho_min": 0, "alpha": 0, "adaptive": False}
-NON_NEGATIVE = ("mom", "l2", "rho_max", "rho_min", "alpha")
-NUMBERED = re.compile(r"replay_buffer_(\d+)\.")  # any file of number n: .npy, .npy.orphan, .pt
 GSAM_EPS = 1e-12  # GSAM's perturb_eps
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__)
     add_common_args(parser)
-    parser.add_argument("--num_experts", type=int, default=100, help="experts to train")
-    parser.add_argument("--lr_teacher", type=float, default=0.01, help="the experts' SGD learning rate")
-    parser.add_argument("--batch_real", type=int, default=256, help="unused here; kept so the original's commands run")
-    parser.add_argument("--buffer_path", default="./buffers",
-                        help="root of the expert directories {buffer_path}/{dataset}[_NO_ZCA]/{model}")
-    parser.add_argument("--train_epochs", type=int, default=50, help="epochs per expert (snapshots: this + 1)")
-    parser.add_argument("--decay", action="store_true", help="lr x0.1 after epoch train_epochs // 2 + 1")
-    parser.add_argument("--mom", type=float, default=0, help="SGD momentum")
-    parser.add_argument("--l2", type=float, default=0, help="SGD weight decay")
-    parser.add_argument("--save_interval", type=int, default=10, help="experts per replay_buffer file")
-    parser.add_argument("--rho_max", type=float, default=0,
-                        help="GSAM perturbation radius rho (FTD's flat experts; FTD uses 0.01); 0, the default, "
-                             "trains with plain SGD. GSAM scales rho linearly with the lr, from rho_max at "
-                             "--lr_teacher to rho_min at lr_teacher / 10: here rho is rho_max throughout, or "
-                             "rho_min after --decay")
-    parser.add_argument("--rho_min", type=float, default=0, help="GSAM rho after --decay's x0.1 (at most --rho_max)")
-    parser.add_argument("--alpha", type=float, default=0,
-                        help="GSAM: how much of the gradient orthogonal to the perturbed one is subtracted "
-                             "(FTD uses 0.3); needs --rho_max")
-    parser.add_argument("--adaptive", action="store_true",
-                        help="GSAM: scale the perturbation per weight by w**2 (adaptive SAM); needs --rho_max")
+    flag = parser.add_argument
+    flag("--num_experts", type=positive_int, default=100, help="experts to train")
+    flag("--lr_teacher", type=positive_float, default=0.01, help="the experts' SGD learning rate")
+    flag("--batch_real", type=int, default=256, help="unused here; kept so the original's commands run")
+    flag("--buffer_path", default="./buffers",
+         help="root of the expert directories {buffer_path}/{dataset}[_NO_ZCA]/{model}")
+    flag("--train_epochs", type=positive_int, default=50, help="epochs per expert (snapshots: this + 1)")
+    switch(parser, "--decay", "lr x0.1 after epoch train_epochs // 2 + 1")
+    flag("--mom", type=non_negative_float, default=0, help="SGD momentum")
+    flag("--l2", type=non_negative_float, default=0, help="SGD weight decay")
+    flag("--save_interval", type=positive_int, default=10, help="experts per replay_buffer file")
+    flag("--rho_max", type=non_negative_float, default=0,
+         help="GSAM perturbation radius rho (FTD's flat experts; FTD uses 0.01); 0 trains with plain SGD. GSAM "
+              "scales rho linearly with the lr, from rho_max at --lr_teacher to rho_min at lr_teacher / 10: here "
+              "rho is rho_max throughout, or rho_min after --decay")
+    flag("--rho_min", type=non_negative_float, default=0, help="GSAM rho after --decay's x0.1 (at most --rho_max)")
+    flag("--alpha", type=non_negative_float, default=0,
+         help="GSAM: how much of the gradient orthogonal to the perturbed one is subtracted (FTD uses 0.3); "
+              "needs --rho_max")
+    switch(parser, "--adaptive", "GSAM: scale the perturbation per weight by w**2 (adaptive SAM); needs --rho_max")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--import_pt", metavar="OLD_DIR",
                       help="convert the original's replay_buffer_{n}.pt files in OLD_DIR instead of training "
@@ -117,24 +87,27 @@ def parse_args(argv=None):
                       help="write this directory's experts into NEW_DIR as the original's replay_buffer_{n}.pt "
                            "files (--save_interval experts each), which MTT, TESLA and DATM read (one process: "
                            "refused under torchrun)")
-    return parser.parse_args(argv)
-
-
-def check_args(args):
-    """The flag checks that need no data: run before any folder or file is created."""
-    check_common_args(args)
-    require_positive(args, "num_experts", "train_epochs", "save_interval")
-    if not args.lr_teacher > 0:
-        raise UsageError(f"--lr_teacher must be positive, not {args.lr_teacher}")
-    for flag in NON_NEGATIVE:
-        if not getattr(args, flag) >= 0:
-            raise UsageError(f"--{flag} must be non-negative, not {getattr(args, flag)}")
+    args = parse(parser, argv)
     if args.rho_min > args.rho_max:
         raise UsageError(f"--rho_min {args.rho_min} is above --rho_max {args.rho_max}")
     if (args.alpha or args.adaptive) and not args.rho_max:
         raise UsageError("--alpha and --adaptive set up GSAM: give --rho_max too (GSAM is off at rho 0)")
     if parallel.launched() and (args.import_pt or args.export_pt):
         raise UsageError("--import_pt and --export_pt convert files in one process: run them with python, not torchrun")
+    return args
+
+
+def main(argv=None):
+    return run_script(parse_args, run, argv)
+
+
+def run(args, device):
+    """Train experts, or convert the original's files."""
+    if args.import_pt:
+        return import_pt(args)
+    if args.export_pt:
+        return export_pt(args)
+    return train(args, device)
 
 
 def expert_seed(seed, index):
@@ -143,23 +116,15 @@ def expert_seed(seed, index):
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing the buffer directory
-
-
 def describe(args, seed):
     """The sidecar of a new directory for experts trained (or imported) with these flags."""
     channel, im_size, num_classes = DATASETS[args.dataset].shape(args.res)
-    im_size = list(im_size)
     shapes = [list(p.shape) for p in get_network(args.model, channel, num_classes, im_size).parameters()]
-    return {"dataset": args.dataset, "subset": args.subset, "res": args.res, "model": args.model,
-            "channel": channel, "im_size": im_size, "num_classes": num_classes, "zca": args.zca,
-            "num_params": sum(int(np.prod(s)) for s in shapes), "param_shapes": shapes,
-            "lr_teacher": args.lr_teacher, "train_epochs": args.train_epochs, "batch_train": args.batch_train,
-            "batch_real": args.batch_real, "dsa": args.dsa, "dsa_strategy": args.dsa_strategy, "mom": args.mom,
-            "l2": args.l2, "decay": args.decay, "rho_max": args.rho_max, "rho_min": args.rho_min,
-            "alpha": args.alpha, "adaptive": args.adaptive, "seed": seed, "torch_version": torch.__version__,
-            "next_index": 0, "experts": []}
+    flags = ("dataset", "subset", "res", "model", "zca", "lr_teacher", "train_epochs", "batch_train", "batch_real",
+             "dsa", "dsa_strategy", "mom", "l2", "decay", "rho_max", "rho_min", "alpha", "adaptive")
+    return {**{flag: getattr(args, flag) for flag in flags}, "channel": channel, "im_size": list(im_size),
+            "num_classes": num_classes, "num_params": sum(int(np.prod(s)) for s in shapes), "param_shapes": shapes,
+            "seed": seed, "torch_version": torch.__version__, "next_index": 0, "experts": []}
 
 
 def count(experts):
@@ -189,7 +154,7 @@ def open_directory(directory, settings, seed):
     for path in unlisted:
         recover(path, meta, seed, planned.get(path.name, meta["next_index"]))
     if unlisted or planned:
-        save_json(meta, Path(directory) / SIDECAR)
+        write_sidecar(directory, meta)
     return meta
 
 
@@ -219,46 +184,12 @@ def recover(path, meta, seed, first):
     meta["next_index"] = max(meta["next_index"], first + len(array))
 
 
-def set_aside(path, reason):
-    """Rename a file that is no expert of the directory to *.orphan: never delete user data."""
-    orphan = path.with_name(path.name + ".orphan")
-    if orphan.exists():
-        raise UsageError(f"{path} is not listed in {SIDECAR} and {orphan} is in the way: move them both aside")
-    os.rename(path, orphan)
-    print(f"set {path} aside as {orphan.name}: it is not listed in {SIDECAR} and {reason}")
-
-
-def next_number(directory, meta):
-    """The number after every numbered file on disk or in the sidecar, so none is ever reused."""
-    names = [p.name for p in Path(directory).glob("replay_buffer_*")] + [e["file"] for e in meta["experts"]]
-    numbers = [int(match[1]) for match in map(NUMBERED.match, names) if match]
-    return max(numbers, default=-1) + 1
-
-
-def buffer_file(directory, number):
-    return Path(directory) / f"replay_buffer_{number}.npy"
-
-
 def plan_files(args, directory, meta):
     """This run's files as (path, index of its first expert, experts), numbered up front in the
     order one process writes them, so that every rank knows them all."""
     number, index = next_number(directory, meta), meta["next_index"]
     return [(buffer_file(directory, number + j), index + first, min(args.save_interval, args.num_experts - first))
             for j, first in enumerate(range(0, args.num_experts, args.save_interval))]
-
-
-@contextmanager
-def new_buffer_file(path, shape):
-    """A float32 array memory-mapped onto a temporary file, so that a big buffer never sits whole
-    in RAM; it becomes `path` when the block completes and is deleted if the block raises."""
-    with atomic_path(path) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        yield array
-        array.flush()  # the pages reach the file before atomic_path fsyncs and renames it
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
 
 
 def gsam_step(net, x, y, optimizer, rho, alpha, adaptive):
@@ -316,17 +247,16 @@ def train_expert(args, data, snapshots):
     net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(data.images_train.device)
     sgd = lambda lr: torch.optim.SGD(net.parameters(), lr, momentum=args.mom, weight_decay=args.l2)
     optimizer, rho = sgd(args.lr_teacher), args.rho_max
-    dsa_strategy = args.dsa_strategy if args.dsa else None
     snapshots[0] = flatten_params(net).cpu().numpy()
     for epoch in range(args.train_epochs):
         start = time.time()
         step = partial(gsam_step, rho=rho, alpha=args.alpha, adaptive=args.adaptive) if rho else sgd_step
         train_acc = train_epoch(net, data.images_train, data.labels_train, optimizer, args.batch_train,
-                                dsa_strategy, step=step).item()
+                                args.augmentation, step=step).item()
         images_per_second = len(data.images_train) / (time.time() - start)
         test_acc = accuracy(net, data.images_test, data.labels_test)
         snapshots[epoch + 1] = flatten_params(net).cpu().numpy()
-        if args.decay and epoch == args.train_epochs // 2 + 1:
+        if args.decay and epoch == decay_epoch(args.train_epochs):
             # a new optimiser, so momentum restarts too; GSAM's rho follows the lr down to rho_min
             optimizer, rho = sgd(args.lr_teacher * 0.1), args.rho_min
         yield train_acc, test_acc, images_per_second
@@ -365,14 +295,11 @@ def open_run(args, directory, settings, world):
     plan = plan_files(args, directory, meta)
     if world > 1:  # ranks finish the files of a round in any order: the next run must know which indices each holds
         meta["pending"] = {path.name: first for path, first, _ in plan}
-        save_json(meta, directory / SIDECAR)
+        write_sidecar(directory, meta)
     return meta, plan
 
 
-def train(args):
-    device = parallel.setup(pick_device(args.device))
-    if args.deterministic:
-        make_deterministic()
+def train(args, device):
     directory = Path(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res))
     settings, rank, world = describe(args, args.seed), parallel.rank(), parallel.world()
     main_process = parallel.is_main()
@@ -413,38 +340,9 @@ def train(args):
                 meta["next_index"] += len(finished)
                 if files is rounds[-1]:
                     meta.pop("pending", None)
-                save_json(meta, directory / SIDECAR)
+                write_sidecar(directory, meta)
                 for path, _, size in files:
                     print(f"wrote {path} ({count(size)})")
-
-
-# ---------------------------------------------------------------------------------------------
-# The original's buffers: import and export
-
-
-def read_original(path, shapes, train_epochs):
-    """The original's replay_buffer_{n}.pt, checked against the model's parameter shapes and for
-    snapshots that are all one tensor."""
-    try:
-        experts = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise UsageError(f"cannot read {path} as the original's buffer: {str(err).splitlines()[0]}") from err
-    if not (isinstance(experts, list) and all(isinstance(expert, list) for expert in experts)):
-        raise UsageError(f"{path} is not the original's buffer (a list of experts, each a list of snapshots)")
-    for e, expert in enumerate(experts):
-        if len(expert) != train_epochs + 1:
-            raise UsageError(f"{path}: expert {e} has {len(expert)} snapshots, not train_epochs + 1 = "
-                             f"{train_epochs + 1}; pass --train_epochs {len(expert) - 1}")
-        for t, snapshot in enumerate(expert):
-            found = [list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__ for p in snapshot]
-            if found != shapes:
-                raise UsageError(f"{path}: expert {e} snapshot {t} has parameter shapes {found}, "
-                                 f"but this --model and --dataset give {shapes}")
-        if all(torch.equal(a, b) for snapshot in expert[1:] for a, b in zip(snapshot, expert[0])):
-            raise UsageError(f"{path}: expert {e}'s {len(expert)} snapshots are all equal: aliased snapshots from "
-                             f"the original's buffer.py on CPU (.cpu() does not copy a CPU tensor); retrain, or "
-                             f"fix the original with .clone()")
-    return experts
 
 
 def import_pt(args):
@@ -466,7 +364,7 @@ def import_pt(args):
             meta["experts"] += [{"file": path.name, "index": first + row, "row": row, "seed": None, "train_acc": [],
                                  "test_acc": [], "source": str(source)} for row in range(len(experts))]
             meta["next_index"] += len(experts)
-            save_json(meta, Path(directory) / SIDECAR)
+            write_sidecar(directory, meta)
             print(f"{source} -> {path} ({count(len(experts))})")
 
 
@@ -482,22 +380,9 @@ def export_pt(args):
             raise UsageError(f"--export_pt {folder} already holds replay_buffer_{{n}}.pt files; choose an empty folder")
         for n, first in enumerate(range(0, len(experts), args.save_interval)):
             chosen = range(first, min(first + args.save_interval, len(experts)))
-            trajectories = [[[p.clone() for p in unflatten(torch.from_numpy(np.array(snapshot)), shapes)]
-                             for snapshot in experts.trajectory(k)] for k in chosen]
             path = folder / f"replay_buffer_{n}.pt"
-            with atomic_path(path) as tmp:
-                torch.save(trajectories, tmp)
+            write_original(path, [experts.trajectory(k) for k in chosen], shapes)
             print(f"wrote {path} ({count(len(chosen))})")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        (import_pt if args.import_pt else export_pt if args.export_pt else train)(args)
-    except UsageError as err:
-        sys.exit(f"error{f' (rank {parallel.rank()})' if parallel.rank() else ''}: {err}")
-    parallel.teardown()
 
 
 if __name__ == "__main__":

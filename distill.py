@@ -13,34 +13,32 @@ where the expert was at epoch t + expert_epochs. Experts come from buffer.py:
 The step itself (the learnable SyntheticSet, the student update and its two exact gradients:
 the full unroll, or with --low_memory the replay whose memory grows only by the stored parameter
 vectors theta_0..theta_N) is in matching.py; this script sets it up, runs it, evaluates and saves
-(the checkpoint after every evaluation: --resume continues bit for bit). Give any DATM flag (--soft_label, --pix_init
-samples_predicted_correctly, --threshold, the start-epoch window) and the others take DATM's
-defaults; give none and this is MTT exactly.
+into the run folder (run_folder.py), with a checkpoint after every evaluation: --resume continues
+bit for bit. Give any DATM flag (--soft_label, --pix_init samples_predicted_correctly,
+--threshold, the start-epoch window) and the others take DATM's defaults; give none and this is
+MTT exactly.
 """
-import argparse
-import json
 import math
 import os
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 
 import parallel
-from experts import Experts
+import run_folder
+from data import get_dataset, images_per_class
+from experts import Experts, buffer_dir
 from matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import forward_flat, get_network
-from utils import (TEMP_SUFFIX, EvalSet, UsageError, add_common_args, atomic_path, buffer_dir, check_common_args,
-                   eta, eval_pool, evaluate_sets, folder_lock, get_dataset, images_per_class, make_deterministic,
-                   make_folder, pick_device, remove_stale_temps, require_positive, run_info, run_seed, save_json,
-                   set_seed, true_false)
+from training import EVAL_MODE_HELP, EVAL_MODES, INFERENCE_BATCH, EvalSet, eval_pool, evaluate_sets
+from utils import (Parser, UsageError, add_common_args, boolean, checked, eta, folder_lock, fraction, make_folder,
+                   non_negative_float, non_negative_int, parse, positive_float, positive_int, remove_stale_temps,
+                   run_info, run_script, run_seed, set_seed, switch)
 
-# DATM's flags and defaults (SPEC section 8). They apply as a whole once any DATM flag is given;
+# DATM's flags and their defaults in DATM's code. They apply as a whole once any DATM flag is given;
 # with none given, MTT's values below stand in for the two that would change MTT's run.
 DATM_DEFAULTS = {"Label_Model_Timestamp": -1, "lr_y": 2.0, "Momentum_y": 0.9, "threshold": 1.0,
                  "min_start_epoch": 0, "current_max_start_epoch": 20, "expansion_end_epoch": 3000,
@@ -52,71 +50,70 @@ MTT_VALUES = {"threshold": None, "Sequential_Generation": False}
 FIXED_ON_RESUME = ("dataset", "subset", "res", "model", "zca", "ipc", "texture", "canvas_size", "pix_init",
                    "soft_label", "Label_Model_Timestamp", "seed", "val_per_class")
 
-PIXEL_BOUND = 100  # pixels beyond 100x the largest initial |pixel| mean the images diverged
+DIVERGED_PIXELS = 100  # pixels beyond 100x the largest initial |pixel| mean the images diverged
+SAVE_EVERY = 1000  # images_{it}.pt at every evaluation that improves, and every this many iterations
+GRID_MAX_IPC = 50  # the original draws no grid from ipc 50 on, unless --force_save
+PRINT_EVERY = 10  # iterations between progress lines
+momentum = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__)
     add_common_args(parser)
     flag = parser.add_argument
-    flag("--ipc", type=int, default=1, help="synthetic images per class")
-    flag("--eval_mode", default="S",
-         help="models each evaluation trains: S = the distillation model (BN -> instance norm), C = it and "
-              "ConvNet, M = ConvNet AlexNet VGG11 ResNet18_AP ResNet18, W = widths, D = depths, "
-              "A = activations, P = poolings, N = norms")
-    flag("--num_eval", type=int, default=5, help="networks trained per model at each evaluation")
-    flag("--eval_it", type=int, default=100, help="evaluate every this many iterations (and at 0 and the end)")
-    flag("--epoch_eval_train", type=int, default=1000, help="epochs of each evaluation network")
-    flag("--Iteration", type=int, default=5000, help="distillation iterations")
-    flag("--lr_img", type=float, default=1000, help="learning rate of the synthetic pixels (SGD, momentum 0.5)")
-    flag("--lr_lr", type=float, default=1e-05, help="learning rate of syn_lr (SGD, momentum 0.5)")
-    flag("--lr_teacher", type=float, default=0.01, help="initial syn_lr (the experts' learning rate)")
+    flag("--ipc", type=positive_int, default=1, help="synthetic images per class")
+    flag("--eval_mode", default="S", choices=EVAL_MODES, help=EVAL_MODE_HELP)
+    flag("--num_eval", type=positive_int, default=5, help="networks trained per model at each evaluation")
+    flag("--eval_it", type=positive_int, default=100, help="evaluate every this many iterations (and at 0 and the end)")
+    flag("--epoch_eval_train", type=positive_int, default=1000, help="epochs of each evaluation network")
+    flag("--Iteration", type=non_negative_int, default=5000, help="distillation iterations")
+    flag("--lr_img", type=positive_float, default=1000, help="learning rate of the pixels (SGD, momentum 0.5)")
+    flag("--lr_lr", type=non_negative_float, default=1e-05, help="learning rate of syn_lr (SGD, momentum 0.5)")
+    flag("--lr_teacher", type=positive_float, default=0.01, help="initial syn_lr (the experts' learning rate)")
     flag("--lr_init", type=float, default=0.01, help="unused (syn_lr starts at --lr_teacher, as in the original)")
     flag("--batch_real", type=int, default=256, help="unused; kept so the original's commands run")
-    flag("--batch_syn", type=int, default=None, help="student minibatch (default: the whole synthetic set)")
+    flag("--batch_syn", type=positive_int, default=None, help="student minibatch (default: the whole synthetic set)")
     flag("--pix_init", default="real", choices=["real", "noise", "samples_predicted_correctly"],
          help="initial images: random real ones, N(0,1) noise, or (DATM) real ones an expert classifies correctly")
     flag("--buffer_path", default="./buffers", help="the --buffer_path buffer.py trained the experts into")
-    flag("--expert_epochs", type=int, default=3, help="expert epochs the student must cover")
-    flag("--syn_steps", type=int, default=20, help="student steps per iteration")
-    flag("--max_start_epoch", type=int, default=25, help="start epochs are drawn from [0, this)")
-    flag("--load_all", action="store_true", help="read the experts into RAM instead of memory-mapping them")
-    flag("--no_aug", nargs="?", const=True, default=False, type=lambda s: s.lower() in ("true", "1"),
-         help="no DSA inside the unroll (evaluations keep --dsa)")
-    flag("--texture", action="store_true", help="learn canvases and train on random toroidal crops of them")
-    flag("--canvas_size", type=int, default=2, help="canvas side in images (texture)")
-    flag("--canvas_samples", type=int, default=1, help="crops per canvas per step (texture)")
-    flag("--max_files", type=int, default=None, help="a random subset (seeded) of this many buffer files")
-    flag("--max_experts", type=int, default=None, help="the first this many experts of each buffer file")
-    flag("--force_save", action="store_true", help="write the PNG grid even when ipc >= 50")
-    flag("--low_memory", action="store_true",
-         help="the same gradient by reverse replay: memory of one student step plus the stored parameter vectors")
+    flag("--expert_epochs", type=positive_int, default=3, help="expert epochs the student must cover")
+    flag("--syn_steps", type=positive_int, default=20, help="student steps per iteration")
+    flag("--max_start_epoch", type=positive_int, default=25, help="start epochs are drawn from [0, this)")
+    switch(parser, "--load_all", "read the experts into RAM instead of memory-mapping them")
+    switch(parser, "--no_aug", "no DSA inside the unroll (evaluations keep --dsa)")
+    switch(parser, "--texture", "learn canvases and train on random toroidal crops of them")
+    flag("--canvas_size", type=positive_int, default=2, help="canvas side in images (texture)")
+    flag("--canvas_samples", type=positive_int, default=1, help="crops per canvas per step (texture)")
+    flag("--max_files", type=positive_int, default=None, help="a random subset (seeded) of this many buffer files")
+    flag("--max_experts", type=positive_int, default=None, help="the first this many experts of each buffer file")
+    switch(parser, "--force_save", f"write the PNG grid even when ipc >= {GRID_MAX_IPC}")
+    switch(parser, "--low_memory",
+           "the same gradient by reverse replay: memory of one student step plus the stored parameter vectors")
     flag("--save_path", default=None, help="output folder (default: logged_files/{dataset}/{run name})")
-    flag("--resume", action="store_true",
-         help="continue the run in --save_path from its checkpoint (from iteration 0 if it has none); "
-              "new learning rates and other changeable flags apply")
-    flag("--val_per_class", type=int, default=0,
+    switch(parser, "--resume", "continue the run in --save_path from its checkpoint (from iteration 0 if it has "
+                               "none); new learning rates and other changeable flags apply")
+    flag("--val_per_class", type=non_negative_int, default=0,
          help="hold out this many real training images per class (seeded) and pick 'best' on them, not on "
               "the test set (0: as the original)")
-    datm = parser.add_argument_group("DATM (any of these turns DATM's defaults on)")
-    datm.add_argument("--soft_label", action="store_true", help="learn soft labels (label logits) too")
-    datm.add_argument("--Label_Model_Timestamp", type=int, default=None,
-                      help="expert snapshot that classifies (pix_init) and labels the images (default -1: the last)")
-    datm.add_argument("--lr_y", type=float, default=None, help="learning rate of the label logits (default 2.0)")
-    datm.add_argument("--Momentum_y", type=float, default=None, help="momentum of the label logits (default 0.9)")
-    datm.add_argument("--threshold", type=float, default=None,
-                      help="skip the update of an iteration whose matching loss exceeds this (default 1.0)")
-    datm.add_argument("--min_start_epoch", type=int, default=None, help="lowest start epoch (default 0)")
-    datm.add_argument("--current_max_start_epoch", type=int, default=None,
-                      help="upper end of the start-epoch window at iteration 0 (default 20)")
-    datm.add_argument("--expansion_end_epoch", type=int, default=None,
-                      help="iteration at which the window reaches --max_start_epoch (default 3000)")
-    datm.add_argument("--Sequential_Generation", type=true_false, default=None, metavar="{True,False}",
-                      help="grow the start-epoch window with the iterations (default True)")
+    datm = parser.add_argument_group("DATM (any of these turns DATM's defaults on)").add_argument
+    switch(parser, "--soft_label", "learn soft labels (label logits) too")
+    datm("--Label_Model_Timestamp", type=int, default=None,
+         help="expert snapshot that classifies (pix_init) and labels the images (default -1: the last)")
+    datm("--lr_y", type=positive_float, default=None, help="learning rate of the label logits (default 2.0)")
+    datm("--Momentum_y", type=momentum, default=None, help="momentum of the label logits (default 0.9)")
+    datm("--threshold", type=positive_float, default=None,
+         help="skip the update of an iteration whose matching loss exceeds this (default 1.0)")
+    datm("--min_start_epoch", type=non_negative_int, default=None, help="lowest start epoch (default 0)")
+    datm("--current_max_start_epoch", type=positive_int, default=None,
+         help="upper end of the start-epoch window at iteration 0 (default 20)")
+    datm("--expansion_end_epoch", type=positive_int, default=None,
+         help="iteration at which the window reaches --max_start_epoch (default 3000)")
+    datm("--Sequential_Generation", type=boolean, default=None, metavar="{True,False}",
+         help="grow the start-epoch window with the iterations (default True)")
     parser.add_argument_group("FTD").add_argument(
-        "--ema_decay", type=float, nargs="?", const=0.999, default=None,
+        "--ema_decay", type=fraction, nargs="?", const=0.999, default=None,
         help="keep an EMA of the images with this decay (0.999 if no value), evaluated and saved beside them")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     args.datm = args.soft_label or args.pix_init == "samples_predicted_correctly" or any(
         getattr(args, name) is not None for name in DATM_DEFAULTS)
     for name, value in DATM_DEFAULTS.items():
@@ -124,6 +121,7 @@ def parse_args(argv=None):
             setattr(args, name, value if args.datm else MTT_VALUES.get(name, value))
     if args.save_path is None:
         args.save_path = os.path.join("logged_files", args.dataset, run_name(args))
+    check_args(args)
     return args
 
 
@@ -138,59 +136,132 @@ def run_name(args):
 
 
 def check_args(args):
-    """Every check that needs no data, before any file or folder is read or made."""
-    check_common_args(args)
-    require_positive(args, "ipc", "syn_steps", "expert_epochs", "max_start_epoch", "eval_it", "num_eval",
-                     "epoch_eval_train", "canvas_size", "canvas_samples", "expansion_end_epoch")
-    for name in ("batch_syn", "max_files", "max_experts"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1 (omit it for all)")
-    if args.Iteration < 0:
-        raise UsageError("--Iteration must be 0 or more")
-    for name in ("lr_img", "lr_teacher", "lr_y"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name} must be positive, not {getattr(args, name)}")
-    if not args.lr_lr >= 0 or not 0 <= args.Momentum_y < 1 or args.val_per_class < 0:
-        raise UsageError("--lr_lr and --val_per_class must be 0 or more, --Momentum_y in [0, 1)")
-    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
-        raise UsageError(f"--ema_decay must lie in (0, 1), not {args.ema_decay}")
-    if args.threshold is not None and not args.threshold > 0:
-        raise UsageError(f"--threshold must be positive, not {args.threshold}")
+    """The checks that involve several flags, before any file or folder is read or made."""
     if args.texture and args.zca:
         raise UsageError("--texture cannot be combined with --zca (the original does not support it either)")
-    if not 0 <= args.min_start_epoch < min(args.max_start_epoch, start_epoch_window(args, 0)[1]):
+    if not args.min_start_epoch < min(args.max_start_epoch, start_epoch_window(args, 0)[1]):
         raise UsageError(f"--min_start_epoch {args.min_start_epoch} leaves no start epoch below "
                          f"--max_start_epoch / --current_max_start_epoch")
-    eval_pool(args.eval_mode, args.model)
     if parallel.launched() and "BN" in args.model:
         raise UsageError(f"--model {args.model} under torchrun: batch norm couples the images of a minibatch, "
                          f"which the processes split; distill with the instance-norm model (the original "
                          f"evaluates BN runs with it too)")
 
 
-class Diverged(RuntimeError):
+class Diverged(UsageError):
     """The loss, a gradient, the pixels or syn_lr left the range where training means anything."""
 
-
-# Learnable tensor -> (its learning rate, its momentum), from the flags.
-OPTIMISERS = {"images": lambda args: (args.lr_img, 0.5), "syn_lr": lambda args: (args.lr_lr, 0.5),
-              "label_logits": lambda args: (args.lr_y, args.Momentum_y)}
-
-
-def make_optimisers(synset, args):
-    return {name: torch.optim.SGD([tensor], *OPTIMISERS[name](args)) for name, tensor in synset.tensors.items()}
+    def __init__(self, what, args):
+        super().__init__(f"{what}; stopped. The last checkpoint and images are in {args.save_path}: lower --lr_img "
+                         f"or --lr_lr and --resume (the new rates apply), or start again")
 
 
-def apply_flags(optimisers, args):
-    """The learning rates and momenta of the flags, also over those a checkpoint restored."""
-    for name, optimiser in optimisers.items():
-        lr, momentum = OPTIMISERS[name](args)
-        for group in optimiser.param_groups:
-            group.update(lr=lr, momentum=momentum)
+def distill(args, device):
+    say = print if parallel.is_main() else (lambda *a, **k: None)
+
+    # ---- Set-up: the checkpoint to resume, data, experts, the learnable set and its optimizers
+    save_path = Path(args.save_path)
+    resuming = run_folder.check_save_path(save_path, args.resume) if parallel.is_main() else False
+    state = parallel.broadcast_object(run_folder.read_checkpoint(save_path) if resuming else None)
+    changes = resume_changes(state["args"], args) if state is not None else {}
+    set_seed(args.seed)
+    data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
+    experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res),
+                      args.max_files, args.max_experts, args.load_all, args.seed)
+    net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
+    check_experts(args, experts, sum(p.numel() for p in net.parameters()))
+    held_out, pool = validation_split(data, args.val_per_class, args.seed)
+    synset = initial_set(args, data, experts, net, pool, device)
+    optimizers = make_optimizers(synset, args)
+    pixel_bound = DIVERGED_PIXELS * synset.images.detach().abs().max().item()
+    ema = ImageEMA(synset.images, args.ema_decay) if args.ema_decay is not None else None
+    best, start_it = {}, 0
+    if state is not None:
+        best, start_it = restore(state, synset, optimizers, ema, args, device)
+        say(f"resumed {save_path} at iteration {start_it}" + "".join(
+            f"; --{k} {old} -> {new}" for k, (old, new) in changes.items()))
+    elif args.resume:
+        say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
+    parallel.broadcast_([*synset.tensors.values()] + ([ema.images] if ema else []))
+
+    with ExitStack() as stack:
+        # ---- The run folder: locked, cleaned of killed runs' temporary files, described
+        if parallel.is_main():
+            make_folder(save_path, "--save_path")
+            stack.enter_context(folder_lock(save_path, "distill.py run"))
+            for name in remove_stale_temps(save_path):
+                say(f"removed {name}, left by a killed run")
+            run_folder.describe_run(save_path, run_description(args, data, device), data.zca)
+        log = run_folder.Log(save_path, start_it if state is not None else None, enabled=parallel.is_main())
+        if changes:
+            log.write(type="resume", it=start_it, changed={k: list(v) for k, v in changes.items()})
+        zca = data.zca.to(device) if data.zca is not None else None
+        test = (data.images_test.to(device), data.labels_test.to(device))
+        validation = (data.images_train[held_out].to(device), data.labels_train[held_out].to(device)) \
+            if args.val_per_class else None
+        batch_syn = args.batch_syn or len(synset.labels)
+        augmentation = None if args.no_aug else args.augmentation
+        texture = (data.im_size, args.canvas_samples) if args.texture else None
+        backward = BACKWARD[args.low_memory]
+        train_seconds = 0.0  # the ETA counts distillation steps only: evaluations come in bursts
+
+        for it in range(start_it, args.Iteration + 1):
+            # ---- Evaluate and save (at 0, every eval_it and at the end; a resume has its own already)
+            if (it % args.eval_it == 0 or it == args.Iteration) and not (state is not None and it == start_it):
+                variants = {"": synset.images, **({"ema_": ema.images} if ema else {})}
+                rows = evaluate(variants, synset, data, test, validation, args, it, device, say)
+                improved = record(rows, best, it, log, say)
+                if parallel.is_main():
+                    for prefix, images in variants.items():
+                        tags = ["best"] * (f"{prefix}images" in improved)
+                        tags += [it] * bool(tags or it % SAVE_EVERY == 0 or it == args.Iteration)
+                        run_folder.save_set(save_path, prefix, tags, images, synset.eval_labels(), synset.syn_lr, zca)
+                        if args.ipc < GRID_MAX_IPC or args.force_save:
+                            run_folder.save_grid(images.detach().cpu(), save_path / f"{prefix}synthetic_{it}.png",
+                                                 data.to_pixels, args.ipc, data.num_classes)
+                    run_folder.save_checkpoint(save_path, checkpoint(it, synset, optimizers, ema, best, args, device))
+            if it == args.Iteration:
+                break
+
+            # ---- One iteration: an expert segment, the student's unroll, the matching loss, the update
+            step_start = time.time()
+            theta0, target, expert, start_epoch = draw_segment(experts, start_epoch_window(args, it),
+                                                               args.expert_epochs, device)
+            schedule = draw_schedule(synset.images, args.syn_steps, batch_syn, augmentation, texture)
+            loss = backward(net, synset, theta0, target, schedule).item()
+            skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
+            for optimizer in optimizers.values():
+                if not skipped:
+                    optimizer.step()
+            check_diverged(synset, loss, pixel_bound, it, args)
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            if ema and not skipped:
+                ema.update(synset.images)
+
+            lr, seconds = synset.syn_lr.item(), time.time() - step_start
+            train_seconds += seconds
+            log.write(type="iteration", it=it, loss=loss, syn_lr=lr, expert=expert, start_epoch=start_epoch,
+                      seconds=seconds, **({"skipped": True} if skipped else {}))
+            if it % PRINT_EVERY == 0:
+                done = it + 1 - start_it
+                say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f} "
+                    f"{done / train_seconds:.2f} it/s {eta(train_seconds, done, args.Iteration - start_it)}",
+                    flush=True)
+
+    # ---- The end
+    for key, mark in best.items():
+        say(f"best {key}: {100 * mark['test_acc_mean']:.2f} +- {100 * mark['test_acc_std']:.2f} "
+            f"at iteration {mark['it']}")
+    return best
+
+
+def main(argv=None):
+    return run_script(parse_args, distill, argv)
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisation: images, label logits, the validation split, the start-epoch window
+# The learnable set at iteration 0: images, syn_lr, optional label logits, their optimizers
 
 
 def validation_split(data, per_class, seed):
@@ -206,10 +277,37 @@ def validation_split(data, per_class, seed):
     return held, keep
 
 
-def predict(net, theta, images, batch=256):
-    """The logits of the network at theta for the images, in batches, without a graph."""
-    with torch.no_grad():
-        return torch.cat([forward_flat(net, theta, x) for x in images.split(batch)])
+def initial_set(args, data, experts, net, pool, device):
+    """The SyntheticSet to start from: images by --pix_init, syn_lr = lr_teacher, label logits
+    with --soft_label (DATM), from the experts' snapshot at --Label_Model_Timestamp."""
+    uses_experts = args.soft_label or args.pix_init == "samples_predicted_correctly"
+    label_thetas = [torch.from_numpy(np.array(experts.trajectory(k)[args.Label_Model_Timestamp])).to(device)
+                    for k in range(len(experts))] if uses_experts else []
+    images, labels = init_images(data, args.ipc, args.pix_init, args.canvas_size if args.texture else 1, pool,
+                                 label_thetas, net)
+    images, labels = images.to(device), labels.to(device)
+    label_logits = init_label_logits(net, images, labels, label_thetas,
+                                     args.pix_init == "samples_predicted_correctly") if args.soft_label else None
+    return SyntheticSet(images, labels, torch.tensor(args.lr_teacher, device=device), label_logits)
+
+
+def init_images(data, ipc, pix_init="real", tiles=1, pool=None, expert_thetas=(), net=None):
+    """ipc items per class with labels fixed by class: real images of the class from `pool` (a mask
+    of the training set; default all), tiled into tiles x tiles canvases in texture mode, or
+    N(0, 1) noise."""
+    labels = torch.arange(data.num_classes).repeat_interleave(ipc)
+    (h, w), c = data.im_size, data.channel
+    if pix_init == "noise":
+        return torch.randn(len(labels), c, h * tiles, w * tiles), labels
+    pool = torch.ones(len(data.labels_train), dtype=torch.bool) if pool is None else pool
+    needed, smallest = ipc * tiles * tiles, min(int(pool[idx].sum()) for idx in images_per_class(
+        data.labels_train, data.num_classes))
+    if needed > smallest:
+        raise UsageError(f"--ipc {ipc} needs {needed} real images per class for --pix_init {pix_init}, but the "
+                         f"smallest class has {smallest}" + (" (after --val_per_class)" if not pool.all() else ""))
+    chosen = choose_real(data, pool, needed, pix_init, expert_thetas, net)
+    images = data.images_train[chosen].view(len(labels), tiles, tiles, c, h, w)
+    return images.permute(0, 3, 1, 4, 2, 5).reshape(len(labels), c, h * tiles, w * tiles), labels
 
 
 def choose_real(data, pool, ipc, pix_init, expert_thetas, net):
@@ -238,23 +336,10 @@ def choose_real(data, pool, ipc, pix_init, expert_thetas, net):
     return torch.cat(chosen)
 
 
-def init_images(data, ipc, pix_init="real", tiles=1, pool=None, expert_thetas=(), net=None):
-    """ipc items per class with labels fixed by class: real images of the class from `pool` (a mask
-    of the training set; default all), tiled into tiles x tiles canvases in texture mode, or
-    N(0, 1) noise."""
-    labels = torch.arange(data.num_classes).repeat_interleave(ipc)
-    (h, w), c = data.im_size, data.channel
-    if pix_init == "noise":
-        return torch.randn(len(labels), c, h * tiles, w * tiles), labels
-    pool = torch.ones(len(data.labels_train), dtype=torch.bool) if pool is None else pool
-    needed, smallest = ipc * tiles * tiles, min(int(pool[idx].sum()) for idx in images_per_class(
-        data.labels_train, data.num_classes))
-    if needed > smallest:
-        raise UsageError(f"--ipc {ipc} needs {needed} real images per class for --pix_init {pix_init}, but the "
-                         f"smallest class has {smallest}" + (" (after --val_per_class)" if not pool.all() else ""))
-    chosen = choose_real(data, pool, needed, pix_init, expert_thetas, net)
-    images = data.images_train[chosen].view(len(labels), tiles, tiles, c, h, w)
-    return images.permute(0, 3, 1, 4, 2, 5).reshape(len(labels), c, h * tiles, w * tiles), labels
+def predict(net, theta, images):
+    """The logits of the network at theta for the images, in batches, without a graph."""
+    with torch.no_grad():
+        return torch.cat([forward_flat(net, theta, x) for x in images.split(INFERENCE_BATCH)])
 
 
 def init_label_logits(net, images, labels, expert_thetas, filtered):
@@ -268,6 +353,30 @@ def init_label_logits(net, images, labels, expert_thetas, filtered):
         correct = (logits.argmax(1) == labels).unsqueeze(1)
         total, count = total + logits * correct, count + correct
     return total / count.clamp_min(1)
+
+
+# Learnable tensor -> (its learning rate, its momentum), from the flags; 0.5 is the original's momentum.
+OPTIMIZERS = {"images": lambda args: (args.lr_img, 0.5), "syn_lr": lambda args: (args.lr_lr, 0.5),
+              "label_logits": lambda args: (args.lr_y, args.Momentum_y)}
+
+
+def make_optimizers(synset, args):
+    return {name: torch.optim.SGD([tensor], *OPTIMIZERS[name](args)) for name, tensor in synset.tensors.items()}
+
+
+class ImageEMA:
+    """FTD's exponential moving average of the images, after every update: ema = d ema + (1 - d) x
+    (no warm-up, no bias correction); it only watches, so the images learn as without it."""
+
+    def __init__(self, images, decay):
+        self.images, self.decay = images.detach().clone(), decay
+
+    def update(self, images):
+        self.images.mul_(self.decay).add_(images.detach(), alpha=1 - self.decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each iteration: the expert segment to match, and the guards on the update
 
 
 def start_epoch_window(args, it):
@@ -309,148 +418,29 @@ def check_experts(args, experts, num_params):
         raise UsageError(f"--Label_Model_Timestamp {args.Label_Model_Timestamp}: the experts have {length} snapshots")
 
 
-# ---------------------------------------------------------------------------------------------
-# Outputs: files, log, checkpoint
-
-
-def save_tensor(tensor, path):
-    with atomic_path(path) as tmp:
-        torch.save(tensor.detach().cpu(), tmp)
-
-
-def save_grid(images, path, data, ipc):
-    """One row per class (one row of all classes at ipc 1), de-whitened or de-normalised, clipped
-    to [0, 1] and enlarged (nearest) to about 128 pixels a side, so that a 28-32 px image is visible."""
-    scale = max(1, 128 // max(images.shape[2:]))
-    pixels = F.interpolate(data.to_pixels(images).clamp(0, 1), scale_factor=scale, mode="nearest")
-    grid = torchvision.utils.make_grid(pixels, nrow=ipc if ipc > 1 else data.num_classes, padding=2, pad_value=1)
-    with atomic_path(path) as tmp:
-        torchvision.utils.save_image(grid, tmp, format="png")
-
-
-def save_outputs(save_path, prefix, tags, images, synset, data, zca, args, it):
-    """The original's files (images_{tag}.pt, labels_{tag}.pt, images_zca_{tag}.pt), syn_lr_{tag}.pt
-    and DATM's lr_{tag}.pt, labels as logits with soft labels; `prefix` ema_ for the EMA images."""
-    images = images.detach()
-    if not all(t.isfinite().all() for t in (images, *synset.tensors.values())):
-        raise Diverged(f"non-finite values at iteration {it}; nothing was saved")
-    files = {"images": images, "labels": synset.eval_labels(), "syn_lr": synset.syn_lr, "lr": synset.syn_lr}
-    if zca is not None:
-        files["images_zca"] = zca.inverse(images)
-    for tag in tags:
-        for name, tensor in files.items():
-            save_tensor(tensor, save_path / f"{prefix}{name}_{tag}.pt")
-    if args.ipc < 50 or args.force_save:
-        save_grid(images.cpu(), save_path / f"{prefix}synthetic_{it}.png", data, args.ipc)
-
-
-class Log:
-    """log.jsonl: one line per iteration and per evaluated model. On resume, lines after the
-    checkpoint are dropped so that the log reads as one uninterrupted run; a line torn by a kill
-    is dropped too. Only the main process writes."""
-
-    def __init__(self, path, resume_iteration=None, enabled=True):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        if resume_iteration is not None and os.path.exists(path):
-            rows = []
-            for line in open(path):
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    print(f"{path}: dropped a torn line")
-            keep = [row for row in rows if row["it"] < resume_iteration
-                    or (row["it"] == resume_iteration and row["type"] == "evaluation")]
-            with atomic_path(path) as tmp, open(tmp, "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in keep)
-        elif os.path.exists(path):
-            os.remove(path)
-
-    def write(self, **row):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-def save_checkpoint(path, it, synset, optimisers, ema, best, args, device):
-    """Everything --resume needs to continue bit for bit, written atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"iteration": it, "tensors": {k: t.detach().cpu() for k, t in synset.tensors.items()},
-                    "optimizers": {k: opt.state_dict() for k, opt in optimisers.items()},
-                    "ema": None if ema is None else ema.cpu(), "best": best, "args": vars(args),
-                    "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, tmp)
-
-
-def read_checkpoint(path):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UsageError(f"the checkpoint {path} is unreadable ({type(err).__name__}); move it away to start "
-                         f"again from iteration 0") from err
-    if not isinstance(state, dict) or not {"tensors", "optimizers", "args"} <= set(state):
-        raise UsageError(f"the checkpoint {path} is not one this distill.py writes; move it away to start again")
-    return state
-
-
-def resume_changes(saved, args):
-    """{flag: (old, new)} of the flags this --resume changes; a UsageError for one that cannot."""
-    ignored = {"resume", "save_path"}
-    changes = {k: (saved.get(k), v) for k, v in vars(args).items() if k not in ignored and saved.get(k) != v}
-    for name in FIXED_ON_RESUME:
-        if name in changes:
-            old, new = changes[name]
-            raise UsageError(f"--resume cannot change --{name} ({old} in the checkpoint, {new} now): it defines "
-                             f"the saved set; use the old value or a new --save_path")
-    return changes
-
-
-def restore(state, synset, optimisers, device):
-    """Load a checkpoint into the set and optimisers; returns its EMA images, best and iteration."""
-    with torch.no_grad():
-        for name, tensor in synset.tensors.items():
-            tensor.copy_(state["tensors"][name])
-    for name, optimiser in optimisers.items():
-        optimiser.load_state_dict(state["optimizers"][name])
-    torch.set_rng_state(state["rng_cpu"])
-    if device.type == "cuda" and state["rng_cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
-    return state["ema"], state["best"], state["iteration"]
-
-
-def save_run_json(path, args, data, device):
-    """What eval.py needs to evaluate the set as it was distilled, and where the run came from."""
-    save_json({"dataset": args.dataset, "subset": args.subset, "res": args.res, "model": args.model,
-               "ipc": args.ipc, "zca": args.zca, "texture": args.texture, "canvas_size": args.canvas_size,
-               "canvas_samples": args.canvas_samples, "channel": data.channel, "im_size": list(data.im_size),
-               "num_classes": data.num_classes, "mean": data.mean, "std": data.std,
-               "dsa_strategy": args.dsa_strategy, "soft_label": args.soft_label, "processes": parallel.world(),
-               **run_info(device), "args": vars(args)}, path)
-
-
-def check_save_path(save_path, resume):
-    """Whether the run starts afresh or resumes; refuse a folder that holds something else."""
-    if save_path.exists() and not save_path.is_dir():
-        raise UsageError(f"--save_path {save_path}: a file is in the way (not a folder)")
-    checkpoint = save_path / "checkpoint.pt"
-    if checkpoint.exists():
-        if not resume:
-            raise UsageError(f"{save_path} already holds a run: pass --resume to continue it or choose --save_path")
-        return True
-    if save_path.exists() and not resume:
-        found = [p.name for p in save_path.iterdir() if p.name != ".lock" and not TEMP_SUFFIX.search(p.name)]
-        if found:
-            raise UsageError(f"{save_path} holds files ({', '.join(sorted(found)[:3])}...) but no checkpoint: pass "
-                             f"--resume to start its run again from iteration 0, or choose an empty --save_path")
-    return False
+def check_diverged(synset, loss, pixel_bound, it, args):
+    """After the update, before anything is saved: a non-finite loss, gradient or value, pixels
+    beyond DIVERGED_PIXELS x the largest initial one, or a syn_lr no longer positive stop the run."""
+    if not math.isfinite(loss):
+        raise Diverged(f"the matching loss became {loss} at iteration {it}", args)
+    for name, tensor in synset.tensors.items():
+        if tensor.grad is not None and not tensor.grad.isfinite().all():
+            raise Diverged(f"the gradient of {name} became non-finite at iteration {it}", args)
+        if not tensor.isfinite().all():
+            raise Diverged(f"{name} became non-finite at iteration {it}", args)
+    largest = synset.images.detach().abs().max().item()
+    if largest > pixel_bound:
+        raise Diverged(f"the pixels reached {largest:.3g} at iteration {it}, over {DIVERGED_PIXELS}x the largest "
+                       f"initial pixel ({pixel_bound / DIVERGED_PIXELS:.3g})", args)
+    if not synset.syn_lr.item() > 0:
+        raise Diverged(f"syn_lr became {synset.syn_lr.item():.3g} at iteration {it}", args)
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation and the main loop
+# Evaluation
 
 
-def evaluate(variants, synset, data, test, validation, args, it, device, log):
+def evaluate(variants, synset, data, test, validation, args, it, device, say):
     """eval.py's protocol on each variant of the set ({"": images, "ema_": EMA images}): a row per
     variant and model of the pool. It draws from its own random stream, seeded by (seed, it), so
     how often we evaluate never changes the distilled images."""
@@ -460,7 +450,7 @@ def evaluate(variants, synset, data, test, validation, args, it, device, log):
              for prefix, images in variants.items() for model in eval_pool(args.eval_mode, args.model)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate_sets(pairs, data, args.num_eval, run_seed(args.seed, it), args.batch_train,
-                             args.dsa_strategy if args.dsa else None, device, log)
+                             args.augmentation, device, say)
 
 
 def record(rows, best, it, log, say):
@@ -486,152 +476,57 @@ def record(rows, best, it, log, say):
     return improved
 
 
-def check_finite(synset, initial_bound, it):
-    """Stop on a non-finite gradient (before the update) or state (after it), exploding pixels or a
-    syn_lr that is no longer positive: nothing non-finite reaches a file."""
-    for name, tensor in synset.tensors.items():
-        if tensor.grad is not None and not tensor.grad.isfinite().all():
-            raise Diverged(f"the gradient of {name} became non-finite at iteration {it}")
-        if not tensor.isfinite().all():
-            raise Diverged(f"{name} became non-finite at iteration {it}")
-    largest = synset.images.detach().abs().max().item()
-    if largest > PIXEL_BOUND * initial_bound:
-        raise Diverged(f"the pixels reached {largest:.3g} at iteration {it}, over {PIXEL_BOUND}x the largest "
-                       f"initial pixel ({initial_bound:.3g})")
-    if not synset.syn_lr.item() > 0:
-        raise Diverged(f"syn_lr became {synset.syn_lr.item():.3g} at iteration {it}")
+# ---------------------------------------------------------------------------------------------
+# Checkpoint and resume
 
 
-def initial_set(args, data, experts, net, pool, device):
-    """The SyntheticSet to start from: images by --pix_init, syn_lr = lr_teacher, label logits
-    with --soft_label (DATM), from the experts' snapshot at --Label_Model_Timestamp."""
-    uses_experts = args.soft_label or args.pix_init == "samples_predicted_correctly"
-    label_thetas = [torch.from_numpy(np.array(experts.trajectory(k)[args.Label_Model_Timestamp])).to(device)
-                    for k in range(len(experts))] if uses_experts else []
-    images, labels = init_images(data, args.ipc, args.pix_init, args.canvas_size if args.texture else 1, pool,
-                                 label_thetas, net)
-    images, labels = images.to(device), labels.to(device)
-    label_logits = init_label_logits(net, images, labels, label_thetas,
-                                     args.pix_init == "samples_predicted_correctly") if args.soft_label else None
-    return SyntheticSet(images, labels, torch.tensor(args.lr_teacher, device=device), label_logits)
+def checkpoint(it, synset, optimizers, ema, best, args, device):
+    """Everything --resume needs to continue bit for bit."""
+    return {"iteration": it, "tensors": {k: t.detach().cpu() for k, t in synset.tensors.items()},
+            "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+            "ema": None if ema is None else ema.images.cpu(), "best": best, "args": vars(args),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def distill(args):
-    check_args(args)
-    device = parallel.setup(pick_device(args.device))
-    if args.deterministic:
-        make_deterministic()
-    main_process = parallel.is_main()
-    say = print if main_process else (lambda *a, **k: None)
-    save_path = Path(args.save_path)
-    resuming = check_save_path(save_path, args.resume) if main_process else False
-    state = parallel.broadcast_object(read_checkpoint(save_path / "checkpoint.pt") if resuming else None)
-    changes = resume_changes(state["args"], args) if state is not None else {}
-    set_seed(args.seed)
-    data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
-    experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res),
-                      args.max_files, args.max_experts, args.load_all, args.seed)
-    net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
-    check_experts(args, experts, sum(p.numel() for p in net.parameters()))
-    held_out, pool = validation_split(data, args.val_per_class, args.seed)
-    synset = initial_set(args, data, experts, net, pool, device)
-    optimisers = make_optimisers(synset, args)
-    initial_bound = synset.images.detach().abs().max().item()
-    ema = synset.images.detach().clone() if args.ema_decay is not None else None
-
-    best, start_it = {}, 0
-    if state is not None:
-        saved_ema, best, start_it = restore(state, synset, optimisers, device)
-        apply_flags(optimisers, args)
-        if ema is not None:
-            ema = (synset.images.detach() if saved_ema is None else saved_ema).to(device).clone()
-        say(f"resumed {save_path} at iteration {start_it}" + "".join(
-            f"; --{k} {old} -> {new}" for k, (old, new) in changes.items()))
-    elif args.resume:
-        say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
-    parallel.broadcast_([*synset.tensors.values()] + ([ema] if ema is not None else []))
-
-    with ExitStack() as stack:
-        if main_process:
-            make_folder(save_path, "--save_path")
-            stack.enter_context(folder_lock(save_path, "distill.py run"))
-            for name in remove_stale_temps(save_path):
-                say(f"removed {name}, left by a killed run")
-        log = Log(save_path / "log.jsonl", start_it if state is not None else None, enabled=main_process)
-        if changes:
-            log.write(type="resume", it=start_it, changed={k: list(v) for k, v in changes.items()})
-        zca = data.zca.to(device) if data.zca is not None else None
-        if main_process:
-            if zca is not None:
-                data.zca.save(save_path / "zca.pt")
-            save_run_json(save_path / "run.json", args, data, device)
-        test = (data.images_test.to(device), data.labels_test.to(device))
-        validation = (data.images_train[held_out].to(device), data.labels_train[held_out].to(device)) \
-            if args.val_per_class else None
-
-        batch_syn = args.batch_syn or len(synset.labels)
-        dsa_strategy = args.dsa_strategy if args.dsa and not args.no_aug else None
-        texture = (data.im_size, args.canvas_samples) if args.texture else None
-        backward = BACKWARD[args.low_memory]
-        train_seconds = 0.0  # the ETA counts distillation steps only: evaluations come in bursts
-        for it in range(start_it, args.Iteration + 1):
-            if (it % args.eval_it == 0 or it == args.Iteration) and not (state is not None and it == start_it):
-                variants = {"": synset.images, **({"ema_": ema} if ema is not None else {})}
-                rows = evaluate(variants, synset, data, test, validation, args, it, device, say)
-                improved = record(rows, best, it, log, say)
-                if main_process:
-                    for prefix, images in variants.items():
-                        tags = ["best"] * (f"{prefix}images" in improved)
-                        tags += [it] * bool(tags or it % 1000 == 0 or it == args.Iteration)
-                        save_outputs(save_path, prefix, tags, images, synset, data, zca, args, it)
-                    save_checkpoint(save_path / "checkpoint.pt", it, synset, optimisers, ema, best, args, device)
-            if it == args.Iteration:
-                break
-
-            step_start = time.time()
-            theta0, target, expert, start_epoch = draw_segment(experts, start_epoch_window(args, it),
-                                                               args.expert_epochs, device)
-            schedule = draw_schedule(synset.images, args.syn_steps, batch_syn, dsa_strategy, texture)
-            loss = backward(net, synset, theta0, target, schedule).item()
-            if not math.isfinite(loss):
-                raise Diverged(f"the matching loss became {loss} at iteration {it}")
-            check_finite(synset, initial_bound, it)
-            skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
-            for optimiser in optimisers.values():
-                if not skipped:
-                    optimiser.step()
-                optimiser.zero_grad(set_to_none=True)
-            check_finite(synset, initial_bound, it)
-            if ema is not None and not skipped:
-                ema.mul_(args.ema_decay).add_(synset.images.detach(), alpha=1 - args.ema_decay)
-            lr = synset.syn_lr.item()
-            seconds = time.time() - step_start
-            train_seconds += seconds
-            log.write(type="iteration", it=it, loss=loss, syn_lr=lr, expert=expert, start_epoch=start_epoch,
-                      seconds=seconds, **({"skipped": True} if skipped else {}))
-            if it % 10 == 0:
-                done = it + 1 - start_it
-                say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f} "
-                    f"{done / train_seconds:.2f} it/s {eta(train_seconds, done, args.Iteration - start_it)}",
-                    flush=True)
-    return best
+def resume_changes(saved, args):
+    """{flag: (old, new)} of the flags this --resume changes; a UsageError for one that cannot."""
+    ignored = {"resume", "save_path"}
+    changes = {k: (saved.get(k), v) for k, v in vars(args).items() if k not in ignored and saved.get(k) != v}
+    for name in FIXED_ON_RESUME:
+        if name in changes:
+            old, new = changes[name]
+            raise UsageError(f"--resume cannot change --{name} ({old} in the checkpoint, {new} now): it defines "
+                             f"the saved set; use the old value or a new --save_path")
+    return changes
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        best = distill(args)
-    except UsageError as err:
-        sys.exit(f"error{f' (rank {parallel.rank()})' if parallel.rank() else ''}: {err}")
-    except Diverged as err:
-        sys.exit(f"error: {err}; stopped. The last checkpoint and images are in {args.save_path}: "
-                 f"lower --lr_img or --lr_lr and --resume (the new rates apply), or start again")
-    if parallel.is_main():
-        for key, mark in best.items():
-            print(f"best {key}: {100 * mark['test_acc_mean']:.2f} +- {100 * mark['test_acc_std']:.2f} "
-                  f"at iteration {mark['it']}")
-    parallel.teardown()
-    return best
+def restore(state, synset, optimizers, ema, args, device):
+    """Load a checkpoint into the set, the optimizers (with the flags' learning rates and momenta
+    over the saved ones), the EMA and the random stream; returns best and the iteration."""
+    with torch.no_grad():
+        for name, tensor in synset.tensors.items():
+            tensor.copy_(state["tensors"][name])
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(state["optimizers"][name])
+        lr, beta = OPTIMIZERS[name](args)
+        for group in optimizer.param_groups:
+            group.update(lr=lr, momentum=beta)
+    if ema:
+        ema.images = (synset.images.detach() if state["ema"] is None else state["ema"]).to(device).clone()
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and state["rng_cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return state["best"], state["iteration"]
+
+
+def run_description(args, data, device):
+    """run.json: what eval.py needs to evaluate the set as it was distilled, and where the run came from."""
+    flags = ("dataset", "subset", "res", "model", "ipc", "zca", "texture", "canvas_size", "canvas_samples",
+             "dsa_strategy", "soft_label")
+    return {**{flag: getattr(args, flag) for flag in flags}, "channel": data.channel, "im_size": list(data.im_size),
+            "num_classes": data.num_classes, "mean": data.mean, "std": data.std, "processes": parallel.world(),
+            **run_info(device), "args": vars(args)}
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""The expert buffer directory: its format, and reading it.
+"""Expert trajectories on disk: the buffer directory buffer.py writes and distill.py reads, and the
+original's replay_buffer_{n}.pt files that convert to and from it.
 
-buffer.py writes a directory {buffer_path}/{dataset}[_NO_ZCA]/{model}/ (ImageNet adds {subset}/{res}):
+A buffer directory is {buffer_path}/{dataset}[_NO_ZCA]/{model}/ (ImageNet adds {subset}/{res}):
 
     replay_buffer_{n}.npy  float32 (experts, train_epochs + 1, num_params): flat parameters
                            (networks.flatten_params) at init and after every epoch
-    buffer.json            the sidecar: the settings, parameter shapes and one entry per expert
-                           ({"file", "row", "index", "seed", ...})
+    buffer.json            the sidecar: the settings, parameter shapes, next_index and one entry
+                           per expert ({"file", "row", "index", "seed", "train_acc", "test_acc"})
 
 The sidecar is the one source of truth: a reader uses exactly the files and rows it lists, so a
 file that a killed run renamed into place but never listed is not an expert.
@@ -13,41 +14,37 @@ file that a killed run renamed into place but never listed is not an expert.
     experts = Experts(directory)
     theta = torch.from_numpy(np.array(experts.trajectory(k)[epoch]))   # expert k at that epoch
 """
-import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from utils import UsageError
+from networks import unflatten
+from utils import UsageError, atomic_path, load_json, load_torch, save_json, save_torch
 
 SIDECAR = "buffer.json"
-FILE_NAME = re.compile(r"replay_buffer_(\d+)\.(npy|pt)")
+NUMBERED = re.compile(r"replay_buffer_(\d+)\.(npy|pt)")  # ours, the original's; .orphan after it: set aside
 
 # What a reader needs from the sidecar, with the JSON type buffer.py writes.
 SIDECAR_KEYS = {"dataset": str, "model": str, "zca": bool, "num_params": int, "param_shapes": list,
                 "train_epochs": int, "experts": list}
 
 
-def numbered_files(directory, suffix):
-    """replay_buffer_{n}.{suffix} in directory, sorted by n as a number (10 after 9)."""
-    found = [p for p in Path(directory).glob(f"replay_buffer_*.{suffix}") if FILE_NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: file_number(p.name))
-
-
-def file_number(name):
-    return int(FILE_NAME.fullmatch(name)[1])
-
-
-def expert_files(directory):
-    """The replay_buffer_{n}.npy files on disk, listed by the sidecar or not."""
-    return numbered_files(directory, "npy")
+def buffer_dir(buffer_path, dataset, model, zca, subset="imagenette", res=128):
+    """The original's expert directory: {buffer_path}/{dataset}[/{subset}/{res}][_NO_ZCA]/{model}."""
+    path = os.path.join(buffer_path, dataset)
+    if dataset == "ImageNet":
+        path = os.path.join(path, subset, str(res))
+    if dataset in ("CIFAR10", "CIFAR100") and not zca:
+        path += "_NO_ZCA"
+    return os.path.join(path, model)
 
 
 def fill_command(directory):
-    """The buffer.py command that trains experts into `directory` (utils.buffer_dir inverted)."""
+    """The buffer.py command that trains experts into `directory` (buffer_dir inverted)."""
     parts = Path(directory).parts
     if len(parts) < 2:
         return "python buffer.py --dataset DATASET --model MODEL --buffer_path BUFFER_PATH"
@@ -62,16 +59,40 @@ def fill_command(directory):
     return f"python buffer.py {flags} --model {model} --buffer_path {os.path.join(*root) if root else '.'}"
 
 
+def file_number(name):
+    return int(NUMBERED.match(name)[1])
+
+
+def numbered_files(directory, suffix):
+    """replay_buffer_{n}.{suffix} in directory, sorted by n as a number (10 after 9)."""
+    found = [p for p in Path(directory).glob(f"replay_buffer_*.{suffix}") if NUMBERED.fullmatch(p.name)]
+    return sorted(found, key=lambda p: file_number(p.name))
+
+
+def expert_files(directory):
+    """The replay_buffer_{n}.npy files on disk, listed by the sidecar or not."""
+    return numbered_files(directory, "npy")
+
+
+def buffer_file(directory, number):
+    return Path(directory) / f"replay_buffer_{number}.npy"
+
+
+def next_number(directory, meta):
+    """The number after every numbered file on disk (set-aside ones too) or in the sidecar, so
+    that none is ever reused."""
+    names = [p.name for p in Path(directory).glob("replay_buffer_*")] + [e["file"] for e in meta["experts"]]
+    return max((file_number(name) for name in names if NUMBERED.match(name)), default=-1) + 1
+
+
 def sidecar_problem(meta):
     """What makes `meta` something other than a sidecar buffer.py wrote, or None."""
-    if not isinstance(meta, dict):
-        return f"it holds a JSON {type(meta).__name__}, not an object"
     wrong = [key for key, kind in SIDECAR_KEYS.items() if not isinstance(meta.get(key), kind)]
     if wrong:
         return f"missing or mistyped {', '.join(wrong)}"
     for k, entry in enumerate(meta["experts"]):
         if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("row"), int)
-                and FILE_NAME.fullmatch(entry["file"]) and entry["file"].endswith(".npy") and entry["row"] >= 0):
+                and NUMBERED.fullmatch(entry["file"]) and entry["file"].endswith(".npy") and entry["row"] >= 0):
             return f"expert entry {k} is not {{\"file\": \"replay_buffer_N.npy\", \"row\": R, ...}}"
     return None
 
@@ -84,14 +105,15 @@ def read_sidecar(directory):
             raise UsageError(f"{directory} holds the original's .pt buffers: convert them with "
                              f"{fill_command(directory)} --import_pt {directory}")
         raise UsageError(f"no expert trajectories in {directory}: train them with {fill_command(directory)}")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read {path}: {err}") from err
+    meta = load_json(path, "a buffer.py sidecar")
     problem = sidecar_problem(meta)
     if problem:
         raise UsageError(f"{path} is not a buffer.py sidecar: {problem}")
     return meta
+
+
+def write_sidecar(directory, meta):
+    save_json(meta, Path(directory) / SIDECAR)
 
 
 def open_checked(path, rows, num_snapshots, num_params):
@@ -107,6 +129,25 @@ def open_checked(path, rows, num_snapshots, num_params):
         raise UsageError(f"{path} holds {array.dtype} of shape {array.shape}, but {SIDECAR} expects float32 of "
                          f"shape (at least {rows}, {num_snapshots}, {num_params})")
     return array
+
+
+@contextmanager
+def new_buffer_file(path, shape):
+    """A float32 array memory-mapped onto a temporary file, so that a big buffer never sits whole
+    in RAM; it becomes `path` when the block completes and is deleted if the block raises."""
+    with atomic_path(path) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        yield array
+        array.flush()  # the pages reach the file before atomic_path fsyncs and renames it
+
+
+def set_aside(path, reason):
+    """Rename a file that is no expert of the directory to *.orphan: never delete user data."""
+    orphan = path.with_name(path.name + ".orphan")
+    if orphan.exists():
+        raise UsageError(f"{path} is not listed in {SIDECAR} and {orphan} is in the way: move them both aside")
+    os.rename(path, orphan)
+    print(f"set {path} aside as {orphan.name}: it is not listed in {SIDECAR} and {reason}")
 
 
 def choose(count, limit, generator):
@@ -125,9 +166,6 @@ class Experts:
     Experts are numbered by file number, then row."""
 
     def __init__(self, directory, max_files=None, max_experts=None, load_all=False, seed=0):
-        for flag, limit in (("--max_files", max_files), ("--max_experts", max_experts)):
-            if limit is not None and limit < 1:
-                raise UsageError(f"{flag} must be at least 1")
         self.meta = read_sidecar(directory)
         if not self.meta["experts"]:
             raise UsageError(f"{Path(directory) / SIDECAR} lists no experts: train them with "
@@ -154,3 +192,33 @@ class Experts:
         """Expert k's snapshots: a (num_snapshots, num_params) array, mapped or in RAM."""
         array, row = self.trajectories[k]
         return array[row]
+
+
+def read_original(path, shapes, train_epochs):
+    """The original's replay_buffer_{n}.pt (a list of experts, each a list of snapshots, each a list
+    of per-parameter tensors), checked against the model's parameter shapes and for snapshots that
+    are all one tensor."""
+    experts = load_torch(path, "the original's buffer")
+    if not (isinstance(experts, list) and all(isinstance(expert, list) for expert in experts)):
+        raise UsageError(f"{path} is not the original's buffer (a list of experts, each a list of snapshots)")
+    for e, expert in enumerate(experts):
+        if len(expert) != train_epochs + 1:
+            raise UsageError(f"{path}: expert {e} has {len(expert)} snapshots, not train_epochs + 1 = "
+                             f"{train_epochs + 1}; pass --train_epochs {len(expert) - 1}")
+        for t, snapshot in enumerate(expert):
+            found = [list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__ for p in snapshot]
+            if found != shapes:
+                raise UsageError(f"{path}: expert {e} snapshot {t} has parameter shapes {found}, "
+                                 f"but this --model and --dataset give {shapes}")
+        if all(torch.equal(a, b) for snapshot in expert[1:] for a, b in zip(snapshot, expert[0])):
+            raise UsageError(f"{path}: expert {e}'s {len(expert)} snapshots are all equal: aliased snapshots from "
+                             f"the original's buffer.py on CPU (.cpu() does not copy a CPU tensor); retrain, or "
+                             f"fix the original with .clone()")
+    return experts
+
+
+def write_original(path, trajectories, shapes):
+    """Flat trajectories (experts x snapshots x num_params) as the original's file: per-parameter
+    CPU tensors, each its own storage."""
+    save_torch([[[p.clone() for p in unflatten(torch.from_numpy(np.array(snapshot)), shapes)]
+                 for snapshot in trajectory] for trajectory in trajectories], path)

@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 import torch
 
 import parallel
+from augment import apply_augmentation, draw_augmentation, draw_texture_crops, texture_crops
 from networks import forward_flat
-from utils import apply_augmentation, cross_entropy, draw_augmentation, draw_texture_crops, texture_crops
+from training import cross_entropy
 
 
 class SyntheticSet:

@@ -208,14 +208,6 @@ def flatten_params(net):
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
-def load_flat(net, flat):
-    """Copy a flat parameter vector into `net` (the inverse of flatten_params)."""
-    with torch.no_grad():
-        for p, value in zip(net.parameters(), unflatten(flat, param_shapes(net))):
-            p.copy_(value)
-    return net
-
-
 def forward_flat(net, flat, x):
     """`net` evaluated at the flat parameters `flat`; differentiable twice in both arguments."""
     if isinstance(net, ConvNet):

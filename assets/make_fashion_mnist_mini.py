@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils import DEBIAN_FASHION_MNIST, MINI_PATH, find_idx, read_idx  # noqa: E402
+from data import DEBIAN_FASHION_MNIST, MINI_PATH, idx_files, read_idx  # noqa: E402
 
 
 def balanced_subset(labels, per_class, rng):
@@ -24,7 +24,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=DEBIAN_FASHION_MNIST, help="folder with the four IDX .gz files")
     args = parser.parse_args()
-    paths = find_idx([args.source])
+    paths = idx_files(args.source)
     if paths is None:
         sys.exit(f"error: no Fashion-MNIST IDX files in {args.source}; apt-get install dataset-fashion-mnist")
     x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)

@@ -1,5 +1,4 @@
 import gzip
-import os
 import shutil
 import struct
 
@@ -9,8 +8,10 @@ import torch
 import torchvision
 from PIL import Image
 
-import utils
-from utils import ZCA, UsageError, get_dataset
+import data
+from data import IMAGENET_SUBSETS, ZCA, get_dataset
+from run_folder import describe_run, load_zca
+from utils import UsageError
 
 
 def write_idx(path, array):
@@ -19,16 +20,11 @@ def write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.fixture(scope="module")
-def mini():
-    return get_dataset("FashionMNIST-mini")
-
-
 def test_read_idx_round_trips(tmp_path):
     array = np.random.default_rng(0).integers(0, 256, (5, 3, 4))
     for name in ("a.gz", "b"):
         write_idx(tmp_path / name, array)
-        assert np.array_equal(utils.read_idx(tmp_path / name), array)
+        assert np.array_equal(data.read_idx(tmp_path / name), array)
 
 
 def test_fashion_mnist_loads_from_a_folder_of_idx_files(tmp_path):
@@ -56,7 +52,7 @@ def test_embedded_dataset_is_class_balanced_and_normalised(mini):
 
 def test_images_per_class_partitions_the_indices():
     labels = torch.tensor([2, 0, 1, 2, 0, 2])
-    groups = utils.images_per_class(labels, 4)
+    groups = data.images_per_class(labels, 4)
     assert [g.tolist() for g in groups] == [[1, 4], [2], [0, 3, 5], []]
 
 
@@ -144,8 +140,8 @@ def corrupt_image(root):
 
 BROKEN_TINY = {  # what is wrong -> the one-line error it must give
     empty_test_set: r"no test images in .*val/images",
-    empty_training_set: r"no class folders in .*train",
-    class_without_training_images: r"no images in .*train/n02 \(1 of 2 classes have none\)",
+    empty_training_set: r"Couldn't find any class folder in .*train",
+    class_without_training_images: r"Found no valid file for the classes n02",
     unknown_test_class: r"1 class folders in .*val/images are not in .*train, e\.g\. n03",
     unannotated_test_image: r"1 images in .*val/images have no training class in .*val_annotations.txt, e\.g\. val_2",
     corrupt_image: r"cannot read image .*n01_1\.png",
@@ -166,7 +162,7 @@ def imagenet_subset(root, subset, picture):
     for wnid in wnids:
         (root / "train" / wnid).mkdir(parents=True)
     for split in ("train", "val"):
-        for label, index in enumerate(utils.IMAGENET_SUBSETS[subset]):
+        for label, index in enumerate(IMAGENET_SUBSETS[subset]):
             (root / split / wnids[index]).mkdir(parents=True, exist_ok=True)
             picture(label).save(root / split / wnids[index] / "a.png")
     return wnids
@@ -175,8 +171,12 @@ def imagenet_subset(root, subset, picture):
 def test_imagenet_subset_picks_the_configured_classes(tmp_path):
     wnids = imagenet_subset(tmp_path, "imagewoof", lambda label: Image.new("RGB", (72, 80), (label * 20, 0, 0)))
     data = get_dataset("ImageNet", data_path=str(tmp_path), subset="imagewoof", res=16)
-    assert data.images_train.shape == (10, 3, 16, 16) and data.labels_test.tolist() == list(range(10))
+    # in the order of the class folders' names, as torchvision's ImageFolder (the original's reader) lists them
+    in_folder_order = sorted(range(10), key=lambda label: IMAGENET_SUBSETS["imagewoof"][label])
+    assert data.images_train.shape == (10, 3, 16, 16) and data.labels_test.tolist() == in_folder_order
     assert data.class_names[0] == wnids[193]
+    red = (data.to_pixels(data.images_test) * 255).round()[:, 0, 0, 0]
+    assert red.tolist() == [20.0 * label for label in in_folder_order]
 
 
 def test_imagenet_images_are_squashed_to_res_not_cropped(tmp_path):
@@ -198,35 +198,6 @@ def test_imagenet_images_are_squashed_to_res_not_cropped(tmp_path):
     for label in range(10):
         expected = torch.from_numpy(np.array(resize(pictures[label]))).permute(2, 0, 1)
         assert torch.equal(pixels[label], expected)
-
-
-def test_cifar100_is_normalised_with_cifar10s_constants_as_the_original():
-    """The original normalises CIFAR-100 with CIFAR-10's mean and std: its buffers and distilled
-    sets only mean the same here with the same constants."""
-    cifar100, cifar10 = utils.DATASETS["CIFAR100"], utils.DATASETS["CIFAR10"]
-    assert cifar100.mean == (0.4914, 0.4822, 0.4465) and cifar100.std == (0.2023, 0.1994, 0.2010)
-    assert (cifar100.mean, cifar100.std) == (cifar10.mean, cifar10.std)
-
-
-def test_buffer_dir_follows_the_original_layout():
-    assert utils.buffer_dir("b", "CIFAR10", "ConvNet", zca=False) == "b/CIFAR10_NO_ZCA/ConvNet"
-    assert utils.buffer_dir("b", "CIFAR10", "ConvNet", zca=True) == "b/CIFAR10/ConvNet"
-    assert utils.buffer_dir("b", "FashionMNIST", "ConvNet", zca=False) == "b/FashionMNIST/ConvNet"
-    path = utils.buffer_dir("b", "ImageNet", "ConvNetD5", False, "imagewoof", 128)
-    assert path == "b/ImageNet/imagewoof/128/ConvNetD5"
-
-
-def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path):
-    target = tmp_path / "file.pt"
-    with pytest.raises(RuntimeError):
-        with utils.atomic_path(target) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(b"partial")
-            raise RuntimeError("crash mid-write")
-    assert list(tmp_path.iterdir()) == []
-    with utils.atomic_path(target) as tmp:
-        torch.save(torch.arange(3), tmp)
-    assert [p.name for p in tmp_path.iterdir()] == ["file.pt"]
 
 
 def test_zca_inverse_recovers_real_images(mini):
@@ -255,8 +226,8 @@ def test_zca_whitens_to_the_shrunk_identity_with_a_symmetric_invertible_transfor
 def test_zca_saves_and_loads(tmp_path):
     x = torch.rand(30, 1, 4, 4)
     zca = ZCA.fit(x)
-    zca.save(tmp_path / "zca.pt")
-    loaded = ZCA.load(tmp_path / "zca.pt")
+    describe_run(tmp_path, {}, zca)
+    loaded = load_zca(tmp_path / "zca.pt")
     assert torch.equal(loaded(x), zca(x)) and loaded.eps == 0.1
 
 
@@ -269,14 +240,49 @@ def test_get_dataset_with_zca_whitens_train_and_test_with_one_transform():
     assert abs(data.images_train.mean().item()) < 1e-3
 
 
-def test_atomic_path_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
-    """Without the first fsync a renamed file can be empty after a power loss; without the second
-    the rename itself can be lost."""
-    events, real_fsync, real_replace = [], os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-                        or real_fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
-    target = tmp_path / "file.pt"
-    with utils.atomic_path(target) as tmp:
-        torch.save(torch.arange(3), tmp)
-    assert events == [("fsync", tmp), ("replace", str(target)), ("fsync", str(tmp_path))]
+class FakeTorchvision:
+    """Stands in for a torchvision dataset class: the arrays torchvision keeps, as it keeps them
+    (CIFAR: N x H x W x C with .targets; SVHN: N x C x H x W with .labels; MNIST: a uint8 tensor)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, root, train=None, split=None, download=False):
+        size = 6 if train or split == "train" else 4
+        pixels = np.arange(size * 3 * 32 * 32, dtype=np.int64).reshape(size, 32, 32, 3) % 251
+        dataset = type("Dataset", (), {})()
+        if self.name.startswith("CIFAR"):
+            dataset.data, dataset.targets = pixels.astype(np.uint8), list(range(size))
+        elif self.name == "SVHN":
+            dataset.data, dataset.labels = pixels.transpose(0, 3, 1, 2).astype(np.uint8), np.arange(size)
+        else:
+            dataset.data, dataset.targets = torch.from_numpy(pixels[..., 0][:, :28, :28].astype(np.uint8)), \
+                torch.arange(size)
+        return dataset
+
+
+@pytest.mark.parametrize("name,mean,std", [("CIFAR10", 0.4914, 0.2023), ("CIFAR100", 0.4914, 0.2023),
+                                           ("SVHN", 0.4377, 0.1980), ("MNIST", 0.1307, 0.3081)])
+def test_torchvision_datasets_become_nchw_images_normalised_by_the_originals_constants(monkeypatch, name, mean, std):
+    """CIFAR arrives channels last and is permuted; CIFAR-100 takes CIFAR-10's mean and std, as the
+    original normalises it (buffers and sets then mean the same in both codebases)."""
+    monkeypatch.setattr(torchvision.datasets, name, FakeTorchvision(name))
+    found = get_dataset(name, data_path="unused")
+    raw = FakeTorchvision(name)(None, train=True)
+    expected = torch.as_tensor(np.asarray(raw.data))
+    expected = expected.permute(0, 3, 1, 2) if name.startswith("CIFAR") else expected
+    expected = expected.unsqueeze(1) if expected.ndim == 3 else expected
+    assert found.images_train.shape == expected.shape and len(found.images_test) == 4
+    assert torch.allclose(found.images_train[:, 0], (expected[:, 0].float() / 255 - mean) / std, atol=1e-6)
+    assert found.labels_train.tolist() == list(range(6)) and found.labels_train.dtype == torch.long
+
+
+def test_a_dataset_that_cannot_be_downloaded_is_one_line(monkeypatch):
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz:\nTried https://... got URLError")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(UsageError, match=r"^CIFAR10 is not in 'x' and could not be downloaded \(Error downloading "
+                                         r"cifar-10-python.tar.gz:\); check the network") as raised:
+        get_dataset("CIFAR10", data_path="x")
+    assert "\n" not in str(raised.value)

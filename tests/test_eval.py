@@ -7,28 +7,24 @@ import pytest
 import torch
 
 import eval as eval_script
-import utils
+import training
+from augment import DSA_STRATEGY
+from data import MINI_PATH, ZCA, get_dataset, images_per_class
 from networks import ConvNet
-from utils import ZCA, get_dataset, images_per_class
 
 FAST = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8"]
-
-
-@pytest.fixture(scope="module")
-def mini():
-    return get_dataset("FashionMNIST-mini")
 
 
 @pytest.fixture
 def calls(monkeypatch):
     """Replace the training with a spy: each call's arguments by name; every run scores 50%."""
-    seen, signature = [], inspect.signature(utils.evaluate_synset)
+    seen, signature = [], inspect.signature(training.evaluate_synset)
 
     def spy(*args, **kwargs):
         seen.append(signature.bind(*args, **kwargs).arguments)
         return 1.0, 0.5
 
-    monkeypatch.setattr(utils, "evaluate_synset", spy)
+    monkeypatch.setattr(training, "evaluate_synset", spy)
     return seen
 
 
@@ -46,12 +42,12 @@ def write_run(folder, images, labels, tag="best", syn_lr=None, transform=None, m
     if syn_lr is not None:
         torch.save(torch.tensor(syn_lr), folder / f"syn_lr_{tag}.pt")
     if transform is not None:
-        transform.save(folder / "zca.pt")
+        torch.save(transform.state_dict(), folder / "zca.pt")
     if meta is not None:
         run = {"dataset": "FashionMNIST-mini", "subset": "imagenette", "res": 32, "model": "ConvNet", "ipc": 1,
                "zca": False, "texture": False, "canvas_size": 2, "canvas_samples": 1, "channel": 1,
                "im_size": [28, 28], "num_classes": 10, "mean": [0.2861], "std": [0.353],
-               "dsa_strategy": utils.DSA_STRATEGY, "args": {}}
+               "dsa_strategy": DSA_STRATEGY, "args": {}}
         (folder / "run.json").write_text(json.dumps({**run, **meta}))
     return folder
 
@@ -112,7 +108,7 @@ def permutation_zca(seed=0):
 
 
 def raw_test_pixels():
-    with np.load(utils.MINI_PATH) as f:
+    with np.load(MINI_PATH) as f:
         return torch.as_tensor(f["x_test"]).float().div(255).reshape(-1, 784)
 
 
@@ -184,7 +180,7 @@ def test_full_baseline_trains_on_the_whole_training_set_for_epochs_full(calls, m
     (row,) = eval_script.main(FAST + ["--baseline", "full", "--epochs_full", "3", "--num_eval", "1", "--lr", "0.05"])
     (call,) = calls
     assert torch.equal(call["images"], mini.images_train) and torch.equal(call["labels"], mini.labels_train)
-    assert (call["epochs"], call["lr"], call["dsa_strategy"]) == (3, 0.05, utils.DSA_STRATEGY)
+    assert (call["epochs"], call["lr"], call["dsa_strategy"]) == (3, 0.05, DSA_STRATEGY)
     assert row["ipc"] is None and row["images"] == 5000 and row["lr_from"] == "--lr"
     assert "full  ConvNetW8  all  0.05 (--lr)" in capsys.readouterr().out
 
@@ -252,7 +248,7 @@ BAD_INPUTS = {
                           "the label logits hold non-finite values"),
     "non-finite images": (lambda tmp: bad_set(tmp, images=torch.full((10, 1, 28, 28), float("inf"))),
                           "the images hold non-finite values"),
-    "corrupt run.json": (lambda tmp: corrupt(bad_set(tmp), "run.json", b"{"), "cannot read"),
+    "corrupt run.json": (lambda tmp: corrupt(bad_set(tmp), "run.json", b"{"), "as a distill.py run.json"),
     "run.json not a dict": (lambda tmp: corrupt(bad_set(tmp), "run.json", b"[]"), "is not a distill.py run.json"),
     "corrupt zca.pt": (lambda tmp: corrupt(bad_set(tmp), "zca.pt", b"garbage"), "as a ZCA transform"),
     "missing lr_path": (lambda tmp: bad_set(tmp) + ["--lr_path", str(tmp / "nope.pt")], "--lr_path"),
@@ -262,10 +258,11 @@ BAD_INPUTS = {
                            "does not exist or is not writable"),
     "out is a folder": (lambda tmp: bad_set(tmp) + ["--out", str(tmp)], "is a folder"),
     "negative epochs": (lambda tmp: bad_set(tmp) + ["--epoch_eval_train", "-1"],
-                        "--epoch_eval_train must be at least 1"),
-    "zero networks": (lambda tmp: bad_set(tmp) + ["--num_eval", "0"], "--num_eval must be at least 1"),
-    "batch": (lambda tmp: bad_set(tmp) + ["--batch_train", "0"], "--batch_train must be at least 1"),
-    "dsa strategy": (lambda tmp: bad_set(tmp) + ["--dsa_strategy", "color_blur"], "unknown DSA op(s) blur"),
+                        "argument --epoch_eval_train: must be at least 1, not -1"),
+    "zero networks": (lambda tmp: bad_set(tmp) + ["--num_eval", "0"], "argument --num_eval: must be at least 1"),
+    "batch": (lambda tmp: bad_set(tmp) + ["--batch_train", "0"], "argument --batch_train: must be at least 1"),
+    "dsa strategy": (lambda tmp: bad_set(tmp) + ["--dsa_strategy", "color_blur"],
+                     "argument --dsa_strategy: unknown DSA op(s) blur"),
     "gpu": (lambda tmp: bad_set(tmp) + ["--device", "gpu"], "unknown --device 'gpu'"),
     "viewing copy": (lambda tmp: bad_set(tmp, name="images_zca_best.pt"), "the de-whitened copy saved for viewing"),
     "other dataset": (lambda tmp: bad_set(tmp, meta={"dataset": "CIFAR10"}), "distilled with --dataset CIFAR10"),
@@ -274,7 +271,7 @@ BAD_INPUTS = {
                       "--ipc 501: the random baseline needs 1 to 500 images per class"),
     "nothing to do": (lambda tmp: [], "nothing to evaluate"),
     "iteration of a file": (lambda tmp: bad_set(tmp) + ["--iteration", "5"], "--iteration picks a file"),
-    "eval mode": (lambda tmp: ["--baseline", "full", "--eval_mode", "Q"], "unknown --eval_mode 'Q'"),
+    "eval mode": (lambda tmp: ["--baseline", "full", "--eval_mode", "Q"], "argument --eval_mode: invalid choice: 'Q'"),
 }
 
 

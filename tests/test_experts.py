@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import buffer
 import experts
 from distill import draw_segment
-from experts import SIDECAR, Experts
-from utils import UsageError, buffer_dir
+from experts import SIDECAR, Experts, buffer_dir
+from utils import UsageError
 
 EPOCHS, PARAMS = 2, 3
 
@@ -147,7 +146,8 @@ def test_a_listed_file_that_is_not_what_the_sidecar_says_is_one_line(tmp_path, w
 
 @pytest.mark.parametrize("contents,message", [
     ("[]", "{path} is not a buffer.py sidecar: it holds a JSON list, not an object"),
-    ("{", "cannot read {path}: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    ("{", "cannot read {path} as a buffer.py sidecar (Expecting property name enclosed in double quotes: line 1 "
+          "column 2 (char 1))"),
     ('{"experts": []}', "{path} is not a buffer.py sidecar: missing or mistyped dataset, model, zca, num_params, "
                         "param_shapes, train_epochs"),
 ])
@@ -180,14 +180,6 @@ def test_no_experts_says_how_to_train_them(tmp_path):
                                  f"--dataset FashionMNIST-mini --model ConvNetW8 --buffer_path {tmp_path}")
 
 
-@pytest.mark.parametrize("flags,message", [({"max_files": 0}, "--max_files must be at least 1"),
-                                           ({"max_experts": -1}, "--max_experts must be at least 1")])
-def test_limits_below_one_are_refused(tmp_path, flags, message):
-    directory = make_buffer(tmp_path, {0: 1})
-    with pytest.raises(UsageError, match=f"^{message}$"):
-        Experts(directory, **flags)
-
-
 def test_files_sort_by_number_and_an_empty_directory_says_how_to_fill_it(tmp_path):
     for n in (10, 2, 9, 0):
         (tmp_path / f"replay_buffer_{n}.npy").write_bytes(b"")
@@ -200,5 +192,13 @@ def test_files_sort_by_number_and_an_empty_directory_says_how_to_fill_it(tmp_pat
         experts.read_sidecar(empty)
 
 
-def test_buffer_py_still_offers_what_distill_py_imports_from_it():
-    assert (buffer.expert_files, buffer.read_sidecar) == (experts.expert_files, experts.read_sidecar)
+def test_buffer_dir_follows_the_original_layout_and_fill_command_inverts_it():
+    cases = {("CIFAR10", "ConvNet", False, "imagenette", 128): "b/CIFAR10_NO_ZCA/ConvNet",
+             ("CIFAR10", "ConvNet", True, "imagenette", 128): "b/CIFAR10/ConvNet",
+             ("FashionMNIST", "ConvNet", False, "imagenette", 128): "b/FashionMNIST/ConvNet",
+             ("ImageNet", "ConvNetD5", False, "imagewoof", 64): "b/ImageNet/imagewoof/64/ConvNetD5"}
+    for (dataset, model, zca, subset, res), path in cases.items():
+        assert buffer_dir("b", dataset, model, zca, subset, res) == path
+        flags = (f"--dataset {dataset}" + " --zca" * zca + (f" --subset {subset} --res {res}" if dataset == "ImageNet"
+                                                             else "") + f" --model {model} --buffer_path b")
+        assert experts.fill_command(path) == f"python buffer.py {flags}"

@@ -1,9 +1,9 @@
 """One distillation iteration checked against the original MTT code's own numbers.
 
-fixtures/mtt_meta_gradient.pt (a copy of ../shared/golden/, whose README says how it was made)
-holds the inputs, the matching loss and the image and syn_lr gradients the original computed
-with its ReparamModule student, its DiffAugment and its inner loop: 6 student steps of
-ConvNetW32 on 20 CIFAR-sized images, without and with DSA. The DSA case holds only while
+fixtures/mtt_meta_gradient.pt (fixtures/README.md says how it was made) holds the inputs, the
+matching loss and the image and syn_lr gradients the original computed with its ReparamModule
+student, its DiffAugment and its inner loop: 6 student steps of ConvNetW32 on 20 CIFAR-sized
+images, without and with DSA. The DSA case holds only while
 draw_schedule consumes the random stream in the original's order (torch.manual_seed(seed), then
 per step the permutation when needed and that step's DSA draw)."""
 from pathlib import Path

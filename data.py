@@ -1,0 +1,302 @@
+"""Real data: the datasets of the benchmarks as float tensors, normalised or ZCA-whitened.
+
+Each loader returns uint8 N x C x H x W images, int64 labels and the class names; get_dataset
+scales to [0, 1] and then normalises by the dataset's mean and std, or (--zca) whitens with a
+ZCA fitted on the training set, as the original does.
+"""
+import gzip
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils import REPO, UsageError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+MINI_PATH = REPO / "assets" / "fashion_mnist_mini.npz"
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class Data:
+    images_train: torch.Tensor  # float32 N x C x H x W, normalised (or ZCA-whitened)
+    labels_train: torch.Tensor  # int64
+    images_test: torch.Tensor
+    labels_test: torch.Tensor
+    channel: int
+    im_size: tuple
+    num_classes: int
+    class_names: list
+    mean: list
+    std: list
+    zca: "ZCA | None" = None
+
+    def to_pixels(self, images):
+        """Images as get_dataset returns them, back to [0, 1] pixels (where ZCA is fitted)."""
+        if self.zca is not None:
+            return self.zca.inverse(images)
+        std, mean = (torch.tensor(v, device=images.device).view(1, -1, 1, 1) for v in (self.std, self.mean))
+        return images * std + mean
+
+
+def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=128):
+    """Training and test images as float tensors: normalised by the dataset's mean and std, or,
+    with zca, scaled to [0, 1] and whitened by a ZCA fitted on the training set (Data.zca)."""
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    info = DATASETS[dataset]
+    x_train, y_train, x_test, y_test, class_names = info.load(data_path, subset, res)
+    x_train, x_test = x_train.float().div_(255), x_test.float().div_(255)
+    whitener = None
+    if zca:
+        whitener = ZCA.fit(x_train)
+        x_train, x_test = whitener(x_train), whitener(x_test)
+    else:
+        mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        std = torch.tensor(info.std).view(1, -1, 1, 1)
+        x_train, x_test = x_train.sub_(mean).div_(std), x_test.sub_(mean).div_(std)
+    return Data(x_train, y_train, x_test, y_test, channel=x_train.shape[1], im_size=tuple(x_train.shape[2:]),
+                num_classes=len(class_names), class_names=list(class_names), mean=list(info.mean),
+                std=list(info.std), zca=whitener)
+
+
+def images_per_class(labels, num_classes):
+    """Indices of each class's images, as a list of tensors."""
+    order = torch.argsort(labels, stable=True)
+    return list(torch.split(order, torch.bincount(labels, minlength=num_classes).tolist()))
+
+
+def _nchw(images):
+    images = torch.as_tensor(np.asarray(images))
+    return images.unsqueeze(1) if images.ndim == 3 else images
+
+
+def _load_torchvision(name, data_path, subset, res):
+    import torchvision  # here, not at the top: importing it takes a second, which the other datasets need not pay
+    cls = getattr(torchvision.datasets, name)
+    try:
+        if name == "SVHN":
+            train, test = (cls(data_path, split=s, download=True) for s in ("train", "test"))
+        else:
+            train, test = (cls(data_path, train=t, download=True) for t in (True, False))
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{name} is not in {data_path!r} and could not be downloaded ({reason}); "
+                         f"check the network or put torchvision's {name} files under --data_path") from err
+    labels = lambda ds: torch.as_tensor(np.asarray(ds.labels if name == "SVHN" else ds.targets), dtype=torch.long)
+    channels_last = name.startswith("CIFAR")  # torchvision keeps CIFAR as N x H x W x C
+    images = lambda ds: _nchw(ds.data).permute(0, 3, 1, 2) if channels_last else _nchw(ds.data)
+    class_names = getattr(train, "classes", [str(c) for c in range(10)])
+    return images(train), labels(train), images(test), labels(test), list(class_names)
+
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+def read_idx(path):
+    """An IDX file (the MNIST format, gzipped or not) as a numpy array."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = np.frombuffer(data, ">i4", ndim, 4)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def idx_files(folder):
+    """The four Fashion-MNIST IDX files in `folder` (gzipped or not), or None."""
+    for suffix in (".gz", ""):
+        paths = [Path(folder) / f"{name}{suffix}" for name in IDX_FILES]
+        if all(p.exists() for p in paths):
+            return paths
+
+
+def _load_fashion_mnist(data_path, subset, res):
+    """The four IDX files from --data_path or Debian's dataset-fashion-mnist; else torchvision's download."""
+    folders = [data_path, Path(data_path) / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
+    paths = next(filter(None, map(idx_files, folders)), None)
+    if paths is None:
+        return _load_torchvision("FashionMNIST", data_path, subset, res)
+    x_train, y_train, x_test, y_test = (torch.as_tensor(read_idx(p).copy()) for p in paths)
+    return _nchw(x_train), y_train.long(), _nchw(x_test), y_test.long(), FASHION_CLASSES
+
+
+def _load_fashion_mnist_mini(data_path, subset, res):
+    """The class-balanced Fashion-MNIST subset shipped in assets/ (made by assets/make_fashion_mnist_mini.py)."""
+    with np.load(MINI_PATH) as f:
+        arrays = [torch.as_tensor(f[k]) for k in ("x_train", "y_train", "x_test", "y_test")]
+    return _nchw(arrays[0]), arrays[1].long(), _nchw(arrays[2]), arrays[3].long(), FASHION_CLASSES
+
+
+def _read_images(files, res):
+    """Decode image files into one uint8 N x 3 x res x res tensor. Each is squashed to res x res
+    (PIL bilinear), as the original's Resize((res, res)) does: the whole picture stays, uncropped."""
+    out = np.empty((len(files), res, res, 3), np.uint8)
+    for i, path in enumerate(files):
+        try:
+            with Image.open(path) as im:
+                out[i] = np.asarray(im.convert("RGB").resize((res, res), Image.BILINEAR))
+        except OSError as err:
+            raise UsageError(f"cannot read image {path}: {err}") from None
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def _class_folders(root, what):
+    """The sorted class folder names under root (torchvision's find_classes), or one line."""
+    from torchvision.datasets.folder import find_classes
+    try:
+        return find_classes(root)[0]
+    except FileNotFoundError as err:
+        raise UsageError(f"{what}: {err}") from None
+
+
+def _load_folders(root, classes, res, what):
+    """ImageFolder layout root/{class}/**/image: the images of `classes` (folder names), labelled
+    by position, read with torchvision's make_dataset. A class without images is an error."""
+    from torchvision.datasets.folder import make_dataset
+    try:
+        found = make_dataset(str(root), {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as err:
+        raise UsageError(f"{what}, {root}: {err}") from None
+    return _read_images([path for path, _ in found], res), torch.tensor([label for _, label in found])
+
+
+def _require_dir(path, what, how):
+    if not Path(path).is_dir():
+        raise UsageError(f"{what} not found: no folder {str(path)!r}; {how}")
+
+
+def _load_tiny_annotated(images, classes):
+    """The zip's test set: images/*.JPEG labelled by the wnid column of ../val_annotations.txt."""
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise UsageError(f"Tiny ImageNet: no test images in {images} (neither {{wnid}}/ folders nor image files)")
+    annotations = images.parent / "val_annotations.txt"
+    if not annotations.is_file():
+        raise UsageError(f"Tiny ImageNet: {annotations} is missing; it labels the images in {images}")
+    rows = (line.split() for line in annotations.read_text().splitlines())
+    wnid = {row[0]: row[1] for row in rows if len(row) >= 2}
+    index = {name: i for i, name in enumerate(classes)}
+    unlabelled = [f.name for f in files if wnid.get(f.name) not in index]
+    if unlabelled:
+        raise UsageError(f"Tiny ImageNet: {len(unlabelled)} images in {images} have no training class in "
+                         f"{annotations}, e.g. {unlabelled[0]}")
+    return _read_images(files, 64), torch.tensor([index[wnid[f.name]] for f in files])
+
+
+def _load_tiny(data_path, subset, res):
+    """Tiny ImageNet (64x64): train/{wnid}/**/*.JPEG, and either the original's ImageFolder test set
+    val/images/{wnid}/*.JPEG or the zip's val/images/*.JPEG labelled by val/val_annotations.txt."""
+    root = Path(data_path) / "tiny-imagenet-200"
+    root = root if root.is_dir() else Path(data_path)
+    how = "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into --data_path"
+    train, test = root / "train", root / "val" / "images"
+    _require_dir(train, "Tiny ImageNet", how)
+    _require_dir(test, "Tiny ImageNet", how)
+    classes = _class_folders(train, "Tiny ImageNet")
+    x_train, y_train = _load_folders(train, classes, 64, "Tiny ImageNet")
+    if not any(p.is_dir() for p in test.iterdir()):
+        return x_train, y_train, *_load_tiny_annotated(test, classes), classes
+    unknown = sorted(set(_class_folders(test, "Tiny ImageNet")) - set(classes))
+    if unknown:
+        raise UsageError(f"Tiny ImageNet: {len(unknown)} class folders in {test} are not in {train}, e.g. {unknown[0]}")
+    return x_train, y_train, *_load_folders(test, classes, 64, "Tiny ImageNet"), classes
+
+
+IMAGENET_SUBSETS = {  # indices into the 1000 sorted ImageNet class folders (the original's Config)
+    "imagenette": [0, 217, 482, 491, 497, 566, 569, 571, 574, 701],
+    "imagewoof": [193, 182, 258, 162, 155, 167, 159, 273, 207, 229],
+    "imagemeow": [281, 282, 283, 284, 285, 291, 292, 290, 289, 287],
+    "imagesquawk": [84, 130, 88, 144, 145, 22, 96, 9, 100, 89],
+    "imagefruit": [953, 954, 949, 950, 951, 957, 952, 945, 943, 948],
+    "imageyellow": [309, 986, 954, 951, 987, 779, 599, 291, 72, 11],
+}
+
+
+def _load_imagenet_subset(data_path, subset, res):
+    """Ten ImageNet classes from data_path/train/{wnid} and data_path/val/{wnid}, at res x res."""
+    how = "put ImageNet in ImageFolder layout (train/{wnid}/*.JPEG, val/{wnid}/*.JPEG) under --data_path"
+    train, test = Path(data_path) / "train", Path(data_path) / "val"
+    _require_dir(train, "ImageNet", how)
+    _require_dir(test, "ImageNet", how)
+    wnids = _class_folders(train, "ImageNet")
+    if len(wnids) != 1000:
+        raise UsageError(f"ImageNet: expected 1000 class folders in {train}, found {len(wnids)}")
+    classes = [wnids[i] for i in IMAGENET_SUBSETS[subset]]
+    return *_load_folders(train, classes, res, "ImageNet"), *_load_folders(test, classes, res, "ImageNet"), classes
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    load: callable  # (data_path, subset, res) -> uint8 x_train, y_train, x_test, y_test, class names
+    mean: tuple
+    std: tuple
+    side: int  # image side; None: --res (ImageNet subsets)
+    num_classes: int
+
+    def shape(self, res):
+        """(channel, (h, w), classes) of the images get_dataset returns, known without loading them."""
+        side = self.side or res
+        return len(self.mean), (side, side), self.num_classes
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+DATASETS = {
+    "MNIST": DatasetInfo(partial(_load_torchvision, "MNIST"), (0.1307,), (0.3081,), 28, 10),
+    "FashionMNIST": DatasetInfo(_load_fashion_mnist, (0.2861,), (0.3530,), 28, 10),
+    "FashionMNIST-mini": DatasetInfo(_load_fashion_mnist_mini, (0.2861,), (0.3530,), 28, 10),
+    "SVHN": DatasetInfo(partial(_load_torchvision, "SVHN"), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                        32, 10),
+    "CIFAR10": DatasetInfo(partial(_load_torchvision, "CIFAR10"), CIFAR_MEAN, CIFAR_STD, 32, 10),
+    # CIFAR-10's constants, as the original normalises CIFAR-100: buffers and sets move between the codebases
+    "CIFAR100": DatasetInfo(partial(_load_torchvision, "CIFAR100"), CIFAR_MEAN, CIFAR_STD, 32, 100),
+    "Tiny": DatasetInfo(_load_tiny, IMAGENET_MEAN, IMAGENET_STD, 64, 200),
+    "ImageNet": DatasetInfo(_load_imagenet_subset, IMAGENET_MEAN, IMAGENET_STD, None, 10),
+}
+
+
+class ZCA:
+    """x -> (x - mean) T with T = U diag(1 / sqrt(S + eps)) U^T, where U S U^T is the covariance
+    (the original's kornia ZCAWhitening(eps=0.1, compute_inv=True))."""
+
+    def __init__(self, mean, transform, inverse_transform, eps):
+        self.mean, self.transform, self.inverse_transform, self.eps = mean, transform, inverse_transform, eps
+
+    @classmethod
+    def fit(cls, images, eps=0.1, chunk=4096):
+        """Fit on N x C x H x W images; the covariance is accumulated in float64 in chunks of rows."""
+        x = images.flatten(1)
+        mean = sum(rows.double().sum(0) for rows in torch.split(x, chunk)) / len(x)
+        cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        for rows in torch.split(x, chunk):
+            centred = rows.double() - mean
+            cov += centred.T @ centred
+        cov /= len(x) - 1
+        s, u = torch.linalg.eigh(cov)
+        s = s.clamp_min(0)  # a rank-deficient covariance has tiny negative eigenvalues from rounding
+        transform = (u * (s + eps).rsqrt()) @ u.T
+        inverse = (u * (s + eps).sqrt()) @ u.T
+        return cls(mean.float(), transform.float(), inverse.float(), eps)
+
+    def __call__(self, images):
+        return ((images.flatten(1) - self.mean) @ self.transform).view_as(images)
+
+    def inverse(self, images):
+        return (images.flatten(1) @ self.inverse_transform + self.mean).view_as(images)
+
+    def state_dict(self):
+        return {"mean": self.mean, "transform": self.transform, "inverse_transform": self.inverse_transform,
+                "eps": self.eps}
+
+    @classmethod
+    def from_state(cls, state):
+        return cls(state["mean"], state["transform"], state["inverse_transform"], state["eps"])
+
+    def to(self, device):
+        return ZCA(self.mean.to(device), self.transform.to(device), self.inverse_transform.to(device), self.eps)

@@ -1,0 +1,47 @@
+"""What several test files share: tiny distill.py flags, one-line errors, relative errors."""
+import pytest
+import torch
+
+import distill
+import matching
+
+# distill.py at the smallest size that still runs every stage: 10 images of 28 px, a width-16 ConvNet,
+# two student steps, one evaluation network trained for one epoch.
+TINY = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--ipc", "1", "--syn_steps", "2",
+        "--expert_epochs", "1", "--max_start_epoch", "1", "--num_eval", "1", "--epoch_eval_train", "1",
+        "--lr_img", "10", "--lr_lr", "1e-6", "--device", "cpu"]
+
+
+def run_distill(buffers, save_path, *flags):
+    return distill.main(TINY + ["--buffer_path", str(buffers), "--save_path", str(save_path), *flags])
+
+
+def one_line_error(main, argv):
+    """The message a script's main(argv) exits with, checked to be one line starting with 'error: '."""
+    with pytest.raises(SystemExit) as raised:
+        main(list(map(str, argv)))
+    message = str(raised.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def relative_error(ours, theirs):
+    return ((ours - theirs).norm() / theirs.norm()).item()
+
+
+def crash_at(monkeypatch, iteration):
+    """Make the distillation step raise KeyboardInterrupt at the given (0-based) iteration."""
+    calls, real_backward = [], matching.BACKWARD[False]
+
+    def crashing(*args):
+        calls.append(1)
+        if len(calls) == iteration + 1:
+            raise KeyboardInterrupt
+        return real_backward(*args)
+
+    monkeypatch.setitem(matching.BACKWARD, False, crashing)
+    return real_backward

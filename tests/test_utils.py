@@ -1,0 +1,92 @@
+"""The plumbing the three scripts share: flag parsing, safe writes, one-line reading errors."""
+import os
+
+import pytest
+import torch
+
+import utils
+from utils import UsageError
+
+
+def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path):
+    target = tmp_path / "file.pt"
+    with pytest.raises(RuntimeError):
+        with utils.atomic_path(target) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"partial")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with utils.atomic_path(target) as tmp:
+        torch.save(torch.arange(3), tmp)
+    assert [p.name for p in tmp_path.iterdir()] == ["file.pt"]
+
+
+def test_atomic_path_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Without the first fsync a renamed file can be empty after a power loss; without the second
+    the rename itself can be lost."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    target = tmp_path / "file.pt"
+    with utils.atomic_path(target) as tmp:
+        torch.save(torch.arange(3), tmp)
+    assert events == [("fsync", tmp), ("replace", str(target)), ("fsync", str(tmp_path))]
+
+
+def parser():
+    parser = utils.Parser("test")
+    utils.add_common_args(parser)
+    utils.switch(parser, "--flag", "a switch")
+    return parser
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], (True, False, False)), (["--zca"], (True, True, False)), (["--flag"], (True, False, True)),
+    (["--dsa", "False", "--zca", "True", "--flag", "false"], (False, True, False)),
+    (["--dsa", "0", "--zca", "yes", "--flag", "1"], (False, True, True)),
+])
+def test_every_boolean_flag_reads_true_and_false_alike(argv, expected):
+    args = utils.parse(parser(), argv)
+    assert (args.dsa, args.zca, args.flag) == expected
+    assert args.augmentation == (utils.DSA_STRATEGY if args.dsa else None)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dsa", "yes please"], "argument --dsa: expected True or False, not 'yes please'"),
+    (["--flag", "maybe"], "argument --flag: expected True or False, not 'maybe'"),
+    (["--seed", "99999999999999999999"], "argument --seed: must be in 0..2^63-1, not 99999999999999999999"),
+    (["--batch_train", "1.5"], "argument --batch_train: expected at least 1, not '1.5'"),
+    (["--res", "inf"], "argument --res: expected at least 1, not 'inf'"),
+    (["--dataset", "CIFAR11"], "argument --dataset: invalid choice: 'CIFAR11'"),
+])
+def test_a_bad_flag_is_one_usage_error(argv, message):
+    with pytest.raises(UsageError) as raised:
+        utils.parse(parser(), argv)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "-1", "0"])
+def test_a_learning_rate_is_positive_and_finite(text):
+    with pytest.raises(Exception, match="a positive finite number"):
+        utils.positive_float(text)
+    assert utils.positive_float("1e-3") == 1e-3
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"{", "cannot read {path} as a thing (Expecting property name"),
+    (b"[1, 2]", "{path} is not a thing: it holds a JSON list, not an object; mend it"),
+])
+def test_json_that_is_not_an_object_is_one_line(tmp_path, content, message):
+    path = tmp_path / "file.json"
+    path.write_bytes(content)
+    with pytest.raises(UsageError) as raised:
+        utils.load_json(path, "a thing", fix="mend it")
+    assert str(raised.value).startswith(message.format(path=path))
+
+
+def test_a_torch_file_that_is_not_one_is_one_line(tmp_path):
+    path = tmp_path / "file.pt"
+    path.write_bytes(b"garbage")
+    with pytest.raises(UsageError, match=r"cannot read .*file.pt as a checkpoint \(UnpicklingError\); move it away"):
+        utils.load_torch(path, "a checkpoint", fix="move it away")

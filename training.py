@@ -1,0 +1,162 @@
+"""Training and testing networks: the experts' epochs (buffer.py) and the evaluation protocol of
+DC, DSA and MTT (distill.py, eval.py): train a fresh network on a set, test it on real images."""
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import parallel
+from augment import DSA_STRATEGY, apply_augmentation, draw_augmentation, draw_texture_crops, texture_crops
+from networks import get_network
+from utils import eta, run_seed, set_seed
+
+INFERENCE_BATCH = 500  # images per forward pass when only predicting
+EVAL_POOLS = {
+    "M": ["ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18"],
+    "W": ["ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"],
+    "D": ["ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4"],
+    "A": ["ConvNetAS", "ConvNetAR", "ConvNetAL"],
+    "P": ["ConvNetNP", "ConvNetMP", "ConvNetAP"],
+    "N": ["ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"],
+}
+EVAL_MODES = ["S", "C", *EVAL_POOLS]
+EVAL_MODE_HELP = ("models each evaluation trains: S = the distillation model (BN -> instance norm), C = it and "
+                  "ConvNet, M = ConvNet AlexNet VGG11 ResNet18_AP ResNet18, W = widths, D = depths, "
+                  "A = activations, P = poolings, N = norms")
+
+
+def eval_pool(eval_mode, model):
+    """The models to evaluate a set with: S = the distillation model (batch norm swapped for
+    instance norm, as the original does), C = that model and ConvNet, else a named pool."""
+    if eval_mode == "S":
+        return [model.split("BN")[0]]
+    if eval_mode == "C":
+        return list(dict.fromkeys([model, "ConvNet"]))
+    return EVAL_POOLS[eval_mode]
+
+
+def decay_epoch(epochs):
+    """The epoch after which the original divides the lr by ten, for experts and evaluations alike."""
+    return epochs // 2 + 1
+
+
+def cross_entropy(logits, targets):
+    """Class ids: the usual cross-entropy. N x C label logits (DATM's soft labels): the
+    cross-entropy against softmax(targets) at temperature 1, summed over classes, averaged over
+    the batch, as DATM trains its students and evaluation networks."""
+    if targets.is_floating_point():
+        return -(F.log_softmax(logits, 1) * F.softmax(targets, 1)).sum() / len(logits)
+    return F.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def accuracy(net, images, labels):
+    net.eval()
+    batches = zip(images.split(INFERENCE_BATCH), labels.split(INFERENCE_BATCH))
+    return sum((net(x).argmax(1) == y).sum().item() for x, y in batches) / len(labels)
+
+
+def sgd_step(net, x, y, optimizer):
+    """train_epoch's update: one gradient step of `optimizer` on the batch; returns the outputs."""
+    out = net(x)
+    loss = cross_entropy(out, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return out
+
+
+def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, texture=None, step=sgd_step):
+    """One shuffled pass over (images, labels) with DSA on every batch (one draw per image) and
+    `step` on each (buffer.py's GSAM takes sgd_step's place); labels are class ids or label logits;
+    texture = (res, samples) trains on random crops of canvases. Returns the training accuracy as
+    a 0-dim tensor: reading it waits for the GPU, which a 1000-epoch evaluation should not do per step."""
+    net.train()
+    correct, seen = torch.zeros((), device=images.device), 0
+    for idx in torch.randperm(len(images), device=images.device).split(batch_size):
+        x, y = images[idx], labels[idx]
+        if texture is not None:
+            (res, samples) = texture
+            x = texture_crops(x, draw_texture_crops(x, samples), res)
+            y = y.repeat(samples, *[1] * (y.ndim - 1))
+        if dsa_strategy:
+            x = apply_augmentation(x, draw_augmentation(x, dsa_strategy))
+        out = step(net, x, y, optimizer)
+        correct += (out.argmax(1) == (y.argmax(1) if y.is_floating_point() else y)).sum()  # logits: their class
+        seen += len(y)
+    return correct / seen
+
+
+def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=1000, batch_train=256,
+                    dsa_strategy=DSA_STRATEGY, texture=None, say=None):
+    """Train `net` (fresh) on images/labels with SGD (momentum 0.9, weight decay 5e-4), lr decayed
+    x0.1 after epoch decay_epoch(epochs), DSA on every batch unless dsa_strategy is None; return the
+    final (train accuracy, test accuracy). Like the original, it runs epochs + 1 passes and
+    restarts the optimiser (momentum included) at the decay."""
+    device = next(net.parameters()).device
+    images, labels = images.to(device), labels.to(device)
+    sgd = lambda lr: torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=5e-4)
+    optimizer, start, passes = sgd(lr), time.time(), epochs + 1
+    for ep in range(passes):
+        train_acc = train_epoch(net, images, labels, optimizer, batch_train, dsa_strategy, texture)
+        if ep == decay_epoch(epochs):
+            lr *= 0.1
+            optimizer = sgd(lr)
+        if say and (ep + 1) % max(1, passes // 10) == 0:
+            say(f"  epoch {ep + 1}/{passes} train acc {train_acc:.3f} ({eta(time.time() - start, ep + 1, passes)})")
+    return train_acc.item(), accuracy(net, test_images.to(device), test_labels.to(device))
+
+
+@dataclass
+class EvalSet:
+    """A training set to evaluate (distilled, random real or full), with the real images it is
+    tested on, in the same space (ZCA or not) as its own images."""
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor  # class ids, or N x C label logits (trained with the soft cross-entropy)
+    lr: float
+    epochs: int
+    ipc: int | None  # None: the whole training set
+    test: tuple  # (images, labels)
+    texture: tuple | None = None  # (crop size, crops per canvas) for texture canvases
+    validation: tuple | None = None  # (images, labels) of held-out real training images
+    lr_from: str = "--lr"  # where lr came from, for the report
+
+
+def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA_STRATEGY, device="cpu",
+                  say=print):
+    """Train num_eval fresh networks for each (EvalSet, model) pair and test each; one row of the
+    table per pair. Network r of a pair is seeded by (seed, r) alone, so a row repeats whatever
+    else the command evaluates, and under torchrun the networks spread over the ranks (network k
+    of the list on rank k mod ranks) with the same results as one process."""
+    jobs = [(pair, run) for pair in range(len(pairs)) for run in range(num_eval)]
+    results = {}
+    for pair, run in jobs[parallel.rank()::parallel.world()]:
+        eval_set, model = pairs[pair]
+        set_seed(run_seed(seed, run))
+        net = get_network(model, data.channel, data.num_classes, data.im_size).to(device)
+        tag = f"[{eval_set.name} {model} run {run + 1}/{num_eval}]"
+        say(f"{tag} training on {len(eval_set.images)} images for {eval_set.epochs} epochs, lr {eval_set.lr:.4g}")
+        _, test_acc = evaluate_synset(net, eval_set.images, eval_set.labels, *eval_set.test, eval_set.lr,
+                                      eval_set.epochs, batch_train, dsa_strategy, eval_set.texture,
+                                      say=lambda line: say(tag + line))
+        val_acc = accuracy(net, *(t.to(device) for t in eval_set.validation)) if eval_set.validation else None
+        validation = "" if val_acc is None else f", validation {100 * val_acc:.2f}%"
+        say(f"{tag} test acc {100 * test_acc:.2f}%{validation}")
+        results[pair, run] = (test_acc, val_acc)
+    for found in parallel.gather_objects(results):
+        results.update(found)
+    rows = []
+    for pair, (eval_set, model) in enumerate(pairs):
+        test_accs, val_accs = zip(*(results[pair, run] for run in range(num_eval)))
+        row = {"set": eval_set.name, "model": model, "ipc": eval_set.ipc, "images": len(eval_set.images),
+               "lr": eval_set.lr, "lr_from": eval_set.lr_from, "epochs": eval_set.epochs,
+               "test_acc_mean": float(np.mean(test_accs)), "test_acc_std": float(np.std(test_accs)),
+               "test_accs": list(test_accs), "n": num_eval}
+        if eval_set.validation:
+            row.update(val_acc_mean=float(np.mean(val_accs)), val_acc_std=float(np.std(val_accs)),
+                       val_accs=list(val_accs))
+        rows.append(row)
+    return rows
