@@ -26,6 +26,7 @@ each expert with the index and seed one process gives it (the same arrays, bit f
 Rank 0 alone holds the lock, recovers, prints and writes the sidecar after every round of files;
 its "pending" entry lets the next run list a file finished in a round that was cut short.
 """
+import hashlib
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -45,8 +46,9 @@ from experts import (SIDECAR, Experts, buffer_dir, buffer_file, expert_files, ne
                      write_sidecar)
 from networks import flatten_params, get_network
 from training import accuracy, decay_epoch, sgd_step, train_epoch
-from utils import (Parser, UsageError, add_common_args, eta, folder_lock, make_folder, non_negative_float, parse,
-                   positive_float, positive_int, remove_stale_temps, run_script, set_seed, switch)
+from utils import (Parser, UsageError, add_common_args, check_fits, check_model, entry, eta, folder_lock, folder_path,
+                   main_decides, make_folder, non_negative_float, one_verdict, parse, positive_float, positive_int,
+                   remove_stale_temps, run_script, set_seed, switch)
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
@@ -63,7 +65,7 @@ def parse_args(argv=None):
     flag("--num_experts", type=positive_int, default=100, help="experts to train")
     flag("--lr_teacher", type=positive_float, default=0.01, help="the experts' SGD learning rate")
     flag("--batch_real", type=int, default=256, help="unused here; kept so the original's commands run")
-    flag("--buffer_path", default="./buffers",
+    flag("--buffer_path", default="./buffers", type=folder_path,
          help="root of the expert directories {buffer_path}/{dataset}[_NO_ZCA]/{model}")
     flag("--train_epochs", type=positive_int, default=50, help="epochs per expert (snapshots: this + 1)")
     switch(parser, "--decay", "lr x0.1 after epoch train_epochs // 2 + 1")
@@ -80,14 +82,18 @@ def parse_args(argv=None):
               "needs --rho_max")
     switch(parser, "--adaptive", "GSAM: scale the perturbation per weight by w**2 (adaptive SAM); needs --rho_max")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--import_pt", metavar="OLD_DIR",
+    mode.add_argument("--import_pt", metavar="OLD_DIR", type=folder_path,
                       help="convert the original's replay_buffer_{n}.pt files in OLD_DIR instead of training "
                            "(one process: refused under torchrun)")
-    mode.add_argument("--export_pt", metavar="NEW_DIR",
+    mode.add_argument("--export_pt", metavar="NEW_DIR", type=folder_path,
                       help="write this directory's experts into NEW_DIR as the original's replay_buffer_{n}.pt "
                            "files (--save_interval experts each), which MTT, TESLA and DATM read (one process: "
                            "refused under torchrun)")
     args = parse(parser, argv)
+    num_params = check_model(args.model, args.dataset, args.res)
+    if not (args.import_pt or args.export_pt):
+        check_fits(4 * args.num_experts * (args.train_epochs + 1) * num_params,
+                   f"{args.num_experts} experts of {args.train_epochs + 1} snapshots", folder=args.buffer_path)
     if args.rho_min > args.rho_max:
         raise UsageError(f"--rho_min {args.rho_min} is above --rho_max {args.rho_max}")
     if (args.alpha or args.adaptive) and not args.rho_max:
@@ -98,7 +104,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return run_script(parse_args, run, argv)
+    return run_script(parse_args, run, argv, interrupted)
+
+
+def interrupted(args):
+    """What an interrupted buffer.py leaves, in one line."""
+    if args.export_pt:
+        return f"the replay_buffer_{{n}}.pt files listed above are complete in {args.export_pt}"
+    directory = buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+    return (f"the experts listed in {directory}/{SIDECAR} are complete and kept; the file being written was "
+            f"discarded; run the command again to add experts")
 
 
 def run(args, device):
@@ -274,10 +289,23 @@ def train_file(args, data, num_params, file, entries):
             set_seed(seed)
             entry = {"file": path.name, "index": index, "row": row, "seed": seed, "train_acc": [], "test_acc": []}
             for epoch, (train_acc, test_acc, speed) in enumerate(train_expert(args, data, array[row]), 1):
+                if not np.isfinite(array[row, epoch]).all():
+                    raise UsageError(f"expert #{index} diverged: its parameters became non-finite in epoch {epoch} "
+                                     f"(--lr_teacher {args.lr_teacher:g}, --mom {args.mom:g}, --l2 {args.l2:g}); lower "
+                                     f"them. Nothing of its file is saved; files finished before it are kept")
                 entry["train_acc"].append(train_acc)
                 entry["test_acc"].append(test_acc)
                 yield index, epoch, train_acc, test_acc, speed
             entries.append(entry)
+
+
+def failures_reported(epochs):
+    """The epochs of a rank's file, then, if they stop on a UsageError, one last item: ("failed",
+    its message), which the per-epoch gather carries to every rank."""
+    try:
+        yield from epochs
+    except UsageError as err:
+        yield "failed", str(err)
 
 
 def load_data(args, device, settings):
@@ -288,9 +316,10 @@ def load_data(args, device, settings):
                    images_test=data.images_test.to(device), labels_test=data.labels_test.to(device))
 
 
-def open_run(args, directory, settings, world):
+def open_run(args, directory, settings, world, run_lock):
     """On rank 0, alone in the locked directory before the others start: clean it up, recover,
     and number this run's files. Returns the sidecar and the plan of files."""
+    run_lock.enter_context(folder_lock(make_folder(directory, "--buffer_path"), "buffer.py run"))
     meta = open_directory(directory, settings, args.seed)
     plan = plan_files(args, directory, meta)
     if world > 1:  # ranks finish the files of a round in any order: the next run must know which indices each holds
@@ -302,23 +331,15 @@ def open_run(args, directory, settings, world):
 def train(args, device):
     directory = Path(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res))
     settings, rank, world = describe(args, args.seed), parallel.rank(), parallel.world()
-    main_process = parallel.is_main()
-    say = print if main_process else lambda *_, **__: None
-    meta = plan = None
-    with ExitStack() as stack:
-        try:
-            if main_process:  # it holds the lock for the whole run; the others never take it
-                stack.enter_context(folder_lock(make_folder(directory, "--buffer_path"), "buffer.py run"))
-                meta, plan = open_run(args, directory, settings, world)
-        finally:  # also when rank 0 fails (plan None), so that the others stop quietly rather than in a collective
-            plan = parallel.broadcast_object(plan)
-        if plan is None:
-            return  # on ranks 1.. when rank 0 failed: its one line says why
-        if not directory.is_dir():
-            raise UsageError(f"{directory} does not exist on this machine: on several machines --buffer_path must "
-                             f"be a folder they all share")
+    say = print if parallel.is_main() else lambda *_, **__: None
+    with ExitStack() as run_lock:  # rank 0 holds the directory's lock for the whole run; the others never take it
+        meta, plan = main_decides(lambda: open_run(args, directory, settings, world, run_lock))
+        with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
+            if not directory.is_dir():
+                raise UsageError(f"{directory} does not exist on this machine: on several machines --buffer_path "
+                                 f"must be a folder they all share")
+            data = load_data(args, device, settings)
         rounds = [plan[j:j + world] for j in range(0, len(plan), world)]  # file j on rank j mod world
-        data = load_data(args, device, settings)
         where = device if world == 1 else f"{world} processes on {device.type}, file j on rank j mod {world}"
         say(f"{args.num_experts} {args.model} experts x {args.train_epochs} epochs on {args.dataset} "
             f"({len(data.images_train)} images, {where}) -> {directory}")
@@ -328,14 +349,18 @@ def train(args, device):
             entries = []
             epochs = train_file(args, data, settings["num_params"], files[rank], entries) if rank < len(files) else ()
             # one gather an epoch, a rank whose file is done sending None: no collective waits longer than an epoch
-            for progress, _ in zip_longest(epochs, range(round_steps)):
+            for progress, _ in zip_longest(failures_reported(epochs), range(round_steps)):
                 done += 1
-                for index, epoch, train_acc, test_acc, speed in filter(None, parallel.gather_objects(progress)):
+                reports = parallel.gather_objects(progress)
+                for failed_rank, report in enumerate(reports):
+                    if report and report[0] == "failed":
+                        raise UsageError(report[1], rank=failed_rank if world > 1 else None)
+                for index, epoch, train_acc, test_acc, speed in filter(None, reports):
                     say(f"expert {index - plan[0][1] + 1}/{args.num_experts} (#{index}) epoch "
                         f"{epoch}/{args.train_epochs}: train acc {train_acc:.4f} test acc {test_acc:.4f}, "
                         f"{speed:.0f} images/s, {eta(time.time() - start, done, total)}", flush=True)
             finished = [entry for share in parallel.gather_objects(entries) for entry in share]
-            if main_process:
+            if parallel.is_main():
                 meta["experts"] += finished
                 meta["next_index"] += len(finished)
                 if files is rounds[-1]:
@@ -354,6 +379,11 @@ def import_pt(args):
     with folder_lock(directory, "buffer.py run"):
         meta = open_directory(directory, describe(args, seed=None), args.seed)
         for source in sources:
+            digest = sha256(source)
+            imported = {entry.get("source_sha256"): entry["file"] for entry in meta["experts"]}
+            if digest in imported:
+                print(f"skipped {source}: its experts are already imported, in {imported[digest]}")
+                continue
             experts = read_original(source, meta["param_shapes"], args.train_epochs)
             path = buffer_file(directory, next_number(directory, meta))
             with new_buffer_file(path, (len(experts), args.train_epochs + 1, meta["num_params"])) as array:
@@ -362,10 +392,20 @@ def import_pt(args):
                         array[row, epoch] = torch.cat([p.reshape(-1) for p in snapshot]).float().numpy()
             first = meta["next_index"]
             meta["experts"] += [{"file": path.name, "index": first + row, "row": row, "seed": None, "train_acc": [],
-                                 "test_acc": [], "source": str(source)} for row in range(len(experts))]
+                                 "test_acc": [], "source": str(source), "source_sha256": digest}
+                                for row in range(len(experts))]
             meta["next_index"] += len(experts)
             write_sidecar(directory, meta)
             print(f"{source} -> {path} ({count(len(experts))})")
+
+
+def sha256(path):
+    """The file's SHA-256, read in blocks (an original buffer file can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def export_pt(args):
@@ -386,4 +426,4 @@ def export_pt(args):
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

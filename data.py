@@ -100,12 +100,18 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 
 
 def read_idx(path):
-    """An IDX file (the MNIST format, gzipped or not) as a numpy array."""
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = np.frombuffer(data, ">i4", ndim, 4)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    """An IDX file (the MNIST format, gzipped or not) as a numpy array; a truncated or foreign file
+    is one line naming it."""
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+        if data[:3] != b"\x00\x00\x08":  # the magic number of unsigned-byte IDX data
+            raise ValueError("no IDX header")
+        ndim = data[3]
+        shape = np.frombuffer(data, ">i4", ndim, 4)
+        return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, IndexError, ValueError) as err:
+        raise UsageError(f"{path} is truncated or not an IDX file ({type(err).__name__}); download it again") from None
 
 
 def idx_files(folder):

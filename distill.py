@@ -29,14 +29,15 @@ import torch
 
 import parallel
 import run_folder
-from data import get_dataset, images_per_class
+from data import DATASETS, get_dataset, images_per_class
 from experts import Experts, buffer_dir
 from matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import forward_flat, get_network
 from training import EVAL_MODE_HELP, EVAL_MODES, INFERENCE_BATCH, EvalSet, eval_pool, evaluate_sets
-from utils import (Parser, UsageError, add_common_args, boolean, checked, eta, folder_lock, fraction, make_folder,
-                   non_negative_float, non_negative_int, parse, positive_float, positive_int, remove_stale_temps,
-                   run_info, run_script, run_seed, set_seed, switch)
+from utils import (Parser, UsageError, add_common_args, boolean, check_fits, check_model, checked, entry, eta,
+                   folder_lock, folder_path, fraction, main_decides, make_folder, non_negative_float, non_negative_int,
+                   one_verdict, parse, positive_float, positive_int, remove_stale_temps, run_info, run_script, run_seed,
+                   set_seed, stalls_are_one_line, switch)
 
 # DATM's flags and their defaults in DATM's code. They apply as a whole once any DATM flag is given;
 # with none given, MTT's values below stand in for the two that would change MTT's run.
@@ -47,10 +48,12 @@ MTT_VALUES = {"threshold": None, "Sequential_Generation": False}
 
 # Flags that define what the checkpoint holds: a resumed run must keep them. Any other flag may
 # change on --resume (learning rates, steps, evaluation, ...): the new value applies and is logged.
-FIXED_ON_RESUME = ("dataset", "subset", "res", "model", "zca", "ipc", "texture", "canvas_size", "pix_init",
-                   "soft_label", "Label_Model_Timestamp", "seed", "val_per_class")
+FIXED_ON_RESUME = {**{flag: "it defines the saved set" for flag in (
+    "dataset", "subset", "res", "model", "zca", "ipc", "texture", "canvas_size", "pix_init", "soft_label",
+    "Label_Model_Timestamp", "seed", "val_per_class")},
+    "lr_teacher": "it only sets syn_lr at iteration 0, and a resumed run goes on with its learned syn_lr"}
 
-DIVERGED_PIXELS = 100  # pixels beyond 100x the largest initial |pixel| mean the images diverged
+DIVERGED = 100  # pixels or label logits beyond 100x their largest initial magnitude mean the run diverged
 SAVE_EVERY = 1000  # images_{it}.pt at every evaluation that improves, and every this many iterations
 GRID_MAX_IPC = 50  # the original draws no grid from ipc 50 on, unless --force_save
 PRINT_EVERY = 10  # iterations between progress lines
@@ -75,7 +78,8 @@ def parse_args(argv=None):
     flag("--batch_syn", type=positive_int, default=None, help="student minibatch (default: the whole synthetic set)")
     flag("--pix_init", default="real", choices=["real", "noise", "samples_predicted_correctly"],
          help="initial images: random real ones, N(0,1) noise, or (DATM) real ones an expert classifies correctly")
-    flag("--buffer_path", default="./buffers", help="the --buffer_path buffer.py trained the experts into")
+    flag("--buffer_path", default="./buffers", type=folder_path,
+         help="the --buffer_path buffer.py trained the experts into")
     flag("--expert_epochs", type=positive_int, default=3, help="expert epochs the student must cover")
     flag("--syn_steps", type=positive_int, default=20, help="student steps per iteration")
     flag("--max_start_epoch", type=positive_int, default=25, help="start epochs are drawn from [0, this)")
@@ -89,12 +93,16 @@ def parse_args(argv=None):
     switch(parser, "--force_save", f"write the PNG grid even when ipc >= {GRID_MAX_IPC}")
     switch(parser, "--low_memory",
            "the same gradient by reverse replay: memory of one student step plus the stored parameter vectors")
-    flag("--save_path", default=None, help="output folder (default: logged_files/{dataset}/{run name})")
+    flag("--save_path", default=None, type=folder_path,
+         help="output folder (default: logged_files/{dataset}/{run name})")
     switch(parser, "--resume", "continue the run in --save_path from its checkpoint (from iteration 0 if it has "
                                "none); new learning rates and other changeable flags apply")
     flag("--val_per_class", type=non_negative_int, default=0,
          help="hold out this many real training images per class (seeded) and pick 'best' on them, not on "
               "the test set (0: as the original)")
+    flag("--step_timeout", type=positive_float, default=parallel.STEP_TIMEOUT.total_seconds(),
+         help="torchrun: seconds a training step's collective waits for the other processes before the job "
+              "stops with a line naming the one that stopped answering (evaluations may wait 2 hours)")
     datm = parser.add_argument_group("DATM (any of these turns DATM's defaults on)").add_argument
     switch(parser, "--soft_label", "learn soft labels (label logits) too")
     datm("--Label_Model_Timestamp", type=int, default=None,
@@ -137,6 +145,11 @@ def run_name(args):
 
 def check_args(args):
     """The checks that involve several flags, before any file or folder is read or made."""
+    check_model(args.model, args.dataset, args.res)
+    channel, (h, w), num_classes = DATASETS[args.dataset].shape(args.res)
+    tiles = args.canvas_size if args.texture else 1
+    check_fits(3 * 4 * args.ipc * num_classes * channel * h * w * tiles * tiles,  # images, gradient, momentum
+               f"--ipc {args.ipc}'s synthetic set")
     if args.texture and args.zca:
         raise UsageError("--texture cannot be combined with --zca (the original does not support it either)")
     if not args.min_start_epoch < min(args.max_start_epoch, start_epoch_window(args, 0)[1]):
@@ -149,49 +162,44 @@ def check_args(args):
 
 
 class Diverged(UsageError):
-    """The loss, a gradient, the pixels or syn_lr left the range where training means anything."""
+    """The loss, a gradient or a learnable tensor left the range where training means anything."""
 
     def __init__(self, what, args):
-        super().__init__(f"{what}; stopped. The last checkpoint and images are in {args.save_path}: lower --lr_img "
-                         f"or --lr_lr and --resume (the new rates apply), or start again")
+        kept = run_folder.last_iteration(args.save_path)
+        where = ("nothing was saved yet" if kept is None else
+                 f"the checkpoint and sets of iteration {kept} are in {args.save_path}: lower --lr_img, --lr_lr or "
+                 f"--lr_y and --resume (the new rates apply), or start again")
+        super().__init__(f"{what}; stopped: {where}")
 
 
 def distill(args, device):
     say = print if parallel.is_main() else (lambda *a, **k: None)
-
-    # ---- Set-up: the checkpoint to resume, data, experts, the learnable set and its optimizers
     save_path = Path(args.save_path)
-    resuming = run_folder.check_save_path(save_path, args.resume) if parallel.is_main() else False
-    state = parallel.broadcast_object(run_folder.read_checkpoint(save_path) if resuming else None)
-    changes = resume_changes(state["args"], args) if state is not None else {}
-    set_seed(args.seed)
-    data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
-    experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res),
-                      args.max_files, args.max_experts, args.load_all, args.seed)
-    net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
-    check_experts(args, experts, sum(p.numel() for p in net.parameters()))
-    held_out, pool = validation_split(data, args.val_per_class, args.seed)
-    synset = initial_set(args, data, experts, net, pool, device)
-    optimizers = make_optimizers(synset, args)
-    pixel_bound = DIVERGED_PIXELS * synset.images.detach().abs().max().item()
-    ema = ImageEMA(synset.images, args.ema_decay) if args.ema_decay is not None else None
-    best, start_it = {}, 0
-    if state is not None:
-        best, start_it = restore(state, synset, optimizers, ema, args, device)
-        say(f"resumed {save_path} at iteration {start_it}" + "".join(
-            f"; --{k} {old} -> {new}" for k, (old, new) in changes.items()))
-    elif args.resume:
-        say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
-    parallel.broadcast_([*synset.tensors.values()] + ([ema.images] if ema else []))
-
-    with ExitStack() as stack:
-        # ---- The run folder: locked, cleaned of killed runs' temporary files, described
-        if parallel.is_main():
-            make_folder(save_path, "--save_path")
-            stack.enter_context(folder_lock(save_path, "distill.py run"))
-            for name in remove_stale_temps(save_path):
-                say(f"removed {name}, left by a killed run")
-            run_folder.describe_run(save_path, run_description(args, data, device), data.zca)
+    with ExitStack() as run_lock:  # rank 0 holds the run folder's lock while the run lasts
+        # ---- Set-up: the checkpoint to continue from, data, experts, the learnable set and its
+        # optimizers, the run folder; bad input on any rank stops every rank here, with one line
+        state, changes = main_decides(lambda: open_run(save_path, args, run_lock))
+        with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
+            set_seed(args.seed)
+            data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
+            experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset,
+                                         args.res), args.max_files, args.max_experts, args.load_all, args.seed)
+            net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
+            check_experts(args, experts, sum(p.numel() for p in net.parameters()))
+            held_out, pool = validation_split(data, args.val_per_class, args.seed)
+            synset = initial_set(args, data, experts, net, pool, device)
+            optimizers = make_optimizers(synset, args)
+            bounds = {name: DIVERGED * synset.tensors[name].detach().abs().max().item()
+                      for name in ("images", "label_logits") if name in synset.tensors}
+            ema = ImageEMA(synset.images, args.ema_decay) if args.ema_decay is not None else None
+            best, start_it = restore(state, synset, optimizers, ema, args, device) if state is not None else ({}, 0)
+        main_decides(lambda: describe_run_folder(save_path, args, data, device, run_lock, say))
+        if state is not None:
+            say(f"resumed {save_path} at iteration {start_it}" + "".join(
+                f"; --{k} {old} -> {new}" for k, (old, new) in changes.items()))
+        elif args.resume:
+            say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
+        parallel.broadcast_([*synset.tensors.values()] + ([ema.images] if ema else []))
         log = run_folder.Log(save_path, start_it if state is not None else None, enabled=parallel.is_main())
         if changes:
             log.write(type="resume", it=start_it, changed={k: list(v) for k, v in changes.items()})
@@ -211,15 +219,17 @@ def distill(args, device):
                 variants = {"": synset.images, **({"ema_": ema.images} if ema else {})}
                 rows = evaluate(variants, synset, data, test, validation, args, it, device, say)
                 improved = record(rows, best, it, log, say)
-                if parallel.is_main():
+                if parallel.is_main():  # this evaluation's files and the checkpoint, all or none of them
+                    files = {run_folder.CHECKPOINT: checkpoint(it, synset, optimizers, ema, best, args, device)}
                     for prefix, images in variants.items():
                         tags = ["best"] * (f"{prefix}images" in improved)
                         tags += [it] * bool(tags or it % SAVE_EVERY == 0 or it == args.Iteration)
-                        run_folder.save_set(save_path, prefix, tags, images, synset.eval_labels(), synset.syn_lr, zca)
+                        files.update(run_folder.set_files(prefix, tags, images, synset.eval_labels(), synset.syn_lr,
+                                                          zca))
                         if args.ipc < GRID_MAX_IPC or args.force_save:
-                            run_folder.save_grid(images.detach().cpu(), save_path / f"{prefix}synthetic_{it}.png",
-                                                 data.to_pixels, args.ipc, data.num_classes)
-                    run_folder.save_checkpoint(save_path, checkpoint(it, synset, optimizers, ema, best, args, device))
+                            files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, data.to_pixels, args.ipc,
+                                                                                   data.num_classes)
+                    run_folder.commit(save_path, files, iteration=it)
             if it == args.Iteration:
                 break
 
@@ -228,12 +238,13 @@ def distill(args, device):
             theta0, target, expert, start_epoch = draw_segment(experts, start_epoch_window(args, it),
                                                                args.expert_epochs, device)
             schedule = draw_schedule(synset.images, args.syn_steps, batch_syn, augmentation, texture)
-            loss = backward(net, synset, theta0, target, schedule).item()
+            with stalls_are_one_line():
+                loss = backward(net, synset, theta0, target, schedule).item()
             skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
             for optimizer in optimizers.values():
                 if not skipped:
                     optimizer.step()
-            check_diverged(synset, loss, pixel_bound, it, args)
+            check_diverged(synset, loss, bounds, it, args)
             for optimizer in optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             if ema and not skipped:
@@ -257,7 +268,29 @@ def distill(args, device):
 
 
 def main(argv=None):
-    return run_script(parse_args, distill, argv)
+    return run_script(parse_args, distill, argv, interrupted=lambda args: run_folder.resume_hint(args.save_path))
+
+
+def open_run(save_path, args, run_lock):
+    """On rank 0, before any data is read: the checkpoint to continue from and the flags this
+    --resume changes, or (None, {}) to start afresh. A run's folder is locked first and the commit
+    a kill cut short, if any, finished."""
+    if not run_folder.check_save_path(save_path, args.resume):
+        return None, {}
+    run_lock.enter_context(folder_lock(save_path, "distill.py run"))
+    run_folder.finish_commit(save_path)
+    state = run_folder.read_checkpoint(save_path)
+    return state, resume_changes(state, args)
+
+
+def describe_run_folder(save_path, args, data, device, run_lock, say):
+    """On rank 0, once the set-up has passed every check: the folder made, locked, cleared of
+    killed runs' partial writes and described."""
+    make_folder(save_path, "--save_path")
+    run_lock.enter_context(folder_lock(save_path, "distill.py run"))
+    for name in remove_stale_temps(save_path):
+        say(f"removed {name}, left by a killed run")
+    run_folder.describe_run(save_path, run_description(args, data, device), data.zca)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +430,9 @@ def draw_segment(experts, window, expert_epochs, device):
     trajectory = experts.trajectory(expert)
     snapshot = lambda epoch: torch.from_numpy(np.array(trajectory[epoch])).to(device)
     theta0, target = snapshot(start), snapshot(start + expert_epochs)
+    if not (theta0.isfinite().all() and target.isfinite().all()):
+        raise UsageError(f"expert {expert} of the buffer holds non-finite parameters at epoch {start} or "
+                         f"{start + expert_epochs}: it diverged when buffer.py trained it; retrain it")
     if torch.equal(theta0, target):
         raise UsageError(f"expert {expert} has the same parameters at epochs {start} and {start + expert_epochs}: "
                          f"its snapshots are copies of one another (the original's buffer.py on a CPU saves aliases); "
@@ -418,9 +454,9 @@ def check_experts(args, experts, num_params):
         raise UsageError(f"--Label_Model_Timestamp {args.Label_Model_Timestamp}: the experts have {length} snapshots")
 
 
-def check_diverged(synset, loss, pixel_bound, it, args):
-    """After the update, before anything is saved: a non-finite loss, gradient or value, pixels
-    beyond DIVERGED_PIXELS x the largest initial one, or a syn_lr no longer positive stop the run."""
+def check_diverged(synset, loss, bounds, it, args):
+    """After the update, before anything is saved: a non-finite loss, gradient or value, a learnable
+    tensor beyond DIVERGED x its largest initial magnitude, or a syn_lr no longer positive stop the run."""
     if not math.isfinite(loss):
         raise Diverged(f"the matching loss became {loss} at iteration {it}", args)
     for name, tensor in synset.tensors.items():
@@ -428,10 +464,10 @@ def check_diverged(synset, loss, pixel_bound, it, args):
             raise Diverged(f"the gradient of {name} became non-finite at iteration {it}", args)
         if not tensor.isfinite().all():
             raise Diverged(f"{name} became non-finite at iteration {it}", args)
-    largest = synset.images.detach().abs().max().item()
-    if largest > pixel_bound:
-        raise Diverged(f"the pixels reached {largest:.3g} at iteration {it}, over {DIVERGED_PIXELS}x the largest "
-                       f"initial pixel ({pixel_bound / DIVERGED_PIXELS:.3g})", args)
+        largest = tensor.detach().abs().max().item()
+        if name in bounds and largest > bounds[name]:
+            raise Diverged(f"{name} reached {largest:.3g} at iteration {it}, over {DIVERGED}x its largest initial "
+                           f"value ({bounds[name] / DIVERGED:.3g})", args)
     if not synset.syn_lr.item() > 0:
         raise Diverged(f"syn_lr became {synset.syn_lr.item():.3g} at iteration {it}", args)
 
@@ -489,34 +525,54 @@ def checkpoint(it, synset, optimizers, ema, best, args, device):
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def resume_changes(saved, args):
+def resume_changes(state, args):
     """{flag: (old, new)} of the flags this --resume changes; a UsageError for one that cannot."""
+    if args.Iteration < state["iteration"]:
+        raise UsageError(f"--Iteration {args.Iteration} is below the iteration the run in {args.save_path} has "
+                         f"reached ({state['iteration']}): give {state['iteration']} or more")
     ignored = {"resume", "save_path"}
+    saved = state["args"]
     changes = {k: (saved.get(k), v) for k, v in vars(args).items() if k not in ignored and saved.get(k) != v}
-    for name in FIXED_ON_RESUME:
+    for name, reason in FIXED_ON_RESUME.items():
         if name in changes:
             old, new = changes[name]
-            raise UsageError(f"--resume cannot change --{name} ({old} in the checkpoint, {new} now): it defines "
-                             f"the saved set; use the old value or a new --save_path")
+            raise UsageError(f"--resume cannot change --{name} ({old} in the checkpoint, {new} now): {reason}; "
+                             f"use the old value or a new --save_path")
     return changes
 
 
 def restore(state, synset, optimizers, ema, args, device):
     """Load a checkpoint into the set, the optimizers (with the flags' learning rates and momenta
-    over the saved ones), the EMA and the random stream; returns best and the iteration."""
+    over the saved ones), the EMA and the random stream; returns best and the iteration. A
+    checkpoint that does not fit this run is one line."""
+    unfit = lambda what: UsageError(f"the checkpoint in {args.save_path} does not fit this run: {what}; "
+                                    f"{run_folder.START_AGAIN}")
+    saved = {name: tuple(t.shape) for name, t in state["tensors"].items()}
+    wanted = {name: tuple(t.shape) for name, t in synset.tensors.items()}
+    if saved != wanted or set(state["optimizers"]) != set(optimizers):
+        raise unfit(f"it holds {saved} and optimizers for {sorted(state['optimizers'])}, this run {wanted}")
     with torch.no_grad():
         for name, tensor in synset.tensors.items():
             tensor.copy_(state["tensors"][name])
-    for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(state["optimizers"][name])
-        lr, beta = OPTIMIZERS[name](args)
-        for group in optimizer.param_groups:
-            group.update(lr=lr, momentum=beta)
+    try:
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+            buffers = [s["momentum_buffer"] for s in optimizer.state.values() if s.get("momentum_buffer") is not None]
+            if any(b.shape != synset.tensors[name].shape for b in buffers):
+                raise ValueError(f"a momentum of {name} of another shape")
+            lr, beta = OPTIMIZERS[name](args)
+            for group in optimizer.param_groups:
+                group.update(lr=lr, momentum=beta)
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise unfit(str(err).splitlines()[0]) from err
     if ema:
-        ema.images = (synset.images.detach() if state["ema"] is None else state["ema"]).to(device).clone()
-    torch.set_rng_state(state["rng_cpu"])
-    if device.type == "cuda" and state["rng_cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
+        saved_ema = state["ema"]
+        if saved_ema is not None and saved_ema.shape != synset.images.shape:
+            raise unfit(f"EMA images of shape {tuple(saved_ema.shape)}")
+        ema.images = (synset.images.detach() if saved_ema is None else saved_ema).to(device).clone()
     return state["best"], state["iteration"]
 
 
@@ -530,4 +586,4 @@ def run_description(args, data, device):
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -24,8 +24,8 @@ import parallel
 from data import ZCA, get_dataset, images_per_class
 from run_folder import load_saved_set
 from training import EVAL_MODE_HELP, EVAL_MODES, EvalSet, eval_pool, evaluate_sets
-from utils import (Parser, UsageError, add_common_args, parse, positive_float, positive_int, run_info, run_script,
-                   save_json)
+from utils import (Parser, UsageError, add_common_args, check_model, entry, folder_path, parse, positive_float,
+                   positive_int, run_info, run_script, save_json)
 
 
 def parse_args(argv=None):
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     add_common_args(parser)
     parser.set_defaults(model=None)  # None: the set's run.json model, else ConvNet
     flag = parser.add_argument
-    flag("--syn_path", help="a distill.py run folder, or an images .pt file")
+    flag("--syn_path", type=folder_path, help="a distill.py run folder, or an images .pt file")
     flag("--iteration", help="in a run folder, evaluate images_{ITERATION}.pt (default: best)")
     flag("--labels_path", help="the labels .pt file (default: beside the images, images -> labels)")
     flag("--lr_path", help="a .pt file holding the learning rate to train with (a syn_lr_X.pt or DATM's lr_best.pt); "
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     flag("--num_eval", type=positive_int, default=5, help="networks trained per set and model")
     flag("--epoch_eval_train", type=positive_int, default=1000, help="epochs on a distilled or random set")
     flag("--lr", type=positive_float, default=0.01, help="learning rate for sets without a learned one")
-    flag("--out", help="also write the rows to this JSON file")
+    flag("--out", type=folder_path, help="also write the rows to this JSON file")
     args = parse(parser, argv)
     if not args.syn_path and not args.baseline:
         raise UsageError("nothing to evaluate: give --syn_path and/or --baseline random --ipc N / --baseline full")
@@ -93,6 +93,10 @@ def check_saved_set(saved, data, args):
                          f"outside the {data.num_classes} classes of {args.dataset} (0 to {data.num_classes - 1})")
     if not images.isfinite().all():
         raise UsageError(f"{saved.name}: the images hold non-finite values")
+    features = data.channel * data.im_size[0] * data.im_size[1]
+    if saved.zca is not None and saved.zca.mean.numel() != features:
+        raise UsageError(f"{saved.name}: its zca.pt whitens {saved.zca.mean.numel()} pixels, but {args.dataset}'s "
+                         f"images have {features}; delete zca.pt and pass --zca to refit the whitening")
 
 
 def set_whitening(saved, user_zca, refit):
@@ -170,6 +174,8 @@ def evaluate_all(args, device):
     saved = load_saved_set(args.syn_path, args.iteration, args.labels_path, args.lr_path) if args.syn_path else None
     distilled_with = saved.meta.get("model") if saved else None
     models = eval_pool(args.eval_mode, args.model or distilled_with or "ConvNet")
+    for model in models:
+        check_model(model, args.dataset, args.res)
     data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res)
     sets = build_sets(args, data, saved)
     rows = evaluate_sets([(eval_set, model) for eval_set in sets for model in models], data, args.num_eval,
@@ -184,4 +190,4 @@ def evaluate_all(args, device):
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -14,6 +14,8 @@ file that a killed run renamed into place but never listed is not an expert.
     experts = Experts(directory)
     theta = torch.from_numpy(np.array(experts.trajectory(k)[epoch]))   # expert k at that epoch
 """
+import io
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -134,9 +136,18 @@ def open_checked(path, rows, num_snapshots, num_params):
 @contextmanager
 def new_buffer_file(path, shape):
     """A float32 array memory-mapped onto a temporary file, so that a big buffer never sits whole
-    in RAM; it becomes `path` when the block completes and is deleted if the block raises."""
-    with atomic_path(path) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    in RAM; it becomes `path` when the block completes and is deleted if the block raises. The
+    file's blocks are allocated before it is mapped: a disk too small is then one line here, not
+    a SIGBUS at the first page written to it."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    offset = len(header.getvalue())
+    size = offset + 4 * math.prod(shape)
+    with atomic_path(path, size) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(header.getvalue())
+            os.posix_fallocate(f.fileno(), 0, size)
+        array = np.memmap(tmp, dtype=np.float32, mode="r+", offset=offset, shape=shape)
         yield array
         array.flush()  # the pages reach the file before atomic_path fsyncs and renames it
 

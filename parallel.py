@@ -11,6 +11,7 @@ a share's contribution leaves through `sum_over_ranks` (summed forward, identity
 everything after it is replicated).
 """
 import os
+import re
 from datetime import timedelta
 
 import torch
@@ -19,13 +20,16 @@ import torch.distributed as dist
 # How long a rank may wait in a collective: evaluations spread unevenly over the ranks, so some
 # wait while others train a network for a thousand epochs; NCCL's default of 10 minutes is too short.
 TIMEOUT = timedelta(hours=2)
+# The training step's collectives come every few seconds: a rank silent for this long has stopped.
+STEP_TIMEOUT = timedelta(minutes=5)
+_groups = {}  # "step": the step's collectives, with STEP_TIMEOUT; "monitor": Gloo, to name a silent rank
 
 
 def launched():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(picked):
+def setup(picked, step_timeout=STEP_TIMEOUT):
     """The device this process works on (`picked`: utils.pick_device's choice, whose CUDA index
     torchrun's LOCAL_RANK replaces); joins the process group when started by torchrun."""
     if not launched():
@@ -36,12 +40,28 @@ def setup(picked):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if picked.type == "cuda" else "gloo", timeout=TIMEOUT,
                                 device_id=picked if picked.type == "cuda" else None)
+        _groups.update(step=dist.new_group(timeout=step_timeout), monitor=dist.new_group(backend="gloo"))
     return picked
 
 
+def silent_ranks(seconds=5):
+    """The ranks that do not reach a barrier within `seconds` (Gloo's monitored barrier, asked by
+    rank 0; on the other ranks it only waits), or [] when all do."""
+    try:
+        dist.monitored_barrier(_groups["monitor"], timedelta(seconds=seconds), wait_all_ranks=True)
+    except RuntimeError as err:
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(err))
+        return [int(r) for r in re.findall(r"\d+", found[1])] if found else [-1]
+    return []
+
+
 def teardown():
+    """Leave the process group together: a rank that destroys it while another still uses it can
+    abort at exit ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+        _groups.clear()
 
 
 def rank():
@@ -70,7 +90,7 @@ def sum_(tensors):
     if world() == 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=_groups["step"])
     for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         tensor.copy_(part.view_as(tensor))
 
@@ -111,7 +131,7 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         total = x.clone()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=_groups["step"])
         return total
 
     @staticmethod
@@ -127,7 +147,7 @@ class _CopyToRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         total = grad.clone()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=_groups["step"])
         return total
 
 

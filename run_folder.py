@@ -10,11 +10,15 @@
     run.json                            what eval.py needs to evaluate the set, and provenance
     zca.pt                              with ZCA: the transform the set lives in
     checkpoint.pt                       everything --resume needs to continue bit for bit
+    .mtt-commit.json                    the journal that makes one evaluation's files appear together
 
-Every file is written under a temporary name and renamed into place (utils.atomic_path).
+Every file is written under a temporary name and renamed into place (utils.atomic_path); the
+files of one evaluation, checkpoint included, are committed as one (commit).
 """
+import io
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +27,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import ZCA
-from utils import TEMP_SUFFIX, UsageError, atomic_path, load_json, load_torch, save_json, save_torch
+from networks import MODELS
+from utils import (UsageError, atomic_path, fsync, full_disk_is_one_line, is_ours, load_json, load_torch, save_json,
+                   save_torch, temp_path, torch_bytes)
 
-CHECKPOINT, LOG, RUN_JSON, ZCA_FILE = "checkpoint.pt", "log.jsonl", "run.json", "zca.pt"
+CHECKPOINT, LOG, RUN_JSON, ZCA_FILE, JOURNAL = "checkpoint.pt", "log.jsonl", "run.json", "zca.pt", ".mtt-commit.json"
 GRID_SIDE = 128  # pixels a side an image is enlarged to (nearest) in the grid, so a 28-32 px image shows
 
 
@@ -35,24 +41,21 @@ def sibling(images_file, kind):
     return images_file.with_name(head + kind + tail) if found else None
 
 
-def save_set(folder, prefix, tags, images, labels, syn_lr, zca=None):
-    """The files of one set under each tag: images, labels, syn_lr and DATM's lr, and with ZCA the
-    de-whitened images; `prefix` is ema_ for the EMA images."""
+def set_files(prefix, tags, images, labels, syn_lr, zca=None):
+    """{file name: tensor} of one set under each tag: images, labels, syn_lr and DATM's lr, and with
+    ZCA the de-whitened images; `prefix` is ema_ for the EMA images."""
     tensors = {"images": images, "labels": labels, "syn_lr": syn_lr, "lr": syn_lr}
     if zca is not None:
         tensors["images_zca"] = zca.inverse(images)
-    for tag in tags:
-        for name, tensor in tensors.items():
-            save_torch(tensor.detach().cpu(), Path(folder) / f"{prefix}{name}_{tag}.pt")
+    return {f"{prefix}{name}_{tag}.pt": tensor.detach().cpu() for tag in tags for name, tensor in tensors.items()}
 
 
-def save_grid(images, path, to_pixels, ipc, num_classes):
+def grid(images, to_pixels, ipc, num_classes):
     """One row per class (one row of all classes at ipc 1), de-whitened or de-normalised, clipped
-    to [0, 1] and enlarged (nearest) to about GRID_SIDE pixels a side."""
+    to [0, 1] and enlarged (nearest) to about GRID_SIDE pixels a side: a uint8 H x W x 3 array."""
     scale = max(1, GRID_SIDE // max(images.shape[2:]))
-    pixels = F.interpolate(to_pixels(images).clamp(0, 1), scale_factor=scale, mode="nearest")
-    with atomic_path(path) as tmp:
-        Image.fromarray(image_grid(pixels, ipc if ipc > 1 else num_classes)).save(tmp, format="png")
+    pixels = F.interpolate(to_pixels(images.detach().cpu()).clamp(0, 1), scale_factor=scale, mode="nearest")
+    return image_grid(pixels, ipc if ipc > 1 else num_classes)
 
 
 def image_grid(pixels, per_row, padding=2):
@@ -73,32 +76,103 @@ def describe_run(folder, fields, zca=None):
         save_torch(zca.state_dict(), Path(folder) / ZCA_FILE)
 
 
-def save_checkpoint(folder, state):
-    save_torch(state, Path(folder) / CHECKPOINT)
+def file_bytes(name, value):
+    """A .pt file's bytes (torch.save of a contiguous copy, so a loaded tensor views like any other),
+    or a .png's (a uint8 H x W x 3 array)."""
+    if name.endswith(".png"):
+        buffer = io.BytesIO()
+        Image.fromarray(value).save(buffer, format="png")
+        return buffer.getvalue()
+    return torch_bytes(value.contiguous() if isinstance(value, torch.Tensor) else value)
+
+
+def commit(folder, files, iteration):
+    """Write `files` ({name: value}) as one: each under its temporary name, then the journal
+    listing the renames, then the renames, then the journal marked done. A kill before the
+    journal leaves every old file (the partial ones are a dead process's temporary files); a kill
+    after it is finished by the next start (finish_commit). Readers wait while a commit is in
+    flight (read_consistent), so they never see half of one evaluation's files."""
+    folder, renames = Path(folder), {}
+    try:
+        for name, value in files.items():
+            data, tmp = file_bytes(name, value), temp_path(folder / name)
+            renames[name] = tmp.name
+            with full_disk_is_one_line(folder / name, len(data)):
+                tmp.write_bytes(data)
+                fsync(tmp)
+        save_json({"generation": journal(folder)["generation"] + 1, "iteration": iteration, "renaming": renames},
+                  folder / JOURNAL)
+    except BaseException:
+        for tmp in renames.values():
+            (folder / tmp).unlink(missing_ok=True)
+        raise
+    finish_commit(folder)
+
+
+def journal(folder):
+    path = Path(folder) / JOURNAL
+    return load_json(path, "a commit journal") if path.exists() else {"generation": 0, "iteration": None,
+                                                                       "renaming": {}}
+
+
+def finish_commit(folder):
+    """Rename into place what a commit that was cut short left listed in its journal."""
+    folder, state = Path(folder), journal(folder)
+    if not state["renaming"]:
+        return
+    for name, tmp in state["renaming"].items():
+        if (folder / tmp).exists():
+            os.replace(folder / tmp, folder / name)
+    fsync(folder)
+    save_json({**state, "renaming": {}}, folder / JOURNAL)
+
+
+def last_iteration(folder):
+    """The iteration of the last committed checkpoint in `folder`, or None."""
+    return journal(folder)["iteration"] if Path(folder).is_dir() else None
+
+
+def resume_hint(folder):
+    """What an interrupted distill.py leaves, in one line."""
+    kept = last_iteration(folder)
+    if kept is None:
+        return "no checkpoint was saved yet; nothing to resume"
+    return f"the checkpoint of iteration {kept} is in {folder}; run the same command with --resume to continue"
+
+
+def read_consistent(folder, read, wait=5.0):
+    """read() of files of one commit: again while a commit is in flight or one landed meanwhile."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        before = journal(folder)
+        if not before["renaming"]:
+            value = read()
+            if journal(folder) == before:
+                return value
+        time.sleep(0.05)
+    raise UsageError(f"{folder} is in the middle of saving an evaluation (a run killed while saving?): start "
+                     f"distill.py on it with --resume, which finishes the save, then evaluate")
 
 
 class Log:
     """log.jsonl: one line per iteration and per evaluated model. On resume, lines after the
-    checkpoint are dropped so that the log reads as one uninterrupted run; a line torn by a kill
-    is dropped too. Only the main process writes."""
+    checkpoint are dropped so that the log reads as one uninterrupted run; a last line torn by a
+    kill is dropped too. Only the main process writes."""
 
     def __init__(self, folder, resume_iteration=None, enabled=True):
         self.path, self.enabled = Path(folder) / LOG, enabled
-        if not enabled:
+        if not enabled or not self.path.exists():
             return
-        if resume_iteration is not None and self.path.exists():
-            rows = []
-            for line in open(self.path):
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    print(f"{self.path}: dropped a torn line")
-            keep = [row for row in rows if row["it"] < resume_iteration
-                    or (row["it"] == resume_iteration and row["type"] == "evaluation")]
-            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in keep)
-        elif self.path.exists():
+        if not self.path.is_file():
+            raise UsageError(f"{self.path} is not a file; move it away")
+        if resume_iteration is None:
             os.remove(self.path)
+            return
+        rows = read_log(self.path)
+        keep = [row for row in rows if row["it"] < resume_iteration
+                or (row["it"] == resume_iteration and row["type"] == "evaluation")]
+        with atomic_path(self.path) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in keep)
 
     def write(self, **row):
         if self.enabled:
@@ -106,28 +180,72 @@ class Log:
                 f.write(json.dumps(row) + "\n")
 
 
+def read_log(path):
+    """The rows of log.jsonl; a last line torn by a kill is dropped, any other bad line is one error."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("it"), int) and isinstance(row.get("type"), str):
+            rows.append(row)
+        elif number == len(lines):
+            print(f"{path}: dropped its last line, torn by a kill")
+        else:
+            raise UsageError(f"{path} line {number} is not a line distill.py writes ({line[:40]!r}); mend or move "
+                             f"the file away (the run then resumes without its history)")
+    return rows
+
+
 def check_save_path(folder, resume):
-    """Whether the run in `folder` resumes from a checkpoint; refuse a folder that holds something else."""
+    """Whether the run in `folder` resumes from a checkpoint (or a commit of one that a kill cut
+    short); refuse a folder that holds something else."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--save_path {folder}: a file is in the way (not a folder)")
-    if (folder / CHECKPOINT).exists():
+    if (folder / CHECKPOINT).exists() or (folder / JOURNAL).exists():
         if not resume:
             raise UsageError(f"{folder} already holds a run: pass --resume to continue it or choose --save_path")
         return True
     if folder.exists() and not resume:
-        found = [p.name for p in folder.iterdir() if p.name != ".lock" and not TEMP_SUFFIX.search(p.name)]
+        found = [p.name for p in folder.iterdir() if not is_ours(p.name) and p.name != JOURNAL]
         if found:
             raise UsageError(f"{folder} holds files ({', '.join(sorted(found)[:3])}...) but no checkpoint: pass "
                              f"--resume to start its run again from iteration 0, or choose an empty --save_path")
     return False
 
 
+START_AGAIN = "move it away to start again from iteration 0"
+CHECKPOINT_KEYS = {"iteration": int, "tensors": dict, "optimizers": dict, "best": dict, "args": dict,
+                   "rng_cpu": torch.Tensor}  # and ema, rng_cuda: a tensor or None
+
+
 def read_checkpoint(folder):
+    """checkpoint.pt, checked to be what distill.py writes; distill.restore checks it fits the run."""
     path = Path(folder) / CHECKPOINT
-    state = load_torch(path, "a checkpoint", fix="move it away to start again from iteration 0")
-    if not isinstance(state, dict) or not {"tensors", "optimizers", "args"} <= set(state):
-        raise UsageError(f"the checkpoint {path} is not one this distill.py writes; move it away to start again")
+    state = load_torch(path, "a checkpoint", fix=START_AGAIN)
+    problem = checkpoint_problem(state)
+    if problem:
+        raise UsageError(f"the checkpoint {path} is not one distill.py writes ({problem}); {START_AGAIN}")
     return state
+
+
+def checkpoint_problem(state):
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}"
+    wrong = [key for key, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(key), kind)]
+    wrong += [key for key in ("ema", "rng_cuda") if not isinstance(state.get(key), (torch.Tensor, type(None)))]
+    if wrong:
+        return f"missing or mistyped {', '.join(wrong)}"
+    if state["iteration"] < 0 or not all(isinstance(t, torch.Tensor) for t in state["tensors"].values()):
+        return "a negative iteration or a learnable tensor that is not a tensor"
+    if not state["optimizers"] or not all(isinstance(o, dict) and {"state", "param_groups"} <= set(o)
+                                          for o in state["optimizers"].values()):
+        return "no optimizer states"
+    if state["rng_cpu"].dtype != torch.uint8:
+        return "a random-number state that is not a byte tensor"
+    return None
 
 
 @dataclass
@@ -157,13 +275,36 @@ def load_lr(path):
     return float(value)
 
 
-def load_zca(path):
+def load_zca(path, features=None):
+    """zca.pt as a ZCA, checked to be one transform of `features` (C x H x W) pixels."""
     refit = "delete it and pass --zca to refit the whitening on the training set"
     state = load_torch(path, "a ZCA transform", fix=refit)
     try:
-        return ZCA.from_state(state)
-    except (TypeError, KeyError) as err:
-        raise UsageError(f"{path} is not a ZCA transform; {refit}") from err
+        zca = ZCA.from_state(state)
+        d = zca.mean.numel() if features is None else features
+        fits = (zca.mean.shape, zca.transform.shape, zca.inverse_transform.shape) == ((d,), (d, d), (d, d))
+    except (TypeError, KeyError, AttributeError):
+        fits = False
+    if not fits:
+        raise UsageError(f"{path} is not a ZCA transform of {features or 'its'} pixels; {refit}")
+    return zca
+
+
+RUN_JSON_TYPES = {"dataset": str, "subset": str, "res": int, "model": str, "ipc": int, "zca": bool, "texture": bool,
+                  "canvas_size": int, "canvas_samples": int}
+
+
+def read_run_json(path):
+    """run.json, checked: the keys eval.py uses have their types, a texture run its canvas sizes."""
+    meta = load_json(path, "a distill.py run.json")
+    wrong = [key for key, kind in RUN_JSON_TYPES.items() if key in meta and type(meta[key]) is not kind]
+    wrong += ["model"] * (meta.get("model", "ConvNet") not in MODELS)
+    wrong += [key for key in ("canvas_size", "canvas_samples") if meta.get("texture") and not
+              (isinstance(meta.get(key), int) and meta[key] >= 1)]
+    if wrong:
+        raise UsageError(f"{path} is not a run.json distill.py writes: {', '.join(dict.fromkeys(wrong))} missing or "
+                         f"of the wrong type or value")
+    return meta
 
 
 def learned_lr(images_file, lr_path):
@@ -202,8 +343,8 @@ def load_saved_set(path, iteration=None, labels_path=None, lr_path=None):
     if not labels_file.exists():
         raise UsageError(f"labels file {labels_file} does not exist (pass --labels_path)")
     folder = images_file.resolve().parent
-    lr, lr_from = learned_lr(images_file, lr_path)
-    return SavedSet(name=f"{folder.name}/{images_file.name}", images=load_tensor(images_file),
-                    labels=load_tensor(labels_file), lr=lr, lr_from=lr_from,
-                    meta=load_json(folder / RUN_JSON, "a distill.py run.json") if (folder / RUN_JSON).exists() else {},
+    images, labels, (lr, lr_from) = read_consistent(folder, lambda: (
+        load_tensor(images_file), load_tensor(labels_file), learned_lr(images_file, lr_path)))
+    return SavedSet(name=f"{folder.name}/{images_file.name}", images=images, labels=labels, lr=lr, lr_from=lr_from,
+                    meta=read_run_json(folder / RUN_JSON) if (folder / RUN_JSON).exists() else {},
                     zca=load_zca(folder / ZCA_FILE) if (folder / ZCA_FILE).exists() else None)

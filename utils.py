@@ -1,14 +1,19 @@
 """What the three scripts share that is not the method: flags, seeds, devices, safe files, main()."""
 import argparse
+import errno
 import fcntl
+import io
 import json
 import math
 import os
 import random
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +21,7 @@ import torch
 
 import parallel
 from augment import DSA_GROUPS, DSA_STRATEGY, strategy_groups
-from networks import MODELS
+from networks import MODELS, get_network
 
 REPO = Path(__file__).resolve().parent
 NUMPY_SEEDS = 2**32  # numpy takes seeds below this
@@ -24,7 +29,16 @@ TORCH_SEEDS = 2**63  # torch.manual_seed takes seeds below this
 
 
 class UsageError(Exception):
-    """Bad input (a missing file, an impossible flag): the scripts print it as one line and exit."""
+    """Bad input (a missing file, an impossible flag) or a failure the user can act on (a full disk):
+    the scripts print it as one line and exit. `rank`: the torchrun rank it happened on."""
+
+    def __init__(self, message, rank=None):
+        super().__init__(message)
+        self.rank = rank
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (a cluster's pre-emption), with the one line that says what was kept."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -68,6 +82,13 @@ def boolean(text):
     return BOOLEANS[str(text).lower()]
 
 
+def folder_path(text):
+    """A path to write to or read from: an empty one would mean the current folder, unasked."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (it would mean the current folder); give a folder")
+    return text
+
+
 def dsa_strategy(text):
     try:
         strategy_groups(text)
@@ -91,7 +112,7 @@ def add_common_args(parser):
                         help=f"network: {', '.join(MODELS)}")
     parser.add_argument("--res", type=positive_int, default=128,
                         help="image side of ImageNet subsets, squashed to res x res (the original's default)")
-    parser.add_argument("--data_path", default="data", help="where datasets are found or downloaded")
+    parser.add_argument("--data_path", default="data", type=folder_path, help="where datasets are found or downloaded")
     switch(parser, "--zca", "ZCA-whiten the data (eps 0.1, fitted on the training set)")
     switch(parser, "--dsa", "differentiable Siamese augmentation on every batch", default=True)
     parser.add_argument("--dsa_strategy", default=DSA_STRATEGY, type=dsa_strategy,
@@ -108,6 +129,31 @@ def parse(parser, argv):
     args = parser.parse_args(argv)
     args.augmentation = args.dsa_strategy if args.dsa else None
     return args
+
+
+def check_model(model, dataset, res):
+    """The network's parameter count, checked that it builds for the dataset's images (a deep
+    ConvNet on small ones has no pixels left)."""
+    from data import DATASETS
+    channel, im_size, num_classes = DATASETS[dataset].shape(res)
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            return sum(p.numel() for p in get_network(model, channel, num_classes, im_size).parameters())
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(f"--model {model} does not fit {dataset}'s {im_size[0]}x{im_size[1]} images: "
+                         f"{str(err).splitlines()[0]}") from None
+
+
+def check_fits(needed, what, folder=None):
+    """Refuse, in one line, what needs more bytes than this machine's memory (or, with `folder`,
+    the free space of its disk) before anything is allocated or written."""
+    if folder is None:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
+    else:
+        existing = next(p for p in [Path(folder).absolute(), *Path(folder).absolute().parents] if p.exists())
+        have, where = shutil.disk_usage(existing).free, f"free space in {existing}"
+    if needed > have:
+        raise UsageError(f"{what} needs {needed / 2**30:.3g} GB, more than the {have / 2**30:.3g} GB of {where}")
 
 
 def set_seed(seed):
@@ -144,7 +190,8 @@ def pick_device(device=None):
 def setup_device(args):
     """The device this process works on: --device (cuda:LOCAL_RANK under torchrun, which also
     joins the process group), with --deterministic's settings."""
-    device = parallel.setup(pick_device(args.device))
+    step_timeout = timedelta(seconds=getattr(args, "step_timeout", parallel.STEP_TIMEOUT.total_seconds()))
+    device = parallel.setup(pick_device(args.device), step_timeout)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -167,22 +214,108 @@ def run_info(device):
             "device_name": name}
 
 
-def run_script(parse_args, run, argv=None):
-    """The three scripts' main(): parse and check the flags, set up the device, run. Bad input on
-    any rank (a UsageError) ends the script with one line, `error: ...`, naming the rank under torchrun."""
+def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was written"):
+    """The three scripts' main(): parse and check the flags, set up the device, run. Bad input
+    (a UsageError) ends the script with one line, `error: ...`, printed by one process: rank 0,
+    naming the rank it happened on, or the rank itself when the others cannot know. Ctrl-C and
+    SIGTERM become Interrupted with interrupted(args), the line saying what is kept."""
+    args = None
     try:
         args = parse_args(argv)
         result = run(args, setup_device(args))
     except UsageError as err:
-        sys.exit(f"error{f' (rank {parallel.rank()})' if parallel.rank() else ''}: {err}")
+        grouped = parallel.world() > 1  # before the process group, every rank parsed the same flags
+        here = parallel.rank() if grouped else int(os.environ.get("RANK", "0"))
+        if here != 0 and (err.rank is not None or not grouped):
+            sys.exit(1)  # a verdict every rank reached: rank 0 says it
+        rank = here if err.rank is None else err.rank
+        sys.exit(f"error{f' (rank {rank})' if rank else ''}: {err}")
+    except KeyboardInterrupt as stop:
+        said = interrupted(args) if args else "nothing was written"
+        raise Interrupted(f"{str(stop) or 'stopped by Ctrl-C'}: {said}") from None
     parallel.teardown()
     return result
+
+
+def entry(main):
+    """`if __name__ == "__main__": entry(main)`: Ctrl-C and SIGTERM end with Interrupted's one line
+    (on rank 0 only) and status 130, not a traceback."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt("stopped by SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        main()
+    except KeyboardInterrupt as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(str(stop) or "stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextmanager
+def stalls_are_one_line():
+    """A training-step collective that timed out (torchrun: a rank stopped or hangs) becomes one
+    line naming the silent rank, found by a monitored barrier, instead of a wait of hours."""
+    try:
+        yield
+    except RuntimeError as err:
+        if parallel.world() == 1 or "timed out" not in str(err).lower():
+            raise
+        silent = parallel.silent_ranks()
+        who = f"rank {', '.join(map(str, silent))}" if silent and silent != [-1] else "another rank"
+        here = None if 0 in silent else parallel.rank()
+        raise UsageError(f"{who} stopped answering: a training step's collective waited for it past its timeout "
+                         f"(--step_timeout); the job stops here", rank=here) from None
+
+
+def main_decides(work):
+    """work() on rank 0 alone, its result on every rank, and a UsageError it raises on every rank
+    too (said by rank 0): the others never wait in a collective for a rank that stopped."""
+    outcome = None
+    if parallel.is_main():
+        try:
+            outcome = (work(), None)
+        except UsageError as err:
+            outcome = (None, str(err))
+    result, failure = parallel.broadcast_object(outcome)
+    if failure is not None:
+        raise UsageError(failure, rank=0)
+    return result
+
+
+@contextmanager
+def one_verdict():
+    """Run the block on every rank; when it fails on any of them with a UsageError, it fails on
+    all of them alike (rank 0 saying why, naming the rank), so that no rank is left waiting in a
+    collective for one that stopped: a torchrun job with bad input ends with one line. The block
+    must hold no collective (a rank that failed would skip it and wait in the verdict's)."""
+    failure = None
+    try:
+        yield
+    except UsageError as err:
+        failure = (parallel.rank() if err.rank is None else err.rank, str(err))
+    failures = [found for found in parallel.gather_objects(failure) if found]
+    if failures:
+        rank, message = failures[0]
+        raise UsageError(message, rank=rank)
 
 
 # ---------------------------------------------------------------------------------------------
 # Files: written whole or not at all, read with one line for what is wrong, one writer per folder
 
-TEMP_SUFFIX = re.compile(r"\.tmp(\d+)$")
+TEMP = re.compile(r"\.(.+)\.mtt-partial-(\d+)")  # .{name}.mtt-partial-{pid}: hidden, and no name a user picks
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+def temp_path(path):
+    """Where `path` is written before it is renamed into place (the writing process's id in the name)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.mtt-partial-{os.getpid()}")
+
+
+def is_ours(name):
+    """A file this project keeps beside the user's (a lock, a partial write), not one of theirs."""
+    return name == ".lock" or TEMP.fullmatch(name) is not None
 
 
 def fsync(path):
@@ -195,29 +328,51 @@ def fsync(path):
 
 
 @contextmanager
-def atomic_path(path):
+def atomic_path(path, size=None):
     """Yield a temporary name to write to; it replaces `path` only if the writing finished.
     The file is fsynced before the rename and the folder after it, so that after a power loss
     `path` holds either the old contents or the complete new ones, never an empty file."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    path, tmp = Path(path), temp_path(path)
     try:
-        yield tmp
-        fsync(tmp)
-        os.replace(tmp, path)
-        fsync(os.path.dirname(os.path.abspath(path)))
+        with full_disk_is_one_line(path, size):
+            yield tmp
+            fsync(tmp)
+            os.replace(tmp, path)
+            fsync(path.parent)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def full_disk_is_one_line(path, size=None):
+    """A full disk while writing `path`: one line naming the folder and the bytes needed."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in FULL_DISK:
+            raise
+        needed = f" ({size / 2**20:.1f} MB)" if size else ""
+        raise UsageError(f"no space left in {Path(path).parent} for {Path(path).name}{needed}; free some space and "
+                         f"run the command again (nothing written before it was changed)") from None
+
+
+def write_bytes(path, data):
+    with atomic_path(path, len(data)) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def torch_bytes(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def save_json(obj, path):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 def save_torch(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    write_bytes(path, torch_bytes(obj))
 
 
 def load_json(path, what, fix=""):
@@ -251,28 +406,40 @@ def process_alive(pid):
 
 
 def remove_stale_temps(folder):
-    """Delete the `*.tmpPID` files that processes killed mid-write left in `folder` (a buffer's
-    can be hundreds of MB); a live process's temporary file is left alone."""
+    """Delete the partial writes of processes killed mid-write in `folder` (a buffer's can be
+    hundreds of MB): only files named by temp_path, and only of processes no longer alive."""
     removed = []
-    for path in Path(folder).glob("*.tmp*"):
-        match = TEMP_SUFFIX.search(path.name)
-        if match and path.is_file() and not process_alive(int(match[1])):
+    for path in Path(folder).glob(".*.mtt-partial-*"):
+        match = TEMP.fullmatch(path.name)
+        if match and path.is_file() and not process_alive(int(match[2])):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
 
 
+_locked = set()  # the folders this process holds the lock of
+
+
 @contextmanager
 def folder_lock(folder, what):
     """Hold an exclusive lock on `folder` (fcntl on folder/.lock) while the block runs, so that
-    two processes never write one folder; the lock goes with the process, however it ends."""
-    with open(Path(folder) / ".lock", "a") as handle:
+    two processes never write one folder; the lock goes with the process, however it ends. A
+    folder this process holds already is not locked again."""
+    key = Path(folder).resolve()
+    if key in _locked:
+        yield
+        return
+    with open(key / ".lock", "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UsageError(f"{folder} is in use by another {what} (it holds {folder}/.lock); wait for it to "
                              f"finish or choose another folder") from None
-        yield
+        _locked.add(key)
+        try:
+            yield
+        finally:
+            _locked.discard(key)
 
 
 def make_folder(folder, flag):

@@ -1,4 +1,8 @@
 """What several test files share: tiny distill.py flags, one-line errors, relative errors."""
+import subprocess
+import sys
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -45,3 +49,17 @@ def crash_at(monkeypatch, iteration):
 
     monkeypatch.setitem(matching.BACKWARD, False, crashing)
     return real_backward
+
+
+@contextmanager
+def locked_by_another_process(folder):
+    """`folder`'s lock held by another process while the block runs, as a second run would hold it."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(folder / '.lock')!r}, 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

@@ -15,14 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import one_line_error
+from helpers import locked_by_another_process, one_line_error
 
 import buffer
 from augment import DSA_STRATEGY
 from experts import Experts, buffer_dir
 from networks import flatten_params, forward_flat, get_network, unflatten
 from training import train_epoch
-from utils import folder_lock, set_seed
+from utils import set_seed
 
 # A ConvNet of width 16 trains at ~1.7 s per epoch on the embedded set on 2 cores (width 32: ~5 s).
 MODEL = "ConvNetW16"
@@ -347,7 +347,7 @@ def test_a_second_buffer_py_on_a_directory_in_use_is_refused(tmp_path):
     original_buffer(tmp_path / "replay_buffer_0.pt", 1, 2)
     message = (f"error: {directory} is in use by another buffer.py run (it holds {directory}/.lock); wait for it to "
                f"finish or choose another folder")
-    with folder_lock(directory, "buffer.py run"):
+    with locked_by_another_process(directory):
         assert error_of(*TINY, "--buffer_path", str(tmp_path / "buffers")) == message
         assert error_of(*TINY, "--buffer_path", str(tmp_path / "buffers"), "--import_pt", str(tmp_path),
                         "--train_epochs", "1") == message
@@ -359,16 +359,16 @@ def test_temporary_files_of_killed_runs_are_removed_and_said(tmp_path, capsys):
     directory.mkdir(parents=True)
     child = subprocess.Popen([sys.executable, "-c", ""])
     child.wait()  # a process id that has ended
-    killed = [f"buffer.json.tmp{child.pid}", f"replay_buffer_0.npy.tmp{child.pid}"]
-    alive = f"replay_buffer_1.npy.tmp{os.getpid()}"
-    for name in [*killed, alive]:
+    killed = [f".buffer.json.mtt-partial-{child.pid}", f".replay_buffer_0.npy.mtt-partial-{child.pid}"]
+    alive, users = f".replay_buffer_1.npy.mtt-partial-{os.getpid()}", f"notes.tmp{child.pid}"
+    for name in [*killed, alive, users]:
         (directory / name).write_bytes(b"partial")
     original_buffer(tmp_path / "replay_buffer_0.pt", 1, 2)
     buffer.main([*TINY, "--buffer_path", str(tmp_path / "buffers"), "--import_pt", str(tmp_path),
                  "--train_epochs", "1"])
     assert capsys.readouterr().out.splitlines()[0] == (
         f"removed the temporary files of killed runs in {directory}: {', '.join(killed)}")
-    assert sorted(p.name for p in directory.iterdir()) == [".lock", "buffer.json", alive, "replay_buffer_2.npy"]
+    assert sorted(p.name for p in directory.iterdir()) == [".lock", alive, "buffer.json", users, "replay_buffer_0.npy"]
 
 
 @pytest.fixture
@@ -470,15 +470,16 @@ def test_a_first_file_whose_sidecar_was_never_written_is_recovered(tmp_path, sli
 
 
 def test_a_sidecar_written_before_gsam_and_next_index_is_appended_to(tmp_path):
-    old = tmp_path / "old"
-    old.mkdir()
-    original_buffer(old / "replay_buffer_0.pt", 2, 3)
-    argv = [*TINY, "--import_pt", str(old), "--train_epochs", "2", "--buffer_path", str(tmp_path)]
-    buffer.main(argv)
+    for seed, name in enumerate(("old", "new")):
+        (tmp_path / name).mkdir()
+        original_buffer(tmp_path / name / "replay_buffer_0.pt", 2, 3, seed=seed)
+    argv = lambda name: [*TINY, "--import_pt", str(tmp_path / name), "--train_epochs", "2", "--buffer_path",
+                         str(tmp_path)]
+    buffer.main(argv("old"))
     sidecar = Path(directory_of(tmp_path)) / buffer.SIDECAR
     meta = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("next_index", *buffer.PLAIN_SGD)}))
-    buffer.main(argv)
+    buffer.main(argv("new"))
     assert summary(directory_of(tmp_path)) == (4, [(f"replay_buffer_{n}.npy", 2 * n + row, None, 0, None)
                                                    for n in range(2) for row in range(2)])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, crash_at, load, one_line_error, run_distill
+from helpers import TINY, crash_at, load, locked_by_another_process, one_line_error, run_distill
 from PIL import Image
 
 import distill
@@ -170,6 +170,7 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(buffers, tmp_p
     monkeypatch.setitem(matching.BACKWARD, False, lambda *args: torch.tensor(float("nan")))
     message = error_of(buffers, tmp_path, "--Iteration", "5")
     assert "matching loss became nan at iteration 0" in message and "--resume (the new rates apply)" in message
+    assert f"the checkpoint and sets of iteration 0 are in {tmp_path}" in message
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "images_0.pt").exists()
 
 
@@ -186,7 +187,7 @@ def test_a_non_finite_gradient_stops_the_run(buffers, tmp_path, monkeypatch):
 def test_exploding_pixels_stop_the_run_and_nothing_non_finite_is_saved(buffers, tmp_path):
     """lr_img 1e12 sends the pixels to ~1e9 in one step while instance norm keeps the loss near 1."""
     message = error_of(buffers, tmp_path, "--Iteration", "3", "--lr_img", "1e12")
-    assert "the pixels reached" in message and "over 100x the largest initial pixel" in message
+    assert "images reached" in message and "over 100x its largest initial value" in message
     saved = [p for p in tmp_path.glob("*.pt") if p.name != "checkpoint.pt"]
     assert {p.name for p in saved} >= {"images_0.pt", "images_best.pt"} and "images_1.pt" not in {p.name for p in saved}
     assert all(load(p).isfinite().all() for p in saved)
@@ -218,18 +219,28 @@ def test_a_truncated_checkpoint_is_one_line(buffers, tmp_path):
     assert f"cannot read {checkpoint} as a checkpoint" in error_of(buffers, tmp_path, "--Iteration", "2", "--resume")
 
 
-def test_stale_temporary_files_of_dead_processes_are_removed(buffers, tmp_path):
+def test_only_this_projects_partial_writes_of_dead_processes_are_removed(buffers, tmp_path):
+    """Partial writes are named .{name}.mtt-partial-{pid}; files of the user's that merely look
+    temporary (thesis.tmp777777, the old *.tmpPID) are never touched."""
     run_distill(buffers, tmp_path, "--Iteration", "1")
     dead = 2**22 + 12345  # above Linux's default pid_max
-    (tmp_path / f"images_9.pt.tmp{dead}").write_bytes(b"partial")
-    (tmp_path / f"images_9.pt.tmp{os.getpid()}").write_bytes(b"ours, alive")
+    ours_dead, ours_alive = (tmp_path / f".images_9.pt.mtt-partial-{pid}" for pid in (dead, os.getpid()))
+    users = [tmp_path / "thesis.tmp777777", tmp_path / f"images_9.pt.tmp{dead}", tmp_path / f"notes.mtt-partial-{dead}"]
+    for path in [ours_dead, ours_alive, *users]:
+        path.write_text("draft")
     run_distill(buffers, tmp_path, "--Iteration", "2", "--resume")
-    assert not (tmp_path / f"images_9.pt.tmp{dead}").exists() and (tmp_path / f"images_9.pt.tmp{os.getpid()}").exists()
+    assert not ours_dead.exists() and ours_alive.exists() and all(path.read_text() == "draft" for path in users)
+
+
+def test_a_folder_of_user_files_that_look_temporary_is_no_empty_folder(buffers, tmp_path):
+    (tmp_path / "thesis.tmp777777").write_text("draft")
+    assert "holds files (thesis.tmp777777...) but no checkpoint" in error_of(buffers, tmp_path, "--Iteration", "1")
+    run_distill(buffers, tmp_path, "--Iteration", "1", "--resume")
+    assert (tmp_path / "thesis.tmp777777").read_text() == "draft" and (tmp_path / "images_1.pt").exists()
 
 
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(buffers, tmp_path):
-    from utils import folder_lock
-    with folder_lock(tmp_path, "distill.py run"):
+    with locked_by_another_process(tmp_path):
         assert "is in use by another distill.py run" in error_of(buffers, tmp_path, "--Iteration", "1")
 
 

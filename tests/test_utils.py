@@ -31,7 +31,7 @@ def test_atomic_path_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_
     target = tmp_path / "file.pt"
     with utils.atomic_path(target) as tmp:
         torch.save(torch.arange(3), tmp)
-    assert events == [("fsync", tmp), ("replace", str(target)), ("fsync", str(tmp_path))]
+    assert events == [("fsync", str(tmp)), ("replace", str(target)), ("fsync", str(tmp_path))]
 
 
 def parser():

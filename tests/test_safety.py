@@ -1,0 +1,338 @@
+"""Nothing of the user's is deleted, one evaluation's files appear together, and every failure is
+one line: faults injected where they would strike (a kill at a named rename, a full disk, Ctrl-C,
+SIGTERM, corrupt files)."""
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, load, locked_by_another_process, one_line_error, run_distill
+
+import buffer
+import distill
+import eval as eval_script
+import matching
+import run_folder
+import utils
+from experts import buffer_dir
+
+FAST_BUFFER = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--num_experts", "1", "--train_epochs", "1"]
+
+
+def distill_error(buffers, save_path, *flags):
+    return one_line_error(distill.main, TINY + ["--buffer_path", buffers, "--save_path", save_path, *flags])
+
+
+@pytest.fixture
+def small_data(monkeypatch, mini):
+    """buffer.py sees 512 training and 200 test images: for tests about files, not learning."""
+    from dataclasses import replace
+    small = replace(mini, images_train=mini.images_train[:512], labels_train=mini.labels_train[:512],
+                    images_test=mini.images_test[:200], labels_test=mini.labels_test[:200])
+    monkeypatch.setattr(buffer, "get_dataset", lambda *args: small)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data loss and wrong data
+
+
+def test_export_never_removes_a_users_file_that_looks_temporary(buffers, tmp_path):
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "thesis.tmp777777").write_text("draft")
+    buffer.main(["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--buffer_path", str(buffers),
+                 "--export_pt", str(tmp_path / "pt")])
+    assert (tmp_path / "pt" / "thesis.tmp777777").read_text() == "draft"
+    assert (tmp_path / "pt" / "replay_buffer_0.pt").exists()
+
+
+def interrupt_rename_of(monkeypatch, name):
+    """os.replace raises KeyboardInterrupt (a kill) when it is about to put `name` in place."""
+    real = os.replace
+
+    def replace(source, target):
+        if Path(target).name == name:
+            raise KeyboardInterrupt
+        return real(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_kill_between_the_renames_of_one_evaluation_is_finished_by_the_next_start(buffers, tmp_path, monkeypatch):
+    """Killed after images_2.pt (and the iteration-2 checkpoint) are in place and before
+    syn_lr_2.pt is: a reader refuses the half-renamed folder (else it would train images_2.pt at
+    --lr); the next start puts the whole evaluation in place, so a resume continues from
+    iteration 2 and --Iteration below it is refused."""
+    flags = ["--Iteration", "2", "--eval_it", "2"]
+    run_distill(buffers, tmp_path / "straight", *flags)
+    interrupt_rename_of(monkeypatch, "syn_lr_2.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(buffers, tmp_path / "killed", *flags)
+    monkeypatch.undo()
+    killed = tmp_path / "killed"
+    assert run_folder.journal(killed)["renaming"] and (killed / "images_2.pt").exists()
+    assert not (killed / "syn_lr_2.pt").exists()
+    assert "in the middle of saving an evaluation" in one_line_error(
+        eval_script.main, ["--dataset", "FashionMNIST-mini", "--syn_path", killed, "--iteration", "2"])
+    message = distill_error(buffers, killed, "--Iteration", "1", "--eval_it", "2", "--resume")
+    assert "--Iteration 1 is below the iteration the run" in message and "has reached (2)" in message
+    assert not run_folder.journal(killed)["renaming"]  # that start finished the commit
+    for name in ("images_2.pt", "syn_lr_2.pt", "images_best.pt", "syn_lr_best.pt"):
+        assert torch.equal(load(killed / name), load(tmp_path / "straight" / name)), name
+    assert load(killed / "checkpoint.pt")["iteration"] == 2
+
+
+def test_an_evaluation_cut_short_before_its_journal_leaves_the_previous_files(buffers, tmp_path, monkeypatch):
+    run_distill(buffers, tmp_path, "--Iteration", "1")
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")}
+    real, written = run_folder.file_bytes, []
+
+    def dies_at_the_third_file(name, value):
+        written.append(name)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        return real(name, value)
+
+    monkeypatch.setattr(run_folder, "file_bytes", dies_at_the_third_file)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(buffers, tmp_path, "--Iteration", "2", "--resume")
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")} == before
+    assert not [p for p in tmp_path.iterdir() if "mtt-partial" in p.name]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr_teacher", "1e6"], "expert #0 diverged: its parameters became non-finite in epoch 1 (--lr_teacher 1e+06"),
+    (["--lr_teacher", "inf"], "argument --lr_teacher: must be a positive finite number, not inf"),
+    (["--l2", "inf"], "argument --l2: must be a finite number of 0 or more, not inf"),
+])
+def test_buffer_saves_no_non_finite_expert(tmp_path, flags, message):
+    assert message in one_line_error(buffer.main, FAST_BUFFER + ["--buffer_path", tmp_path, *flags])
+    directory = Path(buffer_dir(str(tmp_path), "FashionMNIST-mini", "ConvNetW8", False))
+    assert not list(directory.glob("replay_buffer_*")) if directory.exists() else True
+    if (directory / "buffer.json").exists():
+        assert json.loads((directory / "buffer.json").read_text())["experts"] == []
+
+
+def test_distill_names_a_non_finite_buffer_as_the_cause(buffers, tmp_path):
+    directory = Path(buffer_dir(str(tmp_path / "nan"), "FashionMNIST-mini", "ConvNetW16", False))
+    directory.mkdir(parents=True)
+    source = Path(buffer_dir(str(buffers), "FashionMNIST-mini", "ConvNetW16", False))
+    expert = np.load(source / "replay_buffer_0.npy")
+    expert[0, 1:] = np.nan
+    np.save(directory / "replay_buffer_0.npy", expert)
+    (directory / "buffer.json").write_text((source / "buffer.json").read_text())
+    message = distill_error(tmp_path / "nan", tmp_path / "run", "--Iteration", "2")
+    assert "expert 0 of the buffer holds non-finite parameters" in message and "--lr_img" not in message
+
+
+def test_importing_the_same_files_twice_skips_them_and_says_so(tmp_path, capsys):
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.manual_seed(0)
+    shapes = [p.shape for p in buffer.get_network("ConvNetW8", 1, 10, (28, 28)).parameters()]
+    torch.save([[[torch.randn(s) for s in shapes] for _ in range(2)]], old / "replay_buffer_0.pt")
+    argv = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--import_pt", str(old), "--train_epochs", "1",
+            "--buffer_path", str(tmp_path)]
+    buffer.main(argv)
+    capsys.readouterr()
+    buffer.main(argv)
+    assert capsys.readouterr().out.splitlines() == [
+        f"skipped {old / 'replay_buffer_0.pt'}: its experts are already imported, in replay_buffer_0.npy"]
+    meta = buffer.read_sidecar(buffer_dir(str(tmp_path), "FashionMNIST-mini", "ConvNetW8", False))
+    assert len(meta["experts"]) == 1
+
+
+def test_exploding_label_logits_stop_the_run(buffers, tmp_path):
+    message = distill_error(buffers, tmp_path, "--Iteration", "3", "--soft_label", "--lr_y", "1e30",
+                            "--threshold", "10")
+    assert "label_logits reached" in message and "over 100x its largest initial value" in message
+    assert all(load(p).isfinite().all() for p in tmp_path.glob("labels_*.pt"))
+
+
+def test_resume_refuses_a_changed_lr_teacher_and_says_why(buffers, tmp_path):
+    run_distill(buffers, tmp_path, "--Iteration", "1")
+    message = distill_error(buffers, tmp_path, "--Iteration", "2", "--resume", "--lr_teacher", "0.02")
+    assert ("cannot change --lr_teacher (0.01 in the checkpoint, 0.02 now): it only sets syn_lr at iteration 0"
+            in message)
+
+
+def test_a_refused_resume_changes_nothing_and_prints_nothing_before_its_line(buffers, tmp_path, capsys):
+    run_distill(buffers, tmp_path, "--Iteration", "2", "--eval_it", "2")
+    run_json = (tmp_path / "run.json").read_text()
+    capsys.readouterr()
+    assert "--Iteration 1 is below" in distill_error(buffers, tmp_path, "--Iteration", "1", "--resume")
+    assert (tmp_path / "run.json").read_text() == run_json and "resumed" not in capsys.readouterr().out
+    with locked_by_another_process(tmp_path):
+        capsys.readouterr()
+        assert "in use by another" in distill_error(buffers, tmp_path, "--Iteration", "3", "--resume")
+        assert "resumed" not in capsys.readouterr().out
+
+
+def test_the_interrupted_line_says_whether_a_checkpoint_exists(tmp_path):
+    assert run_folder.resume_hint(tmp_path) == "no checkpoint was saved yet; nothing to resume"
+    run_folder.commit(tmp_path, {"checkpoint.pt": {"iteration": 7}}, iteration=7)
+    assert run_folder.resume_hint(tmp_path) == (f"the checkpoint of iteration 7 is in {tmp_path}; run the same "
+                                                f"command with --resume to continue")
+
+
+@pytest.mark.parametrize("script,flag", [(distill.main, "--save_path"), (distill.main, "--buffer_path"),
+                                         (buffer.main, "--buffer_path"), (eval_script.main, "--out")])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(script, flag):
+    assert f"argument {flag}: an empty path" in one_line_error(script, ["--dataset", "FashionMNIST-mini", flag, ""])
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures that are one line
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_buffer_py_allocates_its_file_is_one_line(tmp_path, small_data, monkeypatch):
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    message = one_line_error(buffer.main, FAST_BUFFER + ["--buffer_path", tmp_path])
+    directory = Path(buffer_dir(str(tmp_path), "FashionMNIST-mini", "ConvNetW8", False))
+    assert message.startswith(f"error: no space left in {directory} for replay_buffer_0.npy (") and "MB)" in message
+    assert sorted(p.name for p in directory.iterdir()) == [".lock"]
+
+
+def test_a_full_disk_while_saving_is_one_line_and_changes_nothing(buffers, tmp_path, monkeypatch):
+    run_distill(buffers, tmp_path / "run", "--Iteration", "1")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name != "log.jsonl"}
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    message = distill_error(buffers, tmp_path / "run", "--Iteration", "2", "--resume")
+    assert message.startswith(f"error: no space left in {tmp_path / 'run'} for ")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name != "log.jsonl"}
+    assert after == before
+    message = one_line_error(eval_script.main, ["--dataset", "FashionMNIST-mini", "--baseline", "random", "--ipc", "1",
+                                                "--num_eval", "1", "--epoch_eval_train", "1", "--model", "ConvNetW8",
+                                                "--out", tmp_path / "rows.json"])
+    assert message.startswith(f"error: no space left in {tmp_path} for rows.json (")
+    assert not (tmp_path / "rows.json").exists()
+
+
+def interrupt_in_the_step(monkeypatch, signum):
+    """The process sends itself `signum` during the step of iteration 1, as Ctrl-C or a cluster would."""
+    calls, real = [], matching.BACKWARD[False]
+
+    def signalled(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+        return real(*args)
+
+    monkeypatch.setitem(matching.BACKWARD, False, signalled)
+
+
+@pytest.mark.parametrize("signum,said", [(signal.SIGINT, "stopped by Ctrl-C"), (signal.SIGTERM, "stopped by SIGTERM")])
+def test_ctrl_c_and_sigterm_end_with_one_line_saying_how_to_resume(buffers, tmp_path, monkeypatch, capsys,
+                                                                      signum, said):
+    interrupt_in_the_step(monkeypatch, signum)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            utils.entry(lambda: run_distill(buffers, tmp_path, "--Iteration", "3"))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"{said}: the checkpoint of iteration 0 is in {tmp_path}; run the same command with --resume to continue"]
+    run_distill(buffers, tmp_path, "--Iteration", "3", "--resume")
+    assert load(tmp_path / "checkpoint.pt")["iteration"] == 3
+
+
+def corrupt_checkpoint(path, change):
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+CORRUPT_CHECKPOINTS = {
+    "no iteration": (lambda s: s.pop("iteration"), "missing or mistyped iteration"),
+    "a tensor of another shape": (lambda s: s["tensors"].update(images=torch.zeros(3, 1, 28, 28)),
+                                  "does not fit this run: it holds"),
+    "a bad random-number state": (lambda s: s.update(rng_cpu=torch.zeros(5, dtype=torch.uint8)),
+                                  "does not fit this run"),
+    "no optimizers": (lambda s: s.update(optimizers={}), "no optimizer states"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT_CHECKPOINTS)
+def test_a_corrupt_checkpoint_is_one_line_naming_it(buffers, tmp_path, case):
+    run_distill(buffers, tmp_path, "--Iteration", "1")
+    change, said = CORRUPT_CHECKPOINTS[case]
+    corrupt_checkpoint(tmp_path / "checkpoint.pt", change)
+    message = distill_error(buffers, tmp_path, "--Iteration", "2", "--resume")
+    assert "checkpoint" in message and said in message and "move it away" in message
+
+
+@pytest.mark.parametrize("lines,said", [
+    (['{"type": "iteration", "it": 0}', '{"foo": 1}', '{"type": "iteration", "it": 1}'], "line 2 is not a line"),
+    (['[1, 2]', '{"type": "iteration", "it": 1}'], "line 1 is not a line"),
+])
+def test_a_corrupt_log_is_one_line_naming_it(buffers, tmp_path, lines, said):
+    run_distill(buffers, tmp_path, "--Iteration", "1")
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    message = distill_error(buffers, tmp_path, "--Iteration", "2", "--resume")
+    assert f"{tmp_path / 'log.jsonl'} {said} distill.py writes" in message
+    (tmp_path / "log.jsonl").unlink()
+    (tmp_path / "log.jsonl").mkdir()
+    assert "log.jsonl is not a file" in distill_error(buffers, tmp_path, "--Iteration", "2", "--resume")
+
+
+@pytest.mark.parametrize("change,said", [
+    ({"model": "Foo"}, "model"), ({"model": 123}, "model"), ({"texture": True, "canvas_size": None}, "canvas_size"),
+    ({"canvas_size": "2"}, "canvas_size"),
+])
+def test_a_corrupt_run_json_is_one_line_naming_it(buffers, tmp_path, change, said):
+    run_distill(buffers, tmp_path, "--Iteration", "0")
+    meta = json.loads((tmp_path / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps({**meta, **change}))
+    message = one_line_error(eval_script.main, ["--dataset", "FashionMNIST-mini", "--syn_path", tmp_path])
+    assert f"{tmp_path / 'run.json'} is not a run.json distill.py writes: {said}" in message
+
+
+def test_a_zca_transform_of_the_wrong_shape_is_one_line(tmp_path):
+    torch.save(torch.randn(10, 1, 28, 28), tmp_path / "images_best.pt")
+    torch.save(torch.arange(10), tmp_path / "labels_best.pt")
+    zca = utils.torch_bytes({"mean": torch.zeros(12), "transform": torch.eye(12), "inverse_transform": torch.eye(12),
+                             "eps": 0.1})
+    (tmp_path / "zca.pt").write_bytes(zca)
+    message = one_line_error(eval_script.main, ["--dataset", "FashionMNIST-mini", "--syn_path", tmp_path, "--zca"])
+    assert "its zca.pt whitens 12 pixels, but FashionMNIST-mini's images have 784" in message
+
+
+@pytest.mark.parametrize("cut", [lambda data: data[:-100], lambda data: b"garbage" + data])
+def test_a_truncated_or_foreign_idx_file_is_one_line_naming_it(tmp_path, cut):
+    import gzip
+
+    from data import IDX_FILES, get_dataset
+    rng = np.random.default_rng(0)
+    for name in IDX_FILES:
+        shape = (20, 28, 28) if "images" in name else (20,)
+        header = bytes([0, 0, 8, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape)
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress(header + rng.integers(0, 10, shape, np.uint8).tobytes()))
+    broken = tmp_path / "train-images-idx3-ubyte.gz"
+    broken.write_bytes(cut(broken.read_bytes()))
+    with pytest.raises(utils.UsageError, match=f"^{broken} is truncated or not an IDX file"):
+        get_dataset("FashionMNIST", data_path=str(tmp_path))
+
+
+@pytest.mark.parametrize("script,flags,said", [
+    (distill.main, ["--ipc", "100000000000"], "--ipc 100000000000's synthetic set needs"),
+    (buffer.main, ["--num_experts", "100000000000"], "100000000000 experts of 2 snapshots needs"),
+    (buffer.main, ["--num_experts", "1e12"], "argument --num_experts: expected at least 1, not '1e12'"),
+    (distill.main, ["--model", "ConvNetD8"], "--model ConvNetD8 does not fit FashionMNIST-mini's 28x28 images"),
+    (eval_script.main, ["--model", "ConvNetD8", "--baseline", "full"], "--model ConvNetD8 does not fit"),
+])
+def test_impossible_sizes_are_one_line_before_any_folder(tmp_path, script, flags, said):
+    argv = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--train_epochs", "1"] if script is buffer.main \
+        else (["--dataset", "FashionMNIST-mini"] if script is eval_script.main else list(TINY))
+    argv += ["--buffer_path", tmp_path / "b"] if script is not eval_script.main else []
+    argv += ["--save_path", tmp_path / "run"] if script is distill.main else []
+    assert said in one_line_error(script, argv + flags)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,58 @@
+"""A torchrun job that fails ends with one line from one process, not with tracebacks or a hang:
+bad input that rank 0 finds, and a rank that stops answering in the middle of a training step."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import TINY
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*argv, timeout=180):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *map(str, argv)]
+    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def our_lines(stderr):
+    """The lines the scripts print for a failure (not the launcher's report of the exit)."""
+    return [line for line in stderr.splitlines() if line.startswith(("error:", "error (rank"))]
+
+
+def test_bad_input_rank_0_finds_is_one_line_from_rank_0(buffers, tmp_path):
+    (tmp_path / "in_the_way").write_text("")
+    result = torchrun("distill.py", *TINY, "--buffer_path", buffers, "--save_path", tmp_path / "in_the_way")
+    assert result.returncode != 0
+    assert our_lines(result.stderr) == [f"error: --save_path {tmp_path / 'in_the_way'}: a file is in the way "
+                                        f"(not a folder)"]
+    assert "Connection closed by peer" not in result.stderr and "gloo" not in result.stderr.lower()
+
+
+def test_a_rank_that_stops_answering_ends_the_job_with_a_line_naming_it(buffers, tmp_path):
+    """Rank 1 sleeps inside its second training step (as a stopped process would): with
+    --step_timeout 3 rank 0 gives up on the step's collective, names rank 1, and the job ends in
+    seconds, not after the hours evaluations may wait."""
+    wrapper = tmp_path / "rank1_stalls.py"
+    wrapper.write_text(
+        "import os, runpy, sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import matching\n"
+        "real, calls = matching.BACKWARD[False], []\n"
+        "def stalls(*args):\n"
+        "    calls.append(1)\n"
+        "    if os.environ['RANK'] == '1' and len(calls) == 2:\n"
+        "        time.sleep(600)\n"
+        "    return real(*args)\n"
+        "matching.BACKWARD[False] = stalls\n"
+        f"runpy.run_path({str(REPO / 'distill.py')!r}, run_name='__main__')\n")
+    start = time.monotonic()
+    result = torchrun(wrapper, *TINY, "--buffer_path", buffers, "--Iteration", "4", "--step_timeout", "3",
+                      "--save_path", tmp_path / "run")
+    assert result.returncode != 0 and time.monotonic() - start < 120
+    assert our_lines(result.stderr) == ["error: rank 1 stopped answering: a training step's collective waited for it "
+                                        "past its timeout (--step_timeout); the job stops here"]
+    assert (tmp_path / "run" / "checkpoint.pt").exists()  # iteration 0's evaluation was saved before
