@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import config
 import parallel
 from augment import DSA_GROUPS, DSA_STRATEGY, strategy_groups
 from networks import MODELS, get_network
@@ -41,8 +42,14 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM (a cluster's pre-emption), with the one line that says what was kept."""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in --help."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default in --help (unless its help says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: {'none' if action.default is None else action.default})".lstrip()
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,6 +70,7 @@ def checked(kind, test, requirement):
         if not test(value):
             raise argparse.ArgumentTypeError(f"must be {requirement}, not {text}")
         return value
+    parse.kind = kind  # what a --cfg file must hold for this flag
     return parse
 
 
@@ -80,6 +88,9 @@ def boolean(text):
     if str(text).lower() not in BOOLEANS:
         raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
     return BOOLEANS[str(text).lower()]
+
+
+boolean.kind = bool
 
 
 def folder_path(text):
@@ -102,16 +113,19 @@ def switch(parser, name, help, default=False):
     parser.add_argument(name, nargs="?", const=True, default=default, type=boolean, metavar="{True,False}", help=help)
 
 
-def add_common_args(parser):
-    """The flags buffer.py, distill.py and eval.py share, with the original's names and defaults."""
+def add_common_args(parser, model_default="ConvNet"):
+    """The flags buffer.py, distill.py and eval.py share, with the original's names and defaults
+    (eval.py's --model defaults to the set's own)."""
     from data import DATASETS, IMAGENET_SUBSETS  # here, not at the top: data.py imports this module
-    parser.add_argument("--dataset", default="CIFAR10", choices=list(DATASETS))
+    parser.add_argument("--dataset", default="CIFAR10", choices=list(DATASETS),
+                        help="MNIST to CIFAR100 are downloaded into --data_path; Tiny and ImageNet are read from it")
     parser.add_argument("--subset", default="imagenette", choices=list(IMAGENET_SUBSETS),
                         help="ImageNet subset (with --dataset ImageNet)")
-    parser.add_argument("--model", default="ConvNet", choices=list(MODELS), metavar="MODEL",
-                        help=f"network: {', '.join(MODELS)}")
+    parser.add_argument("--model", default=model_default, choices=list(MODELS), metavar="MODEL",
+                        help=f"network: {', '.join(MODELS)}" + ("" if model_default else
+                                                               " (default: the set's run.json model, else ConvNet)"))
     parser.add_argument("--res", type=positive_int, default=128,
-                        help="image side of ImageNet subsets, squashed to res x res (the original's default)")
+                        help="image side of ImageNet subsets, squashed to res x res as the original does")
     parser.add_argument("--data_path", default="data", type=folder_path, help="where datasets are found or downloaded")
     switch(parser, "--zca", "ZCA-whiten the data (eps 0.1, fitted on the training set)")
     switch(parser, "--dsa", "differentiable Siamese augmentation on every batch", default=True)
@@ -121,11 +135,23 @@ def add_common_args(parser):
     parser.add_argument("--seed", type=seed_value, default=0, help="seeds python, numpy and torch")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     switch(parser, "--deterministic", "deterministic CUDA kernels (bit-identical CUDA runs, somewhat slower)")
+    parser.add_argument("--cfg", metavar="FILE.yaml", help="flags from a YAML file, one `flag: value` line each "
+                        "(DATM's format; its files load as they are); flags given here win (config.py)")
     return parser
 
 
-def parse(parser, argv):
-    """The flags, with `augmentation` resolved once: the DSA strategy, or None without --dsa."""
+def parse(parser, argv, ignore=lambda values: {}):
+    """The flags, after those of a --cfg file (config.apply; `ignore` as there), with `augmentation`
+    resolved once: the DSA strategy, or None without --dsa."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    path = config.cfg_path(argv)
+    if path is not None:
+        try:
+            ignored = config.apply(parser, path, ignore)
+        except config.ConfigError as err:
+            raise UsageError(f"--cfg {path}: {err}") from None
+        if ignored:
+            announce(f"--cfg {path}: ignored " + "; ".join(f"{key}: {why}" for key, why in ignored.items()))
     args = parser.parse_args(argv)
     args.augmentation = args.dsa_strategy if args.dsa else None
     return args
@@ -154,6 +180,12 @@ def check_fits(needed, what, folder=None):
         have, where = shutil.disk_usage(existing).free, f"free space in {existing}"
     if needed > have:
         raise UsageError(f"{what} needs {needed / 2**30:.3g} GB, more than the {have / 2**30:.3g} GB of {where}")
+
+
+def announce(line):
+    """Print a line once per job: under torchrun, on the first process only (before any process group)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
 
 
 def set_seed(seed):
