@@ -2,7 +2,8 @@
 
     python buffer.py --dataset CIFAR10 --zca                  # 100 experts x 50 epochs, as published
     python buffer.py --dataset FashionMNIST-mini --num_experts 5 --train_epochs 10
-    python buffer.py --dataset CIFAR10 --zca --rho_max 0.01 --rho_min 0.01 --alpha 0.3   # FTD's flat experts
+    python buffer.py --dataset CIFAR10 --zca --rho_max 0.01 --rho_min 0.01   # FTD's flat experts (adaptive GSAM)
+    python buffer.py --cfg configs/buffers/mtt_cifar10_zca.yaml   # a published setting (configs/)
     python -m torch.distributed.run --standalone --nproc_per_node 8 buffer.py --dataset CIFAR10 --zca   # 8 GPUs
     python buffer.py --import_pt OLD_DIR --dataset CIFAR10 --zca   # the original's replay_buffer_{n}.pt files
     python buffer.py --export_pt NEW_DIR --dataset CIFAR10 --zca   # ... and back, for MTT, TESLA and DATM
@@ -11,7 +12,8 @@ Each expert is a network trained from random init with SGD on the full real trai
 every batch); its flat parameters are recorded at init and after every epoch, into the buffer
 directory experts.py describes and reads. With --rho_max > 0 every batch takes FTD's GSAM step
 (gsam_step) whose gradient the same SGD then applies; rho is --rho_max, then --rho_min after
---decay (GSAM scales rho with the lr, which --decay divides by ten).
+--decay (GSAM scales rho with the lr, which --decay divides by ten). As in FTD's code, GSAM is
+adaptive with alpha 0.4 unless --adaptive False or --alpha say otherwise (printed at start).
 
 A rerun into a directory appends experts: expert k of a directory starts from
 set_seed(expert_seed(--seed, k)), and the sidecar's next_index counts every expert the directory
@@ -46,15 +48,18 @@ from experts import (SIDECAR, Experts, buffer_dir, buffer_file, expert_files, ne
                      write_sidecar)
 from networks import flatten_params, get_network
 from training import accuracy, decay_epoch, sgd_step, train_epoch
-from utils import (Parser, UsageError, add_common_args, check_fits, check_model, entry, eta, folder_lock, folder_path,
-                   main_decides, make_folder, non_negative_float, one_verdict, parse, positive_float, positive_int,
-                   remove_stale_temps, run_script, set_seed, switch)
+from utils import (Parser, UsageError, add_common_args, announce, check_fits, check_model, entry, eta, folder_lock,
+                   folder_path, main_decides, make_folder, non_negative_float, one_verdict, parse, positive_float,
+                   positive_int, remove_stale_temps, run_script, set_seed, switch)
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
           "dsa_strategy", "mom", "l2", "decay", "rho_max", "rho_min", "alpha", "adaptive")
 # What a sidecar written before GSAM was added describes.
 PLAIN_SGD = {"rho_max": 0, "rho_min": 0, "alpha": 0, "adaptive": False}
+# GSAM's defaults as FTD's buffer code runs it (and DATM's copy of it): its --adaptive is declared
+# type=bool, so any text, even False, parses as True, and its --alpha defaults to 0.4.
+FTD_GSAM = {"adaptive": True, "alpha": 0.4}
 GSAM_EPS = 1e-12  # GSAM's perturb_eps
 
 
@@ -77,10 +82,11 @@ def parse_args(argv=None):
               "scales rho linearly with the lr, from rho_max at --lr_teacher to rho_min at lr_teacher / 10: here "
               "rho is rho_max throughout, or rho_min after --decay")
     flag("--rho_min", type=non_negative_float, default=0, help="GSAM rho after --decay's x0.1 (at most --rho_max)")
-    flag("--alpha", type=non_negative_float, default=0,
-         help="GSAM: how much of the gradient orthogonal to the perturbed one is subtracted (FTD uses 0.3); "
-              "needs --rho_max")
-    switch(parser, "--adaptive", "GSAM: scale the perturbation per weight by w**2 (adaptive SAM); needs --rho_max")
+    flag("--alpha", type=non_negative_float, default=None,
+         help="GSAM: how much of the gradient orthogonal to the perturbed one is subtracted; needs --rho_max "
+              "(default: 0.4 with --rho_max, as FTD's code; FTD's paper gives 0.3 or 1 per dataset)")
+    switch(parser, "--adaptive", "GSAM: scale the perturbation per weight by w**2 (adaptive SAM); needs --rho_max "
+                                 "(default: True with --rho_max, as FTD's code runs every expert)", default=None)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--import_pt", metavar="OLD_DIR", type=folder_path,
                       help="convert the original's replay_buffer_{n}.pt files in OLD_DIR instead of training "
@@ -98,6 +104,15 @@ def parse_args(argv=None):
         raise UsageError(f"--rho_min {args.rho_min} is above --rho_max {args.rho_max}")
     if (args.alpha or args.adaptive) and not args.rho_max:
         raise UsageError("--alpha and --adaptive set up GSAM: give --rho_max too (GSAM is off at rho 0)")
+    args.method_defaults = {}  # FTD's GSAM defaults this run takes: printed, and kept in the sidecar
+    for name, value in FTD_GSAM.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value if args.rho_max else PLAIN_SGD[name])
+            if args.rho_max:
+                args.method_defaults[name] = value
+    if args.method_defaults:
+        announce("GSAM as FTD's buffer code runs it: " + " ".join(
+            f"--{name} {value}" for name, value in args.method_defaults.items()) + " (give a flag to change one)")
     if parallel.launched() and (args.import_pt or args.export_pt):
         raise UsageError("--import_pt and --export_pt convert files in one process: run them with python, not torchrun")
     return args
@@ -137,9 +152,10 @@ def describe(args, seed):
     shapes = [list(p.shape) for p in get_network(args.model, channel, num_classes, im_size).parameters()]
     flags = ("dataset", "subset", "res", "model", "zca", "lr_teacher", "train_epochs", "batch_train", "batch_real",
              "dsa", "dsa_strategy", "mom", "l2", "decay", "rho_max", "rho_min", "alpha", "adaptive")
-    return {**{flag: getattr(args, flag) for flag in flags}, "channel": channel, "im_size": list(im_size),
-            "num_classes": num_classes, "num_params": sum(int(np.prod(s)) for s in shapes), "param_shapes": shapes,
-            "seed": seed, "torch_version": torch.__version__, "next_index": 0, "experts": []}
+    return {**{flag: getattr(args, flag) for flag in flags}, "method_defaults": args.method_defaults,
+            "channel": channel, "im_size": list(im_size), "num_classes": num_classes,
+            "num_params": sum(int(np.prod(s)) for s in shapes), "param_shapes": shapes, "seed": seed,
+            "torch_version": torch.__version__, "next_index": 0, "experts": []}
 
 
 def count(experts):
@@ -157,7 +173,9 @@ def open_directory(directory, settings, seed):
     set aside the files killed runs left unlisted, and return the sidecar to add experts to."""
     remove_temps(directory)
     meta = {**PLAIN_SGD, **read_sidecar(directory)} if (Path(directory) / SIDECAR).exists() else settings
-    differences = [f"{key} {meta.get(key)!r} (this run: {settings[key]!r})"
+    defaults = settings["method_defaults"]
+    differences = [f"{key} {meta.get(key)!r} (this run: {settings[key]!r}"
+                   + (f", a default: give --{key} {meta.get(key)} to match)" if key in defaults else ")")
                    for key in SHARED if meta.get(key) != settings[key]]
     if differences:
         raise UsageError(f"{directory} holds experts with {', '.join(differences)}; choose another "

@@ -8,6 +8,7 @@ where the expert was at epoch t + expert_epochs. Experts come from buffer.py:
     python buffer.py --dataset CIFAR10 --zca
     python distill.py --dataset CIFAR10 --ipc 10 --syn_steps 30 --expert_epochs 2 \\
         --max_start_epoch 20 --lr_img 100 --lr_lr 1e-05 --lr_teacher 0.001 --zca
+    python distill.py --cfg configs/mtt/cifar10_ipc10.yaml      # the same, from its file
     torchrun --standalone --nproc_per_node 8 distill.py ...     # each minibatch split over 8 GPUs
 
 The step itself (the learnable SyntheticSet, the student update and its two exact gradients:
@@ -15,8 +16,10 @@ the full unroll, or with --low_memory the replay whose memory grows only by the 
 vectors theta_0..theta_N) is in matching.py; this script sets it up, runs it, evaluates and saves
 into the run folder (run_folder.py), with a checkpoint after every evaluation: --resume continues
 bit for bit. Give any DATM flag (--soft_label, --pix_init samples_predicted_correctly,
---threshold, the start-epoch window) and the others take DATM's defaults; give none and this is
-MTT exactly.
+--threshold, the start-epoch window, ...) and the others take DATM's defaults, soft labels
+included, as DATM always runs (printed at start, kept in run.json); give none and this is MTT
+exactly. --cfg FILE.yaml reads the flags from a file (configs/ holds every published row; DATM's
+own files load as they are).
 """
 import math
 import os
@@ -34,17 +37,20 @@ from experts import Experts, buffer_dir
 from matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import forward_flat, get_network
 from training import EVAL_MODE_HELP, EVAL_MODES, INFERENCE_BATCH, EvalSet, eval_pool, evaluate_sets
-from utils import (Parser, UsageError, add_common_args, boolean, check_fits, check_model, checked, entry, eta,
+from utils import (Parser, UsageError, add_common_args, announce, boolean, check_fits, check_model, checked, entry, eta,
                    folder_lock, folder_path, fraction, main_decides, make_folder, non_negative_float, non_negative_int,
                    one_verdict, parse, positive_float, positive_int, remove_stale_temps, run_info, run_script, run_seed,
                    set_seed, stalls_are_one_line, switch)
 
-# DATM's flags and their defaults in DATM's code. They apply as a whole once any DATM flag is given;
-# with none given, MTT's values below stand in for the two that would change MTT's run.
-DATM_DEFAULTS = {"Label_Model_Timestamp": -1, "lr_y": 2.0, "Momentum_y": 0.9, "threshold": 1.0,
-                 "min_start_epoch": 0, "current_max_start_epoch": 20, "expansion_end_epoch": 3000,
-                 "Sequential_Generation": True}
-MTT_VALUES = {"threshold": None, "Sequential_Generation": False}
+# DATM's flags and their defaults in DATM's code. They apply as a whole once any of them is given
+# with a value MTT does not have (DATM always learns its labels, from images an expert classifies
+# correctly); with none given, MTT's values below stand in for those that would change MTT's run.
+DATM_DEFAULTS = {"soft_label": True, "pix_init": "samples_predicted_correctly", "Label_Model_Timestamp": -1,
+                 "lr_y": 2.0, "Momentum_y": 0.9, "threshold": 1.0, "min_start_epoch": 0, "current_max_start_epoch": 20,
+                 "expansion_end_epoch": 3000, "Sequential_Generation": True}
+MTT_VALUES = {"soft_label": False, "pix_init": "real", "threshold": None, "Sequential_Generation": False}
+IGNORED_IN_DATM_FILES = {"ema_decay": "DATM.py reads it nowhere (give --ema_decay on the command line for FTD's "
+                                      "image EMA)"}
 
 # Flags that define what the checkpoint holds: a resumed run must keep them. Any other flag may
 # change on --resume (learning rates, steps, evaluation, ...): the new value applies and is logged.
@@ -68,6 +74,7 @@ def parse_args(argv=None):
     flag("--eval_mode", default="S", choices=EVAL_MODES, help=EVAL_MODE_HELP)
     flag("--num_eval", type=positive_int, default=5, help="networks trained per model at each evaluation")
     flag("--eval_it", type=positive_int, default=100, help="evaluate every this many iterations (and at 0 and the end)")
+    switch(parser, "--skip_first_eva", "no evaluation (nor checkpoint) at iteration 0 (DATM's flag)")
     flag("--epoch_eval_train", type=positive_int, default=1000, help="epochs of each evaluation network")
     flag("--Iteration", type=non_negative_int, default=5000, help="distillation iterations")
     flag("--lr_img", type=positive_float, default=1000, help="learning rate of the pixels (SGD, momentum 0.5)")
@@ -76,8 +83,9 @@ def parse_args(argv=None):
     flag("--lr_init", type=float, default=0.01, help="unused (syn_lr starts at --lr_teacher, as in the original)")
     flag("--batch_real", type=int, default=256, help="unused; kept so the original's commands run")
     flag("--batch_syn", type=positive_int, default=None, help="student minibatch (default: the whole synthetic set)")
-    flag("--pix_init", default="real", choices=["real", "noise", "samples_predicted_correctly"],
-         help="initial images: random real ones, N(0,1) noise, or (DATM) real ones an expert classifies correctly")
+    flag("--pix_init", default=None, choices=["real", "noise", "samples_predicted_correctly"],
+         help="initial images: random real ones, N(0,1) noise, or (DATM) real ones an expert classifies correctly "
+              "(default: real; samples_predicted_correctly with DATM's flags)")
     flag("--buffer_path", default="./buffers", type=folder_path,
          help="the --buffer_path buffer.py trained the experts into")
     flag("--expert_epochs", type=positive_int, default=3, help="expert epochs the student must cover")
@@ -88,8 +96,10 @@ def parse_args(argv=None):
     switch(parser, "--texture", "learn canvases and train on random toroidal crops of them")
     flag("--canvas_size", type=positive_int, default=2, help="canvas side in images (texture)")
     flag("--canvas_samples", type=positive_int, default=1, help="crops per canvas per step (texture)")
-    flag("--max_files", type=positive_int, default=None, help="a random subset (seeded) of this many buffer files")
-    flag("--max_experts", type=positive_int, default=None, help="the first this many experts of each buffer file")
+    flag("--max_files", type=positive_int, default=None,
+         help="a random subset (seeded) of this many buffer files (default: all)")
+    flag("--max_experts", type=positive_int, default=None,
+         help="the first this many experts of each buffer file (default: all)")
     switch(parser, "--force_save", f"write the PNG grid even when ipc >= {GRID_MAX_IPC}")
     switch(parser, "--low_memory",
            "the same gradient by reverse replay: memory of one student step plus the stored parameter vectors")
@@ -104,7 +114,8 @@ def parse_args(argv=None):
          help="torchrun: seconds a training step's collective waits for the other processes before the job "
               "stops with a line naming the one that stopped answering (evaluations may wait 2 hours)")
     datm = parser.add_argument_group("DATM (any of these turns DATM's defaults on)").add_argument
-    switch(parser, "--soft_label", "learn soft labels (label logits) too")
+    switch(parser, "--soft_label", "learn soft labels (label logits) too (default: False; True with DATM's flags)",
+           default=None)
     datm("--Label_Model_Timestamp", type=int, default=None,
          help="expert snapshot that classifies (pix_init) and labels the images (default -1: the last)")
     datm("--lr_y", type=positive_float, default=None, help="learning rate of the label logits (default 2.0)")
@@ -120,17 +131,28 @@ def parse_args(argv=None):
          help="grow the start-epoch window with the iterations (default True)")
     parser.add_argument_group("FTD").add_argument(
         "--ema_decay", type=fraction, nargs="?", const=0.999, default=None,
-        help="keep an EMA of the images with this decay (0.999 if no value), evaluated and saved beside them")
-    args = parse(parser, argv)
-    args.datm = args.soft_label or args.pix_init == "samples_predicted_correctly" or any(
-        getattr(args, name) is not None for name in DATM_DEFAULTS)
+        help="keep an EMA of the images with this decay (0.999 if no value), evaluated and saved beside them "
+             "(default: none, no EMA)")
+    args = parse(parser, argv, ignore=lambda values: IGNORED_IN_DATM_FILES if uses_datm(values.get) else {})
+    args.datm = uses_datm(lambda name: getattr(args, name))
+    args.method_defaults = {}  # DATM's defaults this run takes where MTT's differ: printed, and kept in run.json
     for name, value in DATM_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value if args.datm else MTT_VALUES.get(name, value))
+            if args.datm:
+                args.method_defaults[name] = value
+    if args.method_defaults:
+        announce("DATM's defaults (a DATM flag is given): " + " ".join(
+            f"--{name} {value}" for name, value in args.method_defaults.items()) + "; give a flag to change one")
     if args.save_path is None:
         args.save_path = os.path.join("logged_files", args.dataset, run_name(args))
     check_args(args)
     return args
+
+
+def uses_datm(value):
+    """Whether any DATM flag has a value MTT does not have; value(name) is the flag's value or None."""
+    return any(value(name) not in (None, MTT_VALUES.get(name)) for name in DATM_DEFAULTS)
 
 
 def run_name(args):
@@ -215,7 +237,8 @@ def distill(args, device):
 
         for it in range(start_it, args.Iteration + 1):
             # ---- Evaluate and save (at 0, every eval_it and at the end; a resume has its own already)
-            if (it % args.eval_it == 0 or it == args.Iteration) and not (state is not None and it == start_it):
+            if (it % args.eval_it == 0 or it == args.Iteration) and not (state is not None and it == start_it) \
+                    and not (args.skip_first_eva and it == 0):
                 variants = {"": synset.images, **({"ema_": ema.images} if ema else {})}
                 rows = evaluate(variants, synset, data, test, validation, args, it, device, say)
                 improved = record(rows, best, it, log, say)
