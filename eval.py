@@ -6,9 +6,10 @@ train num_eval fresh networks per model on the set alone, report mean +- std tes
     python eval.py --dataset FashionMNIST-mini --baseline random --ipc 10 --baseline full
     torchrun --standalone --nproc_per_node 4 eval.py --syn_path RUN --eval_mode M --baseline random --ipc 50
 
---syn_path is a distill.py run folder (images_best.pt, or images_{--iteration}.pt) or an images
-.pt file with its labels beside it (images_X.pt -> labels_X.pt, or --labels_path). Labels are
-class ids, or N x C label logits (DATM's soft labels: the networks train with the soft
+--syn_path is a distill.py run folder (images_best.pt, or images_{--iteration}.pt; FTD's EMA
+images ema_images_... with --ema, or in a folder that holds only those, as FTD's ema/ does) or an
+images .pt file with its labels beside it (images_X.pt -> labels_X.pt, or --labels_path). Labels
+are class ids, or N x C label logits (DATM's soft labels: the networks train with the soft
 cross-entropy). The learning rate is, in this order, --lr_path, the set's learned syn_lr_X.pt or
 DATM's lr_X.pt, else --lr; each row says which. --model defaults to the set's run.json model,
 else ConvNet; baselines use the same models, so the rows compare. Under torchrun the networks
@@ -25,19 +26,20 @@ from data import ZCA, get_dataset, images_per_class
 from run_folder import load_saved_set
 from training import EVAL_MODE_HELP, EVAL_MODES, EvalSet, eval_pool, evaluate_sets
 from utils import (Parser, UsageError, add_common_args, check_model, entry, folder_path, parse, positive_float,
-                   positive_int, run_info, run_script, save_json)
+                   positive_int, run_info, run_script, save_json, switch)
 
 
 def parse_args(argv=None):
     parser = Parser(__doc__)
-    add_common_args(parser)
-    parser.set_defaults(model=None)  # None: the set's run.json model, else ConvNet
+    add_common_args(parser, model_default=None)
     flag = parser.add_argument
     flag("--syn_path", type=folder_path, help="a distill.py run folder, or an images .pt file")
     flag("--iteration", help="in a run folder, evaluate images_{ITERATION}.pt (default: best)")
+    switch(parser, "--ema", "in a run folder, evaluate FTD's EMA images ema_images_*.pt (default: only when the "
+                            "folder holds no other images)")
     flag("--labels_path", help="the labels .pt file (default: beside the images, images -> labels)")
-    flag("--lr_path", help="a .pt file holding the learning rate to train with (a syn_lr_X.pt or DATM's lr_best.pt); "
-                           "default: the one beside the images, else --lr")
+    flag("--lr_path", help="a .pt file holding the learning rate to train with (a syn_lr_X.pt or DATM's lr_best.pt) "
+                           "(default: the one beside the images, else --lr)")
     flag("--baseline", action="append", default=[], choices=["random", "full"],
          help="also evaluate real images: 'random' (--ipc per class) or 'full' (the training set); may be repeated")
     flag("--ipc", type=positive_int, help="real images per class for --baseline random, drawn with --seed")
@@ -171,7 +173,8 @@ def format_table(rows):
 def evaluate_all(args, device):
     """Every set and baseline the command names, num_eval networks per model each: the table's rows."""
     say = lambda line: print(line, flush=True) if parallel.is_main() else None
-    saved = load_saved_set(args.syn_path, args.iteration, args.labels_path, args.lr_path) if args.syn_path else None
+    saved = load_saved_set(args.syn_path, args.iteration, args.labels_path, args.lr_path, args.ema) \
+        if args.syn_path else None
     distilled_with = saved.meta.get("model") if saved else None
     models = eval_pool(args.eval_mode, args.model or distilled_with or "ConvNet")
     for model in models:

@@ -320,21 +320,30 @@ def learned_lr(images_file, lr_path):
     return None, "--lr"
 
 
-def load_saved_set(path, iteration=None, labels_path=None, lr_path=None):
-    """The set at `path`: a run folder (images_{iteration}.pt, default images_best.pt) or an images file."""
+def images_in(folder, prefix=""):
+    """The names of the sets' images files in a run folder (prefix ema_: the EMA's), not the de-whitened copies."""
+    return sorted(p.name for p in Path(folder).glob(f"{prefix}images_*.pt")
+                  if not p.name.startswith(f"{prefix}images_zca_"))
+
+
+def load_saved_set(path, iteration=None, labels_path=None, lr_path=None, ema=False):
+    """The set at `path`: a run folder (images_{iteration}.pt, default images_best.pt; with `ema`, or
+    when the folder holds only EMA images as FTD's ema/ folder does, ema_images_...) or an images file."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"--syn_path {path} does not exist")
     if path.is_dir():
-        images_file = path / f"images_{iteration or 'best'}.pt"
+        prefix = "ema_" if ema or (not images_in(path) and images_in(path, "ema_")) else ""
+        images_file = path / f"{prefix}images_{iteration or 'best'}.pt"
         if not images_file.exists():
-            found = sorted(p.name for p in path.glob("images_*.pt") if not p.name.startswith("images_zca_"))
-            raise UsageError(f"no {images_file.name} in {path} (found: {', '.join(found) or 'no images_*.pt'})")
-    elif iteration is not None:
-        raise UsageError("--iteration picks a file in a run folder, but --syn_path is a file")
+            found = ", ".join(images_in(path, prefix)) or f"no {prefix}images_*.pt"
+            raise UsageError(f"no {images_file.name} in {path} (found: {found})")
+    elif iteration is not None or ema:
+        raise UsageError(f"{'--iteration' if iteration is not None else '--ema'} picks a file in a run folder, but "
+                         f"--syn_path is a file")
     else:
         images_file = path
-    if images_file.name.startswith("images_zca_"):
+    if "images_zca_" in images_file.name:
         raise UsageError(f"{images_file} is the de-whitened copy saved for viewing; evaluate "
                          f"{images_file.name.replace('images_zca_', 'images_')} instead")
     labels_file = Path(labels_path) if labels_path else sibling(images_file, "labels")
