@@ -207,3 +207,30 @@ def test_best_is_picked_on_validation_and_reported_with_its_test_accuracy(buffer
     assert any(row["val_acc_mean"] != row["test_acc_mean"] for row in rows)
     best = max(rows, key=lambda row: (row["val_acc_mean"], -row["it"]))
     assert (rows[-1]["best_it"], rows[-1]["best_test_acc_mean"]) == (best["it"], best["test_acc_mean"])
+
+
+def test_skip_first_eva_evaluates_from_eval_it_and_a_run_killed_before_it_starts_again(buffers, tmp_path,
+                                                                                         monkeypatch):
+    """DATM's flag: no evaluation, hence no checkpoint, at iteration 0; a run killed before its first
+    evaluation has nothing to resume from, and --resume starts it again from 0, to the same images."""
+    flags = ["--Iteration", "2", "--eval_it", "1", "--skip_first_eva", "--seed", "5"]
+    run_distill(buffers, tmp_path / "straight", *flags)
+    evaluated = [json.loads(line)["it"] for line in open(tmp_path / "straight" / "log.jsonl") if '"evaluation"' in line]
+    assert evaluated == [1, 2] and not (tmp_path / "straight" / "images_0.pt").exists()
+    real_backward = crash_at(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(buffers, tmp_path / "resumed", *flags)
+    monkeypatch.setitem(matching.BACKWARD, False, real_backward)
+    assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
+    run_distill(buffers, tmp_path / "resumed", *flags, "--resume")
+    assert torch.equal(load(tmp_path / "straight" / "images_2.pt"), load(tmp_path / "resumed" / "images_2.pt"))
+
+
+def test_the_datm_defaults_a_run_takes_are_kept_in_run_json(buffers, tmp_path):
+    run_distill(buffers, tmp_path, "--Iteration", "0", "--threshold", "5")
+    args = json.loads((tmp_path / "run.json").read_text())["args"]
+    assert args["method_defaults"] == {"soft_label": True, "pix_init": "samples_predicted_correctly",
+                                       "Label_Model_Timestamp": -1, "lr_y": 2.0, "Momentum_y": 0.9,
+                                       "min_start_epoch": 0, "current_max_start_epoch": 20,
+                                       "expansion_end_epoch": 3000, "Sequential_Generation": True}
+    assert load(tmp_path / "labels_0.pt").shape == (10, 10)  # the soft labels were on

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import one_line_error
+
 import eval as eval_script
+import run_folder
 import training
 from augment import DSA_STRATEGY
 from data import MINI_PATH, ZCA, get_dataset, images_per_class
@@ -319,3 +322,31 @@ def test_a_device_that_is_not_there_is_one_line(tmp_path, calls):
     with pytest.raises(SystemExit, match=message) as exit:
         eval_script.main(FAST + ["--syn_path", str(run)] + flags)
     assert "\n" not in str(exit.value.code) and calls == []
+
+
+def test_saved_sets_are_contiguous_so_a_user_can_flatten_them(tmp_path):
+    """3-channel images keep the channels-last strides of the data they came from; a saved file must not."""
+    images = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    run_folder.save_set(tmp_path, "", ["best"], images, torch.arange(4), torch.tensor(0.01))
+    loaded = torch.load(tmp_path / "images_best.pt", weights_only=True)
+    assert loaded.is_contiguous() and torch.equal(loaded.view(4, -1), images.reshape(4, -1))
+
+
+def test_ftd_s_ema_folder_is_evaluated_by_itself_and_ema_picks_the_ema_set(tmp_path, calls):
+    images, labels = one_per_class()
+    ftd = tmp_path / "ema"  # FTD's ema/ folder: ema_images_best.pt, ema_labels_best.pt, ema_lr_best.pt only
+    ftd.mkdir()
+    torch.save(images, ftd / "ema_images_best.pt")
+    torch.save(labels, ftd / "ema_labels_best.pt")
+    torch.save(torch.tensor(0.03), ftd / "ema_lr_best.pt")
+    (row,) = eval_script.main(FAST + ["--syn_path", str(ftd), "--num_eval", "1"])
+    assert (row["set"], row["lr_from"]) == ("ema/ema_images_best.pt", "ema_lr_best.pt")
+    assert torch.equal(calls[0]["images"], images) and calls[0]["lr"] == pytest.approx(0.03)
+    run = write_run(tmp_path / "run", images, labels, syn_lr=0.02, meta={})  # ours: the set and its EMA
+    run_folder.save_set(run, "ema_", ["best"], images + 1, labels, torch.tensor(0.04))
+    (plain,) = eval_script.main(FAST + ["--syn_path", str(run), "--num_eval", "1"])
+    (ema,) = eval_script.main(FAST + ["--syn_path", str(run), "--num_eval", "1", "--ema"])
+    assert (plain["set"], ema["set"]) == ("run/images_best.pt", "run/ema_images_best.pt")
+    assert torch.equal(calls[2]["images"], images + 1) and ema["lr"] == pytest.approx(0.04)
+    assert one_line_error(eval_script.main, FAST + ["--syn_path", run / "images_best.pt", "--ema"]) == \
+        "error: --ema picks a file in a run folder, but --syn_path is a file"
