@@ -327,7 +327,7 @@ def test_a_device_that_is_not_there_is_one_line(tmp_path, calls):
 def test_saved_sets_are_contiguous_so_a_user_can_flatten_them(tmp_path):
     """3-channel images keep the channels-last strides of the data they came from; a saved file must not."""
     images = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
-    run_folder.save_set(tmp_path, "", ["best"], images, torch.arange(4), torch.tensor(0.01))
+    run_folder.commit(tmp_path, run_folder.set_files("", ["best"], images, torch.arange(4), torch.tensor(0.01)), 0)
     loaded = torch.load(tmp_path / "images_best.pt", weights_only=True)
     assert loaded.is_contiguous() and torch.equal(loaded.view(4, -1), images.reshape(4, -1))
 
@@ -343,7 +343,7 @@ def test_ftd_s_ema_folder_is_evaluated_by_itself_and_ema_picks_the_ema_set(tmp_p
     assert (row["set"], row["lr_from"]) == ("ema/ema_images_best.pt", "ema_lr_best.pt")
     assert torch.equal(calls[0]["images"], images) and calls[0]["lr"] == pytest.approx(0.03)
     run = write_run(tmp_path / "run", images, labels, syn_lr=0.02, meta={})  # ours: the set and its EMA
-    run_folder.save_set(run, "ema_", ["best"], images + 1, labels, torch.tensor(0.04))
+    run_folder.commit(run, run_folder.set_files("ema_", ["best"], images + 1, labels, torch.tensor(0.04)), 0)
     (plain,) = eval_script.main(FAST + ["--syn_path", str(run), "--num_eval", "1"])
     (ema,) = eval_script.main(FAST + ["--syn_path", str(run), "--num_eval", "1", "--ema"])
     assert (plain["set"], ema["set"]) == ("run/images_best.pt", "run/ema_images_best.pt")
