@@ -21,6 +21,7 @@ included, as DATM always runs (printed at start, kept in run.json); give none an
 exactly. --cfg FILE.yaml reads the flags from a file (configs/ holds every published row; DATM's
 own files load as they are).
 """
+import importlib.util
 import math
 import os
 import time
@@ -110,6 +111,8 @@ def parse_args(argv=None):
     flag("--val_per_class", type=non_negative_int, default=0,
          help="hold out this many real training images per class (seeded) and pick 'best' on them, not on "
               "the test set (0: as the original)")
+    switch(parser, "--tensorboard", "also log the curves and image grids for TensorBoard, in {save_path}/tensorboard "
+                                    "(needs the tensorboard package)")
     flag("--step_timeout", type=positive_float, default=parallel.STEP_TIMEOUT.total_seconds(),
          help="torchrun: seconds a training step's collective waits for the other processes before the job "
               "stops with a line naming the one that stopped answering (evaluations may wait 2 hours)")
@@ -167,6 +170,9 @@ def run_name(args):
 
 def check_args(args):
     """The checks that involve several flags, before any file or folder is read or made."""
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard (curves.png is "
+                         "written without it)")
     check_model(args.model, args.dataset, args.res)
     channel, (h, w), num_classes = DATASETS[args.dataset].shape(args.res)
     tiles = args.canvas_size if args.texture else 1
@@ -222,7 +228,7 @@ def distill(args, device):
         elif args.resume:
             say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
         parallel.broadcast_([*synset.tensors.values()] + ([ema.images] if ema else []))
-        log = run_folder.Log(save_path, start_it if state is not None else None, enabled=parallel.is_main())
+        log = run_folder.Log(save_path, start_it if state is not None else None, parallel.is_main(), args.tensorboard)
         if changes:
             log.write(type="resume", it=start_it, changed={k: list(v) for k, v in changes.items()})
         zca = data.zca.to(device) if data.zca is not None else None
@@ -250,8 +256,9 @@ def distill(args, device):
                         files.update(run_folder.set_files(prefix, tags, images, synset.eval_labels(), synset.syn_lr,
                                                           zca))
                         if args.ipc < GRID_MAX_IPC or args.force_save:
-                            files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, data.to_pixels, args.ipc,
-                                                                                   data.num_classes)
+                            files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, data.to_pixels, args.ipc)
+                            log.image(f"{prefix}images", files[f"{prefix}synthetic_{it}.png"], it)
+                    files[run_folder.CURVES] = run_folder.curves(log.rows)
                     run_folder.commit(save_path, files, iteration=it)
             if it == args.Iteration:
                 break

@@ -21,4 +21,4 @@ data=(--dataset FashionMNIST-mini --model "$model")
     --lr_teacher 0.01 --Iteration "$iterations" --eval_it 100 --num_eval 2 --epoch_eval_train "$eval_epochs"
 "$python" eval.py "${data[@]}" --syn_path "$out/distilled" --iteration "$iterations" --baseline random --ipc 1 \
     --epoch_eval_train "$eval_epochs" --out "$out/results.json"
-echo "distilled images: $out/distilled/synthetic_$iterations.png; rows: $out/results.json"
+echo "distilled images: $out/distilled/synthetic_$iterations.png; curves: $out/distilled/curves.png; rows: $out/results.json"

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -33,6 +34,8 @@ from utils import (UsageError, atomic_path, fsync, full_disk_is_one_line, is_our
 
 CHECKPOINT, LOG, RUN_JSON, ZCA_FILE, JOURNAL = "checkpoint.pt", "log.jsonl", "run.json", "zca.pt", ".mtt-commit.json"
 GRID_SIDE = 128  # pixels a side an image is enlarged to (nearest) in the grid, so a 28-32 px image shows
+GRID_ROW = 10  # images per row at ipc 1, as the original's grid: 200 classes wrap into 20 rows
+CURVES = "curves.png"
 
 
 def sibling(images_file, kind):
@@ -50,12 +53,12 @@ def set_files(prefix, tags, images, labels, syn_lr, zca=None):
     return {f"{prefix}{name}_{tag}.pt": tensor.detach().cpu() for tag in tags for name, tensor in tensors.items()}
 
 
-def grid(images, to_pixels, ipc, num_classes):
-    """One row per class (one row of all classes at ipc 1), de-whitened or de-normalised, clipped
-    to [0, 1] and enlarged (nearest) to about GRID_SIDE pixels a side: a uint8 H x W x 3 array."""
+def grid(images, to_pixels, ipc):
+    """One row per class (at ipc 1, the classes in rows of GRID_ROW), de-whitened or de-normalised,
+    clipped to [0, 1] and enlarged (nearest) to about GRID_SIDE pixels a side: uint8 H x W x 3."""
     scale = max(1, GRID_SIDE // max(images.shape[2:]))
     pixels = F.interpolate(to_pixels(images.detach().cpu()).clamp(0, 1), scale_factor=scale, mode="nearest")
-    return image_grid(pixels, ipc if ipc > 1 else num_classes)
+    return image_grid(pixels, ipc if ipc > 1 else min(GRID_ROW, len(images)))
 
 
 def image_grid(pixels, per_row, padding=2):
@@ -155,29 +158,84 @@ def read_consistent(folder, read, wait=5.0):
 
 
 class Log:
-    """log.jsonl: one line per iteration and per evaluated model. On resume, lines after the
-    checkpoint are dropped so that the log reads as one uninterrupted run; a last line torn by a
-    kill is dropped too. Only the main process writes."""
+    """log.jsonl: one line per iteration and per evaluated model, kept in `rows` for curves.png. On
+    resume, lines after the checkpoint are dropped so that the log reads as one uninterrupted run;
+    a last line torn by a kill is dropped too. Only the main process writes; with `tensorboard`,
+    the same figures (and the image grids) go to {folder}/tensorboard too."""
 
-    def __init__(self, folder, resume_iteration=None, enabled=True):
-        self.path, self.enabled = Path(folder) / LOG, enabled
-        if not enabled or not self.path.exists():
+    def __init__(self, folder, resume_iteration=None, enabled=True, tensorboard=False):
+        self.path, self.enabled, self.rows, self.board = Path(folder) / LOG, enabled, [], None
+        if not enabled:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional: checked when the flags are parsed
+            self.board = SummaryWriter(str(Path(folder) / "tensorboard"))
+        if not self.path.exists():
             return
         if not self.path.is_file():
             raise UsageError(f"{self.path} is not a file; move it away")
         if resume_iteration is None:
             os.remove(self.path)
             return
-        rows = read_log(self.path)
-        keep = [row for row in rows if row["it"] < resume_iteration
-                or (row["it"] == resume_iteration and row["type"] == "evaluation")]
+        self.rows = [row for row in read_log(self.path) if row["it"] < resume_iteration
+                     or (row["it"] == resume_iteration and row["type"] == "evaluation")]
         with atomic_path(self.path) as tmp, open(tmp, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in keep)
+            f.writelines(json.dumps(row) + "\n" for row in self.rows)
 
     def write(self, **row):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.board and row["type"] == "iteration":
+            self.board.add_scalar("matching loss", row["loss"], row["it"])
+            self.board.add_scalar("syn_lr", row["syn_lr"], row["it"])
+        elif self.board and row["type"] == "evaluation":
+            name = f"{row['set']} {row['model']}"
+            self.board.add_scalar(f"test accuracy/{name}", row["test_acc_mean"], row["it"])
+            self.board.add_scalar(f"best test accuracy/{name}", row["best_test_acc_mean"], row["it"])
+
+    def image(self, name, array, it):
+        if self.board:
+            self.board.add_image(name, array, it, dataformats="HWC")
+            self.board.flush()
+
+
+def curves(rows):
+    """curves.png of log rows: the matching loss (and its moving average), syn_lr, and each
+    evaluated set and model's test accuracy, final and best so far, over the iterations."""
+    import matplotlib  # here, not at the top: only the main process of distill.py draws
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    steps = [row for row in rows if row["type"] == "iteration"]
+    figure, (loss, lr, accuracy) = plt.subplots(1, 3, figsize=(15, 4), dpi=80, constrained_layout=True)
+    its = [row["it"] for row in steps]
+    losses = np.array([row["loss"] for row in steps])
+    window = max(1, len(losses) // 50)
+    loss.plot(its, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="matching loss")
+    if len(losses) >= window:
+        loss.plot(its[window - 1:], np.convolve(losses, np.ones(window) / window, "valid"), color="tab:blue",
+                  label=f"mean of {window}")
+    lr.plot(its, [row["syn_lr"] for row in steps], color="tab:orange")
+    evaluations = {}
+    for row in rows:
+        if row["type"] == "evaluation":
+            evaluations.setdefault(f"{row['set']} {row['model']}", []).append(row)
+    for (name, found), color in zip(evaluations.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        at = [row["it"] for row in found]
+        accuracy.plot(at, [100 * row["test_acc_mean"] for row in found], "o-", color=color, label=f"{name}: final")
+        accuracy.plot(at, [100 * row["best_test_acc_mean"] for row in found], "--", color=color, label="best so far")
+    for axes, title in ((loss, "matching loss"), (lr, "syn_lr"), (accuracy, "test accuracy %")):
+        axes.set_title(title)
+        axes.set_xlabel("iteration")
+        axes.grid(alpha=0.3)
+    loss.legend(fontsize=8)
+    accuracy.legend(fontsize=8)
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image
 
 
 def read_log(path):

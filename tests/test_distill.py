@@ -404,3 +404,60 @@ def test_label_model_timestamp_picks_the_snapshot_that_labels_the_images(buffers
         expected = distill.predict(net, torch.from_numpy(expert[0, timestamp]), images)
         assert torch.allclose(logits[timestamp], expected, atol=1e-5)
     assert not torch.allclose(logits[0], logits[-1], atol=1e-2)
+
+
+def test_curves_png_shows_the_loss_syn_lr_and_accuracy_of_every_evaluation(buffers, tmp_path):
+    run_distill(buffers, tmp_path, "--Iteration", "4", "--eval_it", "2")
+    pixels = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB"))
+    assert pixels.shape == (320, 1200, 3)
+    panels = np.array_split(pixels, 3, axis=1)  # matching loss | syn_lr | test accuracy
+    colour = lambda panel, rgb: (np.abs(panel.astype(int) - rgb).sum(2) < 30).sum()
+    assert colour(panels[0], (31, 119, 180)) > 100 and colour(panels[1], (255, 127, 14)) > 100
+    assert colour(panels[2], (31, 119, 180)) > 100  # the first (set, model)'s accuracies
+
+
+def test_the_grid_wraps_many_classes_into_rows_of_ten():
+    from run_folder import grid
+    images = torch.zeros(200, 3, 64, 64)  # Tiny ImageNet at ipc 1: 200 classes
+    assert grid(images, lambda x: x, ipc=1).shape == (20 * 130 + 2, 10 * 130 + 2, 3)  # x2 to 128 px, 2 px borders
+    assert grid(images, lambda x: x, ipc=2).shape == (100 * 130 + 2, 2 * 130 + 2, 3)  # a row per class
+
+
+class FakeBoard:
+    """torch.utils.tensorboard's SummaryWriter, recording what it is given."""
+    calls = []
+
+    def __init__(self, folder):
+        FakeBoard.calls.append(("folder", folder))
+
+    def add_scalar(self, name, value, step):
+        FakeBoard.calls.append(("scalar", name, value, step))
+
+    def add_image(self, name, array, step, dataformats):
+        FakeBoard.calls.append(("image", name, array.shape, step, dataformats))
+
+    def flush(self):
+        pass
+
+
+def test_tensorboard_gets_the_logged_scalars_and_grids_or_one_line_without_it(buffers, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    import types
+    assert "pip install tensorboard" in error_of(buffers, tmp_path / "none", "--Iteration", "1", "--tensorboard") \
+        or importlib.util.find_spec("tensorboard") is not None
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeBoard))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    FakeBoard.calls = []
+    run_distill(buffers, tmp_path, "--Iteration", "2", "--eval_it", "2", "--tensorboard")
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    expected = [("folder", str(tmp_path / "tensorboard"))]
+    for row in rows:
+        if row["type"] == "iteration":
+            expected += [("scalar", "matching loss", row["loss"], row["it"]),
+                         ("scalar", "syn_lr", row["syn_lr"], row["it"])]
+        else:
+            expected += [("scalar", "test accuracy/images ConvNetW16", row["test_acc_mean"], row["it"]),
+                         ("scalar", "best test accuracy/images ConvNetW16", row["best_test_acc_mean"], row["it"]),
+                         ("image", "images", (116, 1142, 3), row["it"], "HWC")]  # 28 px x4 and borders
+    assert FakeBoard.calls == expected

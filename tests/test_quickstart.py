@@ -27,7 +27,7 @@ def test_quickstart_runs_the_whole_pipeline_and_prints_both_accuracies(tmp_path)
     out = tmp_path / "qs"
     experts = out / "buffers/FashionMNIST-mini/ConvNetW8"
     for name in ["distilled/images_best.pt", "distilled/synthetic_0.png", "distilled/synthetic_2.png",
-                 "distilled/log.jsonl"]:
+                 "distilled/log.jsonl", "distilled/curves.png"]:
         assert (out / name).exists(), name
 
     buffer = np.load(experts / "replay_buffer_0.npy")
