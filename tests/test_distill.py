@@ -377,7 +377,7 @@ def test_no_aug_turns_dsa_off_in_the_unroll_only(buffers, tmp_path, monkeypatch)
 def test_the_grid_stops_at_ipc_50_unless_force_save(buffers, tmp_path):
     run_distill(buffers, tmp_path / "plain", "--Iteration", "0", "--ipc", "50")
     run_distill(buffers, tmp_path / "forced", "--Iteration", "0", "--ipc", "50", "--force_save")
-    assert not list((tmp_path / "plain").glob("*.png")) and (tmp_path / "plain" / "images_0.pt").exists()
+    assert not list((tmp_path / "plain").glob("*synthetic_*.png")) and (tmp_path / "plain" / "images_0.pt").exists()
     assert Image.open(tmp_path / "forced" / "synthetic_0.png").size == (50 * 114 + 2, 10 * 114 + 2)
 
 
