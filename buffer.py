@@ -327,7 +327,7 @@ def failures_reported(epochs):
 
 
 def load_data(args, device, settings):
-    data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
+    data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)
     shape = [data.channel, list(data.im_size), data.num_classes]
     assert shape == [settings["channel"], settings["im_size"], settings["num_classes"]], "DatasetInfo.shape disagrees"
     return replace(data, images_train=data.images_train.to(device), labels_train=data.labels_train.to(device),

@@ -209,7 +209,7 @@ def distill(args, device):
         state, changes = main_decides(lambda: open_run(save_path, args, run_lock))
         with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
             set_seed(args.seed)
-            data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res)
+            data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)
             experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset,
                                          args.res), args.max_files, args.max_experts, args.load_all, args.seed)
             net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)

@@ -179,7 +179,7 @@ def evaluate_all(args, device):
     models = eval_pool(args.eval_mode, args.model or distilled_with or "ConvNet")
     for model in models:
         check_model(model, args.dataset, args.res)
-    data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res)
+    data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res, device=device)
     sets = build_sets(args, data, saved)
     rows = evaluate_sets([(eval_set, model) for eval_set in sets for model in models], data, args.num_eval,
                          args.seed, args.batch_train, args.augmentation, device, say)

@@ -231,8 +231,8 @@ def test_zca_saves_and_loads(tmp_path):
     assert torch.equal(loaded(x), zca(x)) and loaded.eps == 0.1
 
 
-def test_get_dataset_with_zca_whitens_train_and_test_with_one_transform():
-    data = get_dataset("FashionMNIST-mini", zca=True)
+def test_get_dataset_with_zca_whitens_train_and_test_with_one_transform(tmp_path):
+    data = get_dataset("FashionMNIST-mini", str(tmp_path), zca=True)
     raw = get_dataset("FashionMNIST-mini")
     unscaled = raw.images_test[:5] * 0.3530 + 0.2861
     assert data.zca is not None

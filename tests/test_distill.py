@@ -102,7 +102,7 @@ def test_zca_run_saves_the_transform_and_dewhitened_images(buffers, tmp_path):
     shutil.copytree(source, target)
     meta = json.loads((Path(target) / "buffer.json").read_text())
     (Path(target) / "buffer.json").write_text(json.dumps({**meta, "zca": True}))
-    run_distill(zca_buffers, tmp_path / "run", "--Iteration", "1", "--zca")
+    run_distill(zca_buffers, tmp_path / "run", "--Iteration", "1", "--zca", "--data_path", str(tmp_path / "data"))
     run = tmp_path / "run"
     zca = load_zca(run / "zca.pt")
     images = load(run / "images_1.pt")

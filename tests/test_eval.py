@@ -132,8 +132,9 @@ def test_zca_flag_refits_the_whitening_on_the_training_set(tmp_path, calls, meta
     """The original's ZCA outputs come without the transform: --zca refits it, as get_dataset does."""
     images, labels = one_per_class()
     run = write_run(tmp_path / "run", images, labels, meta=meta)
-    eval_script.main(FAST + ["--syn_path", str(run), "--num_eval", "1", "--zca", "--baseline", "random", "--ipc", "1"])
-    whitened = get_dataset("FashionMNIST-mini", zca=True)
+    eval_script.main(FAST + ["--syn_path", str(run), "--num_eval", "1", "--zca", "--baseline", "random", "--ipc", "1",
+                             "--data_path", str(tmp_path)])
+    whitened = get_dataset("FashionMNIST-mini", str(tmp_path), zca=True)
     distilled, random = calls
     assert torch.allclose(distilled["test_images"], whitened.images_test, atol=1e-4)
     assert torch.equal(distilled["images"], images)
