@@ -516,7 +516,7 @@ class ZCA:
             with progress(total=len(images), desc="ZCA covariance", unit="img") as bar:
                 for rows in torch.split(images, chunk):
                     centred = pixels(rows) - mean
-                    cov.addmm_(centred.T, centred)
+                    cov += centred.T @ centred
                     bar.update(len(rows))
             cov /= len(images) - 1
             if len(mean) >= 4096:  # minutes on a CPU, with nothing to count
