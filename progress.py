@@ -22,6 +22,7 @@ import parallel
 LINE_SECONDS = 60
 LINE_FRACTION = 0.1
 LINE_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+LINE_FORMAT_UNSIZED = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"  # a loop of unknown length
 
 
 class Bar(tqdm):
@@ -32,9 +33,11 @@ class Bar(tqdm):
 class Lines(Bar):
     """The bar's figures as whole lines, for output that is not a terminal."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, iterable=None, total=None, **kwargs):
         self.last_line = None  # (time, n) when the last line was printed
-        super().__init__(*args, bar_format=LINE_FORMAT, leave=False, smoothing=0, mininterval=0, miniters=1, **kwargs)
+        sized = total is not None or hasattr(iterable, "__len__")
+        super().__init__(iterable, total=total, bar_format=LINE_FORMAT if sized else LINE_FORMAT_UNSIZED,
+                         leave=False, smoothing=0, mininterval=0, miniters=1, **kwargs)
 
     def display(self, msg=None, pos=None):
         if msg is not None:  # tqdm clearing its bar (msg ""): a printed line stays

@@ -265,6 +265,15 @@ def test_progress_prints_whole_lines_when_not_on_a_terminal(capsys):
     assert lines[-1].endswith(", loss=2.4000]")
 
 
+def test_progress_prints_a_line_when_enough_time_has_passed_however_little_was_done(capsys, monkeypatch):
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0)
+    with progress.progress(total=1000, desc="slow") as bar:
+        for _ in range(5):
+            bar.update(1)
+    assert [line.split(" [")[0] for line in capsys.readouterr().err.splitlines()] == [
+        f"slow:   0% {n}/1000" for n in range(6)]
+
+
 def test_progress_is_silent_on_other_ranks(capsys, monkeypatch):
     monkeypatch.setattr(parallel, "is_main", lambda: False)
     assert list(progress.progress(range(7), desc="work")) == list(range(7))
