@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import parallel
-from data import ZCA, get_dataset, images_per_class
+from data import get_dataset, images_per_class
 from run_folder import load_saved_set
 from training import EVAL_MODE_HELP, EVAL_MODES, EvalSet, eval_pool, evaluate_sets
 from utils import (Parser, UsageError, add_common_args, check_model, entry, folder_path, parse, positive_float,
@@ -134,9 +134,9 @@ def random_subset(data, ipc, seed):
     return torch.cat([idx[torch.randperm(len(idx), generator=generator)[:ipc]] for idx in per_class])
 
 
-def build_sets(args, data, saved):
+def build_sets(args, data, saved, device):
     """Every set the command asks for, checked before the first network trains."""
-    refit = cache(lambda: ZCA.fit(data.to_pixels(data.images_train)))
+    refit = cache(lambda: data.fitted_zca(device))
     sets = []
     if saved is not None:
         check_saved_set(saved, data, args)
@@ -180,7 +180,7 @@ def evaluate_all(args, device):
     for model in models:
         check_model(model, args.dataset, args.res)
     data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res, device=device)
-    sets = build_sets(args, data, saved)
+    sets = build_sets(args, data, saved, device)
     rows = evaluate_sets([(eval_set, model) for eval_set in sets for model in models], data, args.num_eval,
                          args.seed, args.batch_train, args.augmentation, device, say)
     if parallel.is_main():
