@@ -79,11 +79,21 @@ class Step:
             x = texture_crops(x, self.crops, self.crop_size)
         return apply_augmentation(x, self.augmentation)
 
+    def part(self, where):
+        """The images at `where` (a slice) with their crops and DSA draws; `batch` stays the whole's."""
+        return replace(self, rows=self.rows[where], augmentation=[(op, p[where]) for op, p in self.augmentation],
+                       crops=None if self.crops is None else self.crops[where])
+
     def share(self):
         """This process's contiguous part of the minibatch (all of it in a single process)."""
-        part = parallel.share(len(self.rows))
-        return replace(self, rows=self.rows[part], augmentation=[(op, p[part]) for op, p in self.augmentation],
-                       crops=None if self.crops is None else self.crops[part])
+        return self.part(parallel.share(len(self.rows)))
+
+    def chunks(self, size=None):
+        """This process's share in consecutive pieces of at most `size` images (None: one piece; none
+        when the share is empty), which the student update computes one after another."""
+        share = self.share()
+        size = size or len(share.rows) or 1
+        return [share.part(slice(start, start + size)) for start in range(0, len(share.rows), size)]
 
 
 @torch.no_grad()
@@ -112,16 +122,22 @@ def draw_schedule(images, syn_steps, batch_syn, dsa_strategy=None, texture=None)
     return schedule
 
 
-def student_update(net, theta, synset, step, create_graph):
-    """-syn_lr * the gradient of the student's loss on the step's minibatch (this process's share
-    of it, weighted by its size): the one student step the unroll, the replay and every process use.
-    theta_{i+1} = theta_i + the sum of the updates of all processes."""
-    part = step.share()
-    if len(part.rows) == 0:  # more processes than images: nothing to add, but stay in the graph
-        return theta * 0
-    logits = forward_flat(net, theta, part.inputs(synset.images))
-    loss = cross_entropy(logits, synset.targets(part.rows)) * (len(part.rows) / step.batch)
+def chunk_update(net, theta, synset, chunk, batch, create_graph):
+    """-syn_lr * the gradient of the student's loss on one chunk, weighted by its share of the
+    minibatch of `batch` images: the chunks' updates sum to the whole minibatch's."""
+    logits = forward_flat(net, theta, chunk.inputs(synset.images))
+    loss = cross_entropy(logits, synset.targets(chunk.rows)) * (len(chunk.rows) / batch)
     return -synset.syn_lr * torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+
+
+def student_update(net, theta, synset, step, create_graph, chunk_syn=None):
+    """The one student step the unroll, the replay's forward pass and every process use: this
+    process's share of the minibatch, in chunks of chunk_syn images (None: one), summed.
+    theta_{i+1} = theta_i + the sum of the updates of all processes."""
+    updates = [chunk_update(net, theta, synset, chunk, step.batch, create_graph) for chunk in step.chunks(chunk_syn)]
+    if not updates:  # more processes than images: nothing to add, but stay in the graph
+        return theta * 0
+    return sum(updates[1:], updates[0])
 
 
 def matching_loss(theta, theta0, target):
@@ -136,13 +152,13 @@ def accumulate(tensors, grads):
         tensor.grad = grad if tensor.grad is None else tensor.grad + grad
 
 
-def unroll_backward(net, synset, theta0, target, schedule):
+def unroll_backward(net, synset, theta0, target, schedule, chunk_syn=None):
     """The matching loss of the unrolled student, backpropagated through every step at once
     (memory grows with syn_steps x batch). Fills the .grad of every learnable tensor."""
     learnables = list(synset.tensors.values())
     theta = start = theta0.detach().requires_grad_()
     for step in schedule:
-        update = student_update(net, parallel.copy_to_ranks(theta), synset, step, create_graph=True)
+        update = student_update(net, parallel.copy_to_ranks(theta), synset, step, True, chunk_syn)
         theta = theta + parallel.sum_over_ranks(update)
     loss = matching_loss(theta, theta0, target)
     # theta_0 is an input too, so that every process runs every step's all-reduce in its backward:
@@ -152,19 +168,20 @@ def unroll_backward(net, synset, theta0, target, schedule):
     return loss.detach()
 
 
-def replay_backward(net, synset, theta0, target, schedule):
+def replay_backward(net, synset, theta0, target, schedule, chunk_syn=None):
     """The same loss and gradient, computed in reverse one step at a time.
 
     The forward pass keeps only theta_0..theta_N. Then, with lam = dL/dtheta_{i+1}, step i is
     rebuilt from theta_i and the same minibatch, and one vector-Jacobian product of its update
     with lam gives lam's contribution through it to every learnable tensor and to theta_i:
-    dL/dtheta_i = lam + (d update_i / d theta_i)^T lam. Fills the .grad of every learnable tensor."""
+    dL/dtheta_i = lam + (d update_i / d theta_i)^T lam. The update is a sum over chunks, so is its
+    VJP: one chunk's double-backward graph is alive at a time. Fills the .grad of every learnable tensor."""
     learnables, frozen = list(synset.tensors.values()), synset.detached()
     thetas = [theta0.detach()]
     for step in schedule:
         # create_graph as in the unroll: the same backward kernels, so theta_0..theta_N equal the unroll's bit for
         # bit (the plain backward's conv kernels on AVX-512 CPUs round differently, to 8e-5 in the golden case)
-        update = student_update(net, thetas[-1].detach().requires_grad_(), frozen, step, True).detach()
+        update = student_update(net, thetas[-1].detach().requires_grad_(), frozen, step, True, chunk_syn).detach()
         parallel.sum_([update])
         thetas.append(thetas[-1] + update)
     theta_n = thetas[-1].requires_grad_()
@@ -173,13 +190,16 @@ def replay_backward(net, synset, theta0, target, schedule):
     grads = [torch.zeros_like(t) for t in learnables]
     for theta, step in zip(reversed(thetas[:-1]), reversed(schedule)):
         theta = theta.detach().requires_grad_()
-        update = student_update(net, theta, synset, step, create_graph=True)
-        through_theta, *parts = torch.autograd.grad(update, [theta, *learnables], lam, allow_unused=True)
+        through_theta = torch.zeros_like(theta)
+        for chunk in step.chunks(chunk_syn):
+            update = chunk_update(net, theta, synset, chunk, step.batch, create_graph=True)
+            through_chunk, *parts = torch.autograd.grad(update, [theta, *learnables], lam, allow_unused=True)
+            through_theta += through_chunk
+            for grad, part in zip(grads, parts):
+                if part is not None:
+                    grad += part
         parallel.sum_([through_theta])
         lam = lam + through_theta
-        for grad, part in zip(grads, parts):
-            if part is not None:
-                grad += part
     accumulate(learnables, grads)
     return loss.detach()
 

@@ -7,7 +7,9 @@ from helpers import relative_error
 
 import parallel
 from augment import DSA_STRATEGY
+import distill
 from distill import init_images
+import matching
 from matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import ConvNet, flatten_params, get_network
 from training import cross_entropy
@@ -27,14 +29,15 @@ def problem(dtype, texture=False, soft=False, model=None, side=8, seed=0):
                                              torch.tensor(0.05, dtype=dtype), logits)
 
 
-def gradients(low_memory, dtype, texture=False, soft=False, model=None, side=8, syn_steps=5, batch_syn=3):
+def gradients(low_memory, dtype, texture=False, soft=False, model=None, side=8, syn_steps=5, batch_syn=3,
+              chunk_syn=None):
     """Loss and the gradient of every learnable tensor for one iteration with DSA on and
-    batch_syn < the set, so the unroll cycles through several chunks; the same seed gives both
+    batch_syn < the set, so the unroll cycles through several minibatches; the same seed gives both
     backward passes one schedule."""
     net, theta0, target, synset = problem(dtype, texture, soft, model, side)
     torch.manual_seed(1)
     schedule = draw_schedule(synset.images, syn_steps, batch_syn, DSA_STRATEGY, ((side, side), 2) if texture else None)
-    loss = BACKWARD[low_memory](net, synset, theta0, target, schedule)
+    loss = BACKWARD[low_memory](net, synset, theta0, target, schedule, chunk_syn)
     return loss, {name: tensor.grad for name, tensor in synset.tensors.items()}
 
 
@@ -61,6 +64,31 @@ def test_low_memory_backward_equals_the_full_unroll_for_other_architectures(name
     assert abs(loss_low.item() - loss_full.item()) <= 1e-10 * abs(loss_full.item())
     for key in full:
         assert full[key].abs().sum() > 0 and relative_error(low[key], full[key]) <= 1e-10, (name, key)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("low_memory", [False, True], ids=["unroll", "replay"])
+def test_a_minibatch_in_chunks_gives_the_whole_minibatchs_gradient_for_every_learnable_tensor(low_memory, dtype,
+                                                                                             tolerance):
+    """Texture crops (2 per canvas), soft labels and DSA; minibatches of 4 and 6 crops in chunks of 4, so the last
+    chunk of a minibatch of 6 is uneven."""
+    loss, whole = gradients(low_memory, dtype, texture=True, soft=True)
+    chunked_loss, chunked = gradients(low_memory, dtype, texture=True, soft=True, chunk_syn=4)
+    assert sorted(chunked) == sorted(whole) == ["images", "label_logits", "syn_lr"]
+    assert abs(chunked_loss.item() - loss.item()) <= tolerance * loss.item()
+    for name in whole:
+        assert whole[name].abs().sum() > 0 and relative_error(chunked[name], whole[name]) <= tolerance, name
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["unroll", "replay"])
+def test_the_student_runs_its_network_on_chunks_of_chunk_syn_images(low_memory, monkeypatch):
+    """8 images in batches of 3 give minibatches of 2, 3 and 3 images; in chunks of 2 the network sees 2 | 2, 1 |
+    2, 1 images, and the replay then runs the steps again in reverse for their VJPs."""
+    seen, real_forward = [], matching.forward_flat
+    counted = lambda net, theta, x: seen.append(len(x)) or real_forward(net, theta, x)
+    monkeypatch.setattr(matching, "forward_flat", counted)
+    gradients(low_memory, torch.float64, syn_steps=3, chunk_syn=2)
+    assert seen == [2, 2, 1, 2, 1] + [2, 1, 2, 1, 2] * low_memory
 
 
 def loss_and_grads(low_memory, synset, net, theta0, target, schedule):
@@ -140,6 +168,39 @@ def test_a_share_of_a_step_is_the_matching_slice_of_its_images(monkeypatch):
         parts.append(part.inputs(canvases))
     assert [len(p) for p in parts] == [5, 5, 4]
     assert torch.equal(torch.cat(parts), whole)
+
+
+def test_chunks_cut_a_process_share_in_order_with_its_crops_and_dsa_draws(monkeypatch):
+    """7 crops (texture, DSA): in chunks of 3 the inputs are the minibatch's, in order, and every chunk keeps the
+    whole minibatch's size as the weight's denominator; rank 1 of 2 cuts its share of 3 into 2 + 1, and a rank
+    with no image has no chunk."""
+    canvases = torch.randn(7, 3, 16, 16)
+    torch.manual_seed(0)
+    (step,) = draw_schedule(canvases, 1, 7, DSA_STRATEGY + "_scale", texture=((8, 8), 1))
+    chunks = step.chunks(3)
+    assert [len(chunk.rows) for chunk in chunks] == [3, 3, 1] and {chunk.batch for chunk in chunks} == {7}
+    assert torch.equal(torch.cat([chunk.inputs(canvases) for chunk in chunks]), step.inputs(canvases))
+    (whole,) = step.chunks(None)
+    assert torch.equal(whole.rows, step.rows) and torch.equal(whole.inputs(canvases), step.inputs(canvases))
+    monkeypatch.setattr(parallel, "world", lambda: 2)
+    monkeypatch.setattr(parallel, "rank", lambda: 1)
+    assert [chunk.rows.tolist() for chunk in step.chunks(2)] == [step.rows[4:6].tolist(), step.rows[6:].tolist()]
+    monkeypatch.setattr(parallel, "world", lambda: 8)
+    monkeypatch.setattr(parallel, "rank", lambda: 7)
+    assert step.chunks(2) == [] and step.chunks(None) == []
+
+
+def test_the_default_leaves_the_quickstart_minibatch_in_one_chunk_as_before():
+    """The quickstart distills 10 images (ipc 1) with batch_syn = all: under distill.py's default chunk_syn each
+    step is one chunk, the whole minibatch: the student update runs the code before (whose gradients
+    tests/test_golden.py checks against the original's)."""
+    args = distill.parse_args(["--dataset", "FashionMNIST-mini", "--model", "ConvNetW32", "--ipc", "1"])
+    images = torch.randn(10, 1, 28, 28)
+    torch.manual_seed(0)
+    for step in draw_schedule(images, 20, 10, DSA_STRATEGY):
+        (chunk,) = step.chunks(args.chunk_syn)
+        assert torch.equal(chunk.rows, step.rows) and chunk.batch == step.batch == 10
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(chunk.augmentation, step.augmentation, strict=True))
 
 
 def test_matching_loss_falls_on_a_fixed_trajectory(mini):
