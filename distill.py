@@ -84,6 +84,11 @@ def parse_args(argv=None):
     flag("--lr_init", type=float, default=0.01, help="unused (syn_lr starts at --lr_teacher, as in the original)")
     flag("--batch_real", type=int, default=256, help="unused; kept so the original's commands run")
     flag("--batch_syn", type=positive_int, default=None, help="student minibatch (default: the whole synthetic set)")
+    # all at once on every device: one chunk was slow on the CPU only by glibc's unmapping (utils.keep_freed_memory)
+    flag("--chunk_syn", type=positive_int, default=None,
+         help="student images per forward/backward pass; a minibatch (or its torchrun share) is computed in chunks "
+              "of this many and their updates summed: the same update, with the memory of one chunk in the "
+              "--low_memory replay (default: the whole minibatch at once)")
     flag("--pix_init", default=None, choices=["real", "noise", "samples_predicted_correctly"],
          help="initial images: random real ones, N(0,1) noise, or (DATM) real ones an expert classifies correctly "
               "(default: real; samples_predicted_correctly with DATM's flags)")
@@ -269,7 +274,7 @@ def distill(args, device):
                                                                args.expert_epochs, device)
             schedule = draw_schedule(synset.images, args.syn_steps, batch_syn, augmentation, texture)
             with stalls_are_one_line():
-                loss = backward(net, synset, theta0, target, schedule).item()
+                loss = backward(net, synset, theta0, target, schedule, args.chunk_syn).item()
             skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
             for optimizer in optimizers.values():
                 if not skipped:

@@ -166,6 +166,19 @@ def test_low_memory_flag_runs_the_replay_and_gives_the_same_images(buffers, tmp_
     assert (full - low).abs().max().item() <= 1e-4 * full.abs().max().item()
 
 
+def test_chunk_syn_gives_the_same_images_and_is_recorded(buffers, tmp_path):
+    """10 images in chunks of 3 (3, 3, 3, 1) through the replay: the images of the whole minibatch at once."""
+    run_distill(buffers, tmp_path / "whole", "--Iteration", "2", "--eval_it", "2")
+    run_distill(buffers, tmp_path / "chunks", "--Iteration", "2", "--eval_it", "2", "--chunk_syn", "3", "--low_memory")
+    whole, chunks = (load(tmp_path / run / "images_2.pt") for run in ("whole", "chunks"))
+    assert not torch.equal(whole, load(tmp_path / "whole" / "images_0.pt"))
+    assert (whole - chunks).abs().max().item() <= 1e-4 * whole.abs().max().item()
+    args = [json.loads((tmp_path / run / "run.json").read_text())["args"] for run in ("whole", "chunks")]
+    assert (args[0]["chunk_syn"], args[1]["chunk_syn"]) == (None, 3)
+    assert "--chunk_syn: must be at least 1, not 0" in error_of(buffers, tmp_path / "bad", "--chunk_syn", "0")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(buffers, tmp_path, monkeypatch):
     monkeypatch.setitem(matching.BACKWARD, False, lambda *args: torch.tensor(float("nan")))
     message = error_of(buffers, tmp_path, "--Iteration", "5")
