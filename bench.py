@@ -2,6 +2,7 @@
 
     python bench.py                                    # CPU, mode 1: ipc 1 and 10 at syn_steps 10 and 20
     python bench.py --processes 1 2                    # CPU, mode 2: 1 and 2 processes, 1 process of 2 threads
+    python bench.py --chunks all 250 100 50            # CPU, mode 3: --chunk_syn sizes, 1 and 2 threads
     python bench.py --device cuda --ipc 1 10 50 --syn_steps 10 30 50
     python bench.py --device cuda --processes 1 2      # on a machine with 2 GPUs (no 2-thread row on CUDA)
 
@@ -9,7 +10,9 @@ Mode 1 (the default): the full unroll vs --low_memory's replay, ConvNet (width 1
 images of 10 classes, batch_syn = all, DSA on. Mode 2 (--processes): the same iteration under
 torchrun, each minibatch split over the processes (1 thread each on CPU, and 1 process of as many
 threads beside them), ConvNetW32 at ipc 10 and 50, syn_steps 20; then buffer.py's images/s on
-FashionMNIST-mini, start-up included.
+FashionMNIST-mini, start-up included. Mode 3 (--chunks): the same problem in one process, each
+minibatch computed in chunks of --chunk_syn images, with 1 and 2 threads (CPU), against the code
+before: one chunk with glibc's malloc as it comes (without utils.keep_freed_memory).
 
 Every figure comes from a fresh process (a torchrun job in mode 2): one warm-up iteration, then
 --iterations timed ones (their median); peak memory is the growth of the peak resident set (CPU)
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,12 +39,13 @@ import parallel
 from augment import DSA_STRATEGY
 from matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import flatten_params, get_network
-from utils import pick_device
+from utils import keep_freed_memory, pick_device, positive_int
 
 REPO = Path(__file__).resolve().parent
 DEFAULTS = {  # each mode's grid, where --model, --ipc or --syn_steps is not given
     "backward": {"model": "ConvNet", "ipc": [1, 10], "syn_steps": [10, 20]},
     "processes": {"model": "ConvNetW32", "ipc": [10, 50], "syn_steps": [20]},
+    "chunks": {"model": "ConvNetW32", "ipc": [10, 50], "syn_steps": [20]},
 }
 BACKWARD_NAMES = {False: "unroll", True: "low-memory"}
 MINI_TRAIN_IMAGES = 5000  # FashionMNIST-mini: 500 training images per class
@@ -62,7 +67,7 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure(model, ipc, syn_steps, low_memory, iterations, device):
+def measure(model, ipc, syn_steps, low_memory, chunk_syn, iterations, device):
     """(median seconds of the timed iterations, peak MB above the set-up) of this process; under
     torchrun every rank builds the same problem and draws the same minibatches (one seed), and
     matching.BACKWARD computes this rank's share of each."""
@@ -81,7 +86,7 @@ def measure(model, ipc, syn_steps, low_memory, iterations, device):
         synchronize(device)
         start = time.perf_counter()
         schedule = draw_schedule(synset.images, syn_steps, len(synset.labels), DSA_STRATEGY)
-        BACKWARD[low_memory](net, synset, theta0, target, schedule)
+        BACKWARD[low_memory](net, synset, theta0, target, schedule, chunk_syn)
         for tensor in synset.tensors.values():
             tensor.grad = None
         synchronize(device)
@@ -89,10 +94,16 @@ def measure(model, ipc, syn_steps, low_memory, iterations, device):
     return statistics.median(seconds[1:]), peak_mb(device) - base
 
 
+def chunk_size(text):
+    return None if text == "all" else positive_int(text)
+
+
 def worker(args):
     """The hidden --one side: measure, and print one JSON line (rank 0) with every rank's figures."""
     device = parallel.setup(pick_device(args.device))
-    seconds, peak = measure(args.model, *args.one, args.low_memory, args.iterations, device)
+    if device.type == "cpu" and not args.glibc_default:
+        keep_freed_memory()  # as distill.py does
+    seconds, peak = measure(args.model, *args.one, args.low_memory, args.chunk_syn, args.iterations, device)
     ranks = parallel.gather_objects((seconds, peak))
     if parallel.is_main():
         print(json.dumps({"threads": torch.get_num_threads(), "seconds": [s for s, _ in ranks],
@@ -119,12 +130,25 @@ def launcher(processes):
     return [sys.executable] if processes == 1 else TORCHRUN + [str(processes)]
 
 
-def iteration(args, ipc, syn_steps, low_memory, processes=1, threads=None):
+@dataclass(frozen=True)
+class Setting:
+    """How a measurement runs: processes (torchrun for more than 1), OMP_NUM_THREADS of each (None:
+    torch's default), --chunk_syn (None: all), and glibc's malloc as it comes (the code before)."""
+    processes: int = 1
+    threads: int = None
+    chunk_syn: int = None
+    glibc_default: bool = False
+
+
+def iteration(args, ipc, syn_steps, low_memory, setting=Setting()):
     """One fresh measurement: {"seconds": of the slowest rank, whose pace the job keeps,
     "peak_mb": [per rank]}."""
-    command = launcher(processes) + [__file__, "--one", str(ipc), str(syn_steps), "--model", args.model,
-                                     "--device", args.device, "--iterations", str(args.iterations)]
-    found = json.loads(run(command + ["--low_memory"] * low_memory, threads).splitlines()[-1])
+    command = launcher(setting.processes) + [__file__, "--one", str(ipc), str(syn_steps), "--model", args.model,
+                                             "--device", args.device, "--iterations", str(args.iterations)]
+    command += ["--low_memory"] * low_memory + ["--glibc_default"] * setting.glibc_default
+    command += ["--chunk_syn", str(setting.chunk_syn)] if setting.chunk_syn else []
+    threads = setting.threads
+    found = json.loads(run(command, threads).splitlines()[-1])
     if threads and found["threads"] != threads:
         sys.exit(f"error: {shlex.join(command)} ran {found['threads']} threads, not {threads}")
     return {"seconds": max(found["seconds"]), "peak_mb": found["peak_mb"]}
@@ -197,26 +221,45 @@ def backward_table(results, ipcs, syn_steps):
 
 
 def settings(processes, device):
-    """{name: (processes, threads per process)}: 1 thread each, and on CPU, 1 process of as many
-    threads as each multi-process setting has processes."""
-    found = {f"{p} proc{'s' * (p > 1)} x 1 thread": (p, 1) for p in processes}
+    """Mode 2's {name: Setting}: 1 thread each, and on CPU, 1 process of as many threads as each
+    multi-process setting has processes."""
+    found = {f"{p} proc{'s' * (p > 1)} x 1 thread": Setting(p, 1) for p in processes}
     if device.type == "cpu":
-        found.update({f"1 proc x {p} threads": (1, p) for p in processes if p > 1})
+        found.update({f"1 proc x {p} threads": Setting(1, p) for p in processes if p > 1})
     return found
 
 
-def processes_table(results, ipcs, syn_steps, named):
-    """Mode 2's table from {(ipc, syn_steps, low_memory, setting name): [per-round results]}; the
-    first setting (1 x 1) is the baseline of the speed-ups."""
-    rows, baseline = [], next(iter(named))
+def chunk_settings(chunks, device):
+    """Mode 3's {name: Setting}: for 1 and 2 threads (CPU), the code before (one chunk, glibc's
+    malloc as it comes), then each chunk size."""
+    found = {}
+    for threads in (1, 2) if device.type == "cpu" else (None,):
+        prefix = f"{threads} thread{'s' * (threads > 1)}, " if threads else ""
+        found[f"{prefix}before: all, glibc default"] = Setting(threads=threads, glibc_default=True)
+        found.update({f"{prefix}chunk_syn {chunk or 'all'}": Setting(threads=threads, chunk_syn=chunk)
+                      for chunk in chunks})
+    return found
+
+
+def before_of(named):
+    """Mode 3's baselines: {setting name: the name of the code before at its number of threads}."""
+    name_of = {setting: name for name, setting in named.items()}
+    return {name: name_of[Setting(threads=setting.threads, glibc_default=True)] for name, setting in named.items()}
+
+
+def settings_table(results, ipcs, syn_steps, named, baselines, versus):
+    """Modes 2 and 3's table from {(ipc, syn_steps, low_memory, setting name): [per-round results]};
+    baselines: {setting name: the setting its speed-up is over}, all called `versus` in the header."""
+    rows = []
     for ipc in ipcs:
         for steps in syn_steps:
             for low_memory, backward in BACKWARD_NAMES.items():
                 for name in named:
-                    found, base = results[ipc, steps, low_memory, name], results[ipc, steps, low_memory, baseline]
+                    found = results[ipc, steps, low_memory, name]
+                    base = results[ipc, steps, low_memory, baselines[name]]
                     rows.append([ipc, steps, backward, name, spread(seconds_of(found), 3),
                                  spread(ratios(seconds_of(base), seconds_of(found)), 2), peak_per_rank(found)])
-    return markdown(["ipc", "syn_steps", "backward", "setting", "s/it", "speed-up over 1x1", "peak MB per rank"],
+    return markdown(["ipc", "syn_steps", "backward", "setting", "s/it", f"speed-up over {versus}", "peak MB per rank"],
                     rows)
 
 
@@ -230,8 +273,9 @@ def describe(args, device):
     """The line before a table: the problem and the protocol."""
     params = sum(p.numel() for p in get_network(args.model, 3, 10, (32, 32)).parameters())
     memory = "max_memory_allocated" if device.type == "cuda" else "peak resident set"
-    return (f"{args.model} ({params:,} parameters), 3x32x32, 10 classes, batch_syn = all, DSA on; each figure a "
-            f"fresh process: 1 warm-up + {args.iterations} timed iteration(s); median [min-max] over {args.repeats} "
+    kept = "" if device.type == "cuda" else ", freed memory kept (utils.keep_freed_memory) unless 'glibc default'"
+    return (f"{args.model} ({params:,} parameters), 3x32x32, 10 classes, batch_syn = all, DSA on{kept}; each figure "
+            f"a fresh process: 1 warm-up + {args.iterations} timed iteration(s); median [min-max] over {args.repeats} "
             f"alternated rounds; peak MB = growth of the {memory} over the set-up.")
 
 
@@ -244,17 +288,22 @@ def main():
     parser.add_argument("--iterations", type=int, default=1, help="timed iterations per process (their median)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--processes", type=int, nargs="+", help="mode 2: these process counts (and 1) under torchrun")
+    parser.add_argument("--chunks", type=chunk_size, nargs="+", help="mode 3: these --chunk_syn sizes ('all': one)")
     parser.add_argument("--buffer_model", default="ConvNetW32", help="mode 2: buffer.py's --model")
     parser.add_argument("--buffer_experts", type=int, default=2, help="mode 2: buffer.py's --num_experts")
     parser.add_argument("--buffer_epochs", type=int, default=1, help="mode 2: buffer.py's --train_epochs")
     parser.add_argument("--one", nargs=2, type=int, metavar=("IPC", "SYN_STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--low_memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--chunk_syn", type=positive_int, help=argparse.SUPPRESS)
+    parser.add_argument("--glibc_default", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return worker(args)
     if args.repeats < 3 or args.iterations < 1:
         sys.exit("error: --repeats must be at least 3 (a median and a spread) and --iterations at least 1")
-    mode = "processes" if args.processes else "backward"
+    if args.processes and args.chunks:
+        sys.exit("error: --processes and --chunks are two modes; give one")
+    mode = "processes" if args.processes else "chunks" if args.chunks else "backward"
     for flag, default in DEFAULTS[mode].items():
         if getattr(args, flag) is None:
             setattr(args, flag, default)
@@ -274,11 +323,19 @@ def main():
         print(describe(args, device) + "\n\n" + backward_table(results, args.ipc, args.syn_steps))
         return
 
-    named = settings(processes, device)
-    configs = [(ipc, steps, low, setting) for ipc in args.ipc for steps in args.syn_steps for low in BACKWARD_NAMES
-               for setting in named]
-    results = alternate(configs, lambda config: iteration(args, *config[:3], *named[config[3]]), args.repeats)
-    print(f"{describe(args, device)}\n\n{processes_table(results, args.ipc, args.syn_steps, named)}\n", flush=True)
+    if mode == "processes":
+        named, versus = settings(processes, device), "1x1"
+        baselines = dict.fromkeys(named, next(iter(named)))
+    else:
+        named, versus = chunk_settings(args.chunks, device), "before"
+        baselines = before_of(named)
+    configs = [(ipc, steps, low, name) for ipc in args.ipc for steps in args.syn_steps for low in BACKWARD_NAMES
+               for name in named]
+    results = alternate(configs, lambda config: iteration(args, *config[:3], named[config[3]]), args.repeats)
+    table = settings_table(results, args.ipc, args.syn_steps, named, baselines, versus)
+    print(f"{describe(args, device)}\n\n{table}\n", flush=True)
+    if mode == "chunks":
+        return
     throughput = alternate(processes, lambda p: buffer_run(args, p), args.repeats)
     print(f"buffer.py --dataset FashionMNIST-mini --model {args.buffer_model} --num_experts {args.buffer_experts} "
           f"--train_epochs {args.buffer_epochs} --save_interval 1 --dsa True --device {args.device}; images/s = "

@@ -22,14 +22,16 @@ def test_the_ratio_is_the_median_of_the_per_round_ratios():
 
 def test_the_speed_up_is_over_one_process_of_one_thread_and_peaks_are_per_rank():
     named = bench.settings([1, 2], torch.device("cpu"))
-    assert named == {"1 proc x 1 thread": (1, 1), "2 procs x 1 thread": (2, 1), "1 proc x 2 threads": (1, 2)}
+    assert named == {"1 proc x 1 thread": bench.Setting(1, 1), "2 procs x 1 thread": bench.Setting(2, 1),
+                     "1 proc x 2 threads": bench.Setting(1, 2)}
     assert list(bench.settings([1, 2], torch.device("cuda"))) == ["1 proc x 1 thread", "2 procs x 1 thread"]
     figures = {"1 proc x 1 thread": [(4.0, [100])] * 3, "2 procs x 1 thread": [(2.0, [60, 58]), (2.5, [62, 58]),
                                                                                (1.0, [61, 57])],
                "1 proc x 2 threads": [(3.0, [110])] * 3}
     results = {(10, 20, low, name): [{"seconds": s, "peak_mb": m} for s, m in rounds]
                for low in (False, True) for name, rounds in figures.items()}
-    rows = bench.processes_table(results, [10], [20], named).splitlines()
+    rows = bench.settings_table(results, [10], [20], named, dict.fromkeys(named, "1 proc x 1 thread"),
+                                "1x1").splitlines()
     assert rows[0] == "| ipc | syn_steps | backward | setting | s/it | speed-up over 1x1 | peak MB per rank |"
     assert len(rows) == 2 + 2 * 3
     assert rows[2] == "| 10 | 20 | unroll | 1 proc x 1 thread | 4.000 [4.000-4.000] | 1.00 [1.00-1.00] | 100 |"
@@ -42,3 +44,24 @@ def test_buffer_throughput_speed_up_is_per_round():
     table = bench.buffer_table({1: [100.0, 110.0, 90.0], 2: [150.0, 220.0, 180.0]}).splitlines()
     assert table[:2] == ["| processes (1 thread each) | images/s | speed-up over 1 |", "|---|---|---|"]
     assert table[2:] == ["| 1 | 100 [90-110] | 1.00 [1.00-1.00] |", "| 2 | 180 [150-220] | 2.00 [1.50-2.00] |"]
+
+
+def test_each_chunk_size_is_compared_with_the_code_before_at_the_same_threads():
+    named = bench.chunk_settings([None, 100], torch.device("cpu"))
+    Setting = bench.Setting
+    assert named == {"1 thread, before: all, glibc default": Setting(threads=1, glibc_default=True),
+                     "1 thread, chunk_syn all": Setting(threads=1),
+                     "1 thread, chunk_syn 100": Setting(threads=1, chunk_syn=100),
+                     "2 threads, before: all, glibc default": Setting(threads=2, glibc_default=True),
+                     "2 threads, chunk_syn all": Setting(threads=2),
+                     "2 threads, chunk_syn 100": Setting(threads=2, chunk_syn=100)}
+    baselines = bench.before_of(named)
+    assert baselines["2 threads, chunk_syn 100"] == baselines["2 threads, chunk_syn all"] == \
+        "2 threads, before: all, glibc default"
+    seconds = dict(zip(named, (40.0, 25.0, 20.0, 30.0, 15.0, 12.0)))
+    results = {(50, 20, low, name): [{"seconds": s, "peak_mb": [900]}] * 3 for low in (False, True)
+               for name, s in seconds.items()}
+    rows = bench.settings_table(results, [50], [20], named, baselines, "before").splitlines()
+    assert rows[0].endswith("| s/it | speed-up over before | peak MB per rank |") and len(rows) == 2 + 2 * 6
+    assert rows[4] == "| 50 | 20 | unroll | 1 thread, chunk_syn 100 | 20.000 [20.000-20.000] | 2.00 [2.00-2.00] | 900 |"
+    assert rows[7].startswith("| 50 | 20 | unroll | 2 threads, chunk_syn 100 | 12.000 [12.000-12.000] | 2.50 [2.50-")
