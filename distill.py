@@ -84,7 +84,7 @@ def parse_args(argv=None):
     flag("--lr_init", type=float, default=0.01, help="unused (syn_lr starts at --lr_teacher, as in the original)")
     flag("--batch_real", type=int, default=256, help="unused; kept so the original's commands run")
     flag("--batch_syn", type=positive_int, default=None, help="student minibatch (default: the whole synthetic set)")
-    # all at once on every device: one chunk was slow on the CPU only by glibc's unmapping (utils.keep_freed_memory)
+    # default one chunk: on the CPU it was slow only as glibc unmapped freed activations (utils.keep_freed_memory)
     flag("--chunk_syn", type=positive_int, default=None,
          help="student images per forward/backward pass; a minibatch (or its torchrun share) is computed in chunks "
               "of this many and their updates summed: the same update, with the memory of one chunk in the "
