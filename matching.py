@@ -3,13 +3,14 @@ loss, and its exact gradient by two routes.
 
 A SyntheticSet holds every learnable tensor by name: images, syn_lr and optionally label logits
 (DATM's soft labels). `student_update` is the one student step,
-theta_{i+1} = theta_i - syn_lr * grad CE(forward(theta_i, x), y), hard or soft targets. The
-gradient of the matching loss ||theta_N - theta*||^2 / ||theta_0 - theta*||^2 with respect to
-every learnable tensor comes either from backpropagating through the whole unroll
-(unroll_backward: memory grows with syn_steps x batch) or from replaying the unroll in reverse,
-one vector-Jacobian product of the step at a time (replay_backward: the same gradient, with the
-memory of one step plus the stored theta_0..theta_N). Under torchrun each process computes its
-share of every minibatch; the results equal one process's to rounding.
+theta_{i+1} = theta_i - syn_lr * grad CE(forward(theta_i, x), y), hard or soft targets, summed
+over chunks of the minibatch (`chunk_update`). The gradient of the matching loss
+||theta_N - theta*||^2 / ||theta_0 - theta*||^2 with respect to every learnable tensor comes
+either from backpropagating through the whole unroll (unroll_backward: memory grows with
+syn_steps x batch) or from replaying the unroll in reverse, one vector-Jacobian product of a
+chunk of a step at a time (replay_backward: the same gradient, with the memory of one chunk plus
+the stored theta_0..theta_N). Under torchrun each process computes its share of every
+minibatch, in chunks of chunk_syn images; the results equal one process's to rounding.
 """
 from dataclasses import dataclass, replace
 
@@ -122,19 +123,19 @@ def draw_schedule(images, syn_steps, batch_syn, dsa_strategy=None, texture=None)
     return schedule
 
 
-def chunk_update(net, theta, synset, chunk, batch, create_graph):
-    """-syn_lr * the gradient of the student's loss on one chunk, weighted by its share of the
-    minibatch of `batch` images: the chunks' updates sum to the whole minibatch's."""
+def chunk_update(net, theta, synset, chunk, batch):
+    """-syn_lr * the gradient of the student's loss on one chunk of a minibatch of `batch` images,
+    weighted by the chunk's share of it, so that the chunks' updates sum to the whole minibatch's;
+    differentiable (the unroll and the replay's VJP backpropagate through it)."""
     logits = forward_flat(net, theta, chunk.inputs(synset.images))
     loss = cross_entropy(logits, synset.targets(chunk.rows)) * (len(chunk.rows) / batch)
-    return -synset.syn_lr * torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+    return -synset.syn_lr * torch.autograd.grad(loss, theta, create_graph=True)[0]
 
 
-def student_update(net, theta, synset, step, create_graph, chunk_syn=None):
-    """The one student step the unroll, the replay's forward pass and every process use: this
-    process's share of the minibatch, in chunks of chunk_syn images (None: one), summed.
-    theta_{i+1} = theta_i + the sum of the updates of all processes."""
-    updates = [chunk_update(net, theta, synset, chunk, step.batch, create_graph) for chunk in step.chunks(chunk_syn)]
+def student_update(net, theta, synset, step, chunk_syn=None):
+    """This process's part of one student step: the updates of its share of the minibatch in chunks
+    of chunk_syn images (None: one chunk), summed. theta_{i+1} = theta_i + the sum over processes."""
+    updates = [chunk_update(net, theta, synset, chunk, step.batch) for chunk in step.chunks(chunk_syn)]
     if not updates:  # more processes than images: nothing to add, but stay in the graph
         return theta * 0
     return sum(updates[1:], updates[0])
@@ -158,7 +159,7 @@ def unroll_backward(net, synset, theta0, target, schedule, chunk_syn=None):
     learnables = list(synset.tensors.values())
     theta = start = theta0.detach().requires_grad_()
     for step in schedule:
-        update = student_update(net, parallel.copy_to_ranks(theta), synset, step, True, chunk_syn)
+        update = student_update(net, parallel.copy_to_ranks(theta), synset, step, chunk_syn)
         theta = theta + parallel.sum_over_ranks(update)
     loss = matching_loss(theta, theta0, target)
     # theta_0 is an input too, so that every process runs every step's all-reduce in its backward:
@@ -174,14 +175,16 @@ def replay_backward(net, synset, theta0, target, schedule, chunk_syn=None):
     The forward pass keeps only theta_0..theta_N. Then, with lam = dL/dtheta_{i+1}, step i is
     rebuilt from theta_i and the same minibatch, and one vector-Jacobian product of its update
     with lam gives lam's contribution through it to every learnable tensor and to theta_i:
-    dL/dtheta_i = lam + (d update_i / d theta_i)^T lam. The update is a sum over chunks, so is its
-    VJP: one chunk's double-backward graph is alive at a time. Fills the .grad of every learnable tensor."""
+    dL/dtheta_i = lam + (d update_i / d theta_i)^T lam. The update is a sum over chunks, and so is
+    its VJP: both passes hold one chunk's graph at a time. Fills the .grad of every learnable tensor."""
     learnables, frozen = list(synset.tensors.values()), synset.detached()
     thetas = [theta0.detach()]
     for step in schedule:
-        # create_graph as in the unroll: the same backward kernels, so theta_0..theta_N equal the unroll's bit for
-        # bit (the plain backward's conv kernels on AVX-512 CPUs round differently, to 8e-5 in the golden case)
-        update = student_update(net, thetas[-1].detach().requires_grad_(), frozen, step, True, chunk_syn).detach()
+        theta, update = thetas[-1].detach().requires_grad_(), torch.zeros_like(thetas[-1])
+        for chunk in step.chunks(chunk_syn):
+            # the unroll's update, graph and all: the same backward kernels, so theta_0..theta_N equal the unroll's bit
+            # for bit (the plain backward's conv kernels on AVX-512 CPUs round differently, to 8e-5 in the golden case)
+            update += chunk_update(net, theta, frozen, chunk, step.batch).detach()
         parallel.sum_([update])
         thetas.append(thetas[-1] + update)
     theta_n = thetas[-1].requires_grad_()
@@ -192,7 +195,7 @@ def replay_backward(net, synset, theta0, target, schedule, chunk_syn=None):
         theta = theta.detach().requires_grad_()
         through_theta = torch.zeros_like(theta)
         for chunk in step.chunks(chunk_syn):
-            update = chunk_update(net, theta, synset, chunk, step.batch, create_graph=True)
+            update = chunk_update(net, theta, synset, chunk, step.batch)
             through_chunk, *parts = torch.autograd.grad(update, [theta, *learnables], lam, allow_unused=True)
             through_theta += through_chunk
             for grad, part in zip(grads, parts):
