@@ -1,4 +1,4 @@
-"""Seconds per distillation iteration and peak memory, in two modes, printed as Markdown tables.
+"""Seconds per distillation iteration and peak memory, in three modes, printed as Markdown tables.
 
     python bench.py                                    # CPU, mode 1: ipc 1 and 10 at syn_steps 10 and 20
     python bench.py --processes 1 2                    # CPU, mode 2: 1 and 2 processes, 1 process of 2 threads
@@ -14,11 +14,13 @@ FashionMNIST-mini, start-up included. Mode 3 (--chunks): the same problem in one
 minibatch computed in chunks of --chunk_syn images, with 1 and 2 threads (CPU), against the code
 before: one chunk with glibc's malloc as it comes (without utils.keep_freed_memory).
 
-Every figure comes from a fresh process (a torchrun job in mode 2): one warm-up iteration, then
---iterations timed ones (their median); peak memory is the growth of the peak resident set (CPU)
-or of max_memory_allocated (CUDA) over the set-up, per rank. The configurations alternate, each
-once per round for --repeats rounds, so a drift of the machine hits them all alike; tables give
-the median [min-max] over the rounds, and ratios the median [min-max] of per-round ratios.
+Every figure comes from a fresh process (a torchrun job in mode 2) that on the CPU keeps freed
+memory as the scripts do (utils.keep_freed_memory) unless its row says 'glibc default': one
+warm-up iteration, then --iterations timed ones (their median); peak memory is the growth of the
+peak resident set (CPU) or of max_memory_allocated (CUDA) over the set-up, per rank. The
+configurations alternate, each once per round for --repeats rounds, so a drift of the machine
+hits them all alike; tables give the median [min-max] over the rounds, and ratios the median
+[min-max] of per-round ratios.
 """
 import argparse
 import json
