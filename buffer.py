@@ -47,6 +47,7 @@ from experts import (SIDECAR, Experts, buffer_dir, buffer_file, expert_files, ne
                      numbered_files, open_checked, read_original, read_sidecar, set_aside, write_original,
                      write_sidecar)
 from networks import flatten_params, get_network
+from progress import progress
 from training import accuracy, decay_epoch, sgd_step, train_epoch
 from utils import (Parser, UsageError, add_common_args, announce, check_fits, check_model, entry, eta, folder_lock,
                    folder_path, main_decides, make_folder, non_negative_float, one_verdict, parse, positive_float,
@@ -363,29 +364,33 @@ def train(args, device):
             f"({len(data.images_train)} images, {where}) -> {directory}")
         steps = [max(size for _, _, size in files) * args.train_epochs for files in rounds]
         start, done, total = time.time(), 0, sum(steps)
-        for files, round_steps in zip(rounds, steps):
-            entries = []
-            epochs = train_file(args, data, settings["num_params"], files[rank], entries) if rank < len(files) else ()
-            # one gather an epoch, a rank whose file is done sending None: no collective waits longer than an epoch
-            for progress, _ in zip_longest(failures_reported(epochs), range(round_steps)):
-                done += 1
-                reports = parallel.gather_objects(progress)
-                for failed_rank, report in enumerate(reports):
-                    if report and report[0] == "failed":
-                        raise UsageError(report[1], rank=failed_rank if world > 1 else None)
-                for index, epoch, train_acc, test_acc, speed in filter(None, reports):
-                    say(f"expert {index - plan[0][1] + 1}/{args.num_experts} (#{index}) epoch "
-                        f"{epoch}/{args.train_epochs}: train acc {train_acc:.4f} test acc {test_acc:.4f}, "
-                        f"{speed:.0f} images/s, {eta(time.time() - start, done, total)}", flush=True)
-            finished = [entry for share in parallel.gather_objects(entries) for entry in share]
-            if parallel.is_main():
-                meta["experts"] += finished
-                meta["next_index"] += len(finished)
-                if files is rounds[-1]:
-                    meta.pop("pending", None)
-                write_sidecar(directory, meta)
-                for path, _, size in files:
-                    print(f"wrote {path} ({count(size)})")
+        with progress(total=total, desc="experts x epochs", unit="epoch") as bar:
+            for files, round_steps in zip(rounds, steps):
+                entries = []
+                epochs = train_file(args, data, settings["num_params"], files[rank], entries) \
+                    if rank < len(files) else ()
+                # one gather an epoch, a rank whose file is done sending None: no collective waits longer than an epoch
+                for epoch_report, _ in zip_longest(failures_reported(epochs), range(round_steps)):
+                    done += 1
+                    reports = parallel.gather_objects(epoch_report)
+                    for failed_rank, report in enumerate(reports):
+                        if report and report[0] == "failed":
+                            raise UsageError(report[1], rank=failed_rank if world > 1 else None)
+                    for index, epoch, train_acc, test_acc, speed in filter(None, reports):
+                        say(f"expert {index - plan[0][1] + 1}/{args.num_experts} (#{index}) epoch "
+                            f"{epoch}/{args.train_epochs}: train acc {train_acc:.4f} test acc {test_acc:.4f}, "
+                            f"{speed:.0f} images/s, {eta(time.time() - start, done, total)}", flush=True)
+                        bar.set_postfix_str(f"expert {index - plan[0][1] + 1} test acc {test_acc:.4f}", refresh=False)
+                    bar.update()
+                finished = [entry for share in parallel.gather_objects(entries) for entry in share]
+                if parallel.is_main():
+                    meta["experts"] += finished
+                    meta["next_index"] += len(finished)
+                    if files is rounds[-1]:
+                        meta.pop("pending", None)
+                    write_sidecar(directory, meta)
+                    for path, _, size in files:
+                        print(f"wrote {path} ({count(size)})")
 
 
 def import_pt(args):

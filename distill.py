@@ -37,8 +37,9 @@ from data import DATASETS, get_dataset, images_per_class
 from experts import Experts, buffer_dir
 from matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import forward_flat, get_network
+from progress import progress
 from training import EVAL_MODE_HELP, EVAL_MODES, INFERENCE_BATCH, EvalSet, eval_pool, evaluate_sets
-from utils import (Parser, UsageError, add_common_args, announce, boolean, check_fits, check_model, checked, entry, eta,
+from utils import (Parser, UsageError, add_common_args, announce, boolean, check_fits, check_model, checked, entry,
                    folder_lock, folder_path, fraction, main_decides, make_folder, non_negative_float, non_negative_int,
                    one_verdict, parse, positive_float, positive_int, remove_stale_temps, run_info, run_script, run_seed,
                    set_seed, stalls_are_one_line, switch)
@@ -63,7 +64,7 @@ FIXED_ON_RESUME = {**{flag: "it defines the saved set" for flag in (
 DIVERGED = 100  # pixels or label logits beyond 100x their largest initial magnitude mean the run diverged
 SAVE_EVERY = 1000  # images_{it}.pt at every evaluation that improves, and every this many iterations
 GRID_MAX_IPC = 50  # the original draws no grid from ipc 50 on, unless --force_save
-PRINT_EVERY = 10  # iterations between progress lines
+PRINT_EVERY = 10  # iterations between printed loss lines (the bar is on stderr)
 momentum = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
@@ -244,56 +245,54 @@ def distill(args, device):
         augmentation = None if args.no_aug else args.augmentation
         texture = (data.im_size, args.canvas_samples) if args.texture else None
         backward = BACKWARD[args.low_memory]
-        train_seconds = 0.0  # the ETA counts distillation steps only: evaluations come in bursts
 
-        for it in range(start_it, args.Iteration + 1):
-            # ---- Evaluate and save (at 0, every eval_it and at the end; a resume has its own already)
-            if (it % args.eval_it == 0 or it == args.Iteration) and not (state is not None and it == start_it) \
-                    and not (args.skip_first_eva and it == 0):
-                variants = {"": synset.images, **({"ema_": ema.images} if ema else {})}
-                rows = evaluate(variants, synset, data, test, validation, args, it, device, say)
-                improved = record(rows, best, it, log, say)
-                if parallel.is_main():  # this evaluation's files and the checkpoint, all or none of them
-                    files = {run_folder.CHECKPOINT: checkpoint(it, synset, optimizers, ema, best, args, device)}
-                    for prefix, images in variants.items():
-                        tags = ["best"] * (f"{prefix}images" in improved)
-                        tags += [it] * bool(tags or it % SAVE_EVERY == 0 or it == args.Iteration)
-                        files.update(run_folder.set_files(prefix, tags, images, synset.eval_labels(), synset.syn_lr,
-                                                          zca))
-                        if args.ipc < GRID_MAX_IPC or args.force_save:
-                            files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, data.to_pixels, args.ipc)
-                            log.image(f"{prefix}images", files[f"{prefix}synthetic_{it}.png"], it)
-                    files[run_folder.CURVES] = run_folder.curves(log.rows)
-                    run_folder.commit(save_path, files, iteration=it)
-            if it == args.Iteration:
-                break
+        with progress(total=args.Iteration, initial=start_it, desc="distill", unit="it") as bar:
+            for it in range(start_it, args.Iteration + 1):
+                # ---- Evaluate and save (at 0, every eval_it and at the end; a resume has its own already)
+                if (it % args.eval_it == 0 or it == args.Iteration) and not (state is not None and it == start_it) \
+                        and not (args.skip_first_eva and it == 0):
+                    variants = {"": synset.images, **({"ema_": ema.images} if ema else {})}
+                    rows = evaluate(variants, synset, data, test, validation, args, it, device, say)
+                    improved = record(rows, best, it, log, say)
+                    if parallel.is_main():  # this evaluation's files and the checkpoint, all or none of them
+                        files = {run_folder.CHECKPOINT: checkpoint(it, synset, optimizers, ema, best, args, device)}
+                        for prefix, images in variants.items():
+                            tags = ["best"] * (f"{prefix}images" in improved)
+                            tags += [it] * bool(tags or it % SAVE_EVERY == 0 or it == args.Iteration)
+                            files.update(run_folder.set_files(prefix, tags, images, synset.eval_labels(), synset.syn_lr,
+                                                              zca))
+                            if args.ipc < GRID_MAX_IPC or args.force_save:
+                                files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, data.to_pixels, args.ipc)
+                                log.image(f"{prefix}images", files[f"{prefix}synthetic_{it}.png"], it)
+                        files[run_folder.CURVES] = run_folder.curves(log.rows)
+                        run_folder.commit(save_path, files, iteration=it)
+                if it == args.Iteration:
+                    break
 
-            # ---- One iteration: an expert segment, the student's unroll, the matching loss, the update
-            step_start = time.time()
-            theta0, target, expert, start_epoch = draw_segment(experts, start_epoch_window(args, it),
-                                                               args.expert_epochs, device)
-            schedule = draw_schedule(synset.images, args.syn_steps, batch_syn, augmentation, texture)
-            with stalls_are_one_line():
-                loss = backward(net, synset, theta0, target, schedule, args.chunk_syn).item()
-            skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
-            for optimizer in optimizers.values():
-                if not skipped:
-                    optimizer.step()
-            check_diverged(synset, loss, bounds, it, args)
-            for optimizer in optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
-            if ema and not skipped:
-                ema.update(synset.images)
+                # ---- One iteration: an expert segment, the student's unroll, the matching loss, the update
+                step_start = time.time()
+                theta0, target, expert, start_epoch = draw_segment(experts, start_epoch_window(args, it),
+                                                                   args.expert_epochs, device)
+                schedule = draw_schedule(synset.images, args.syn_steps, batch_syn, augmentation, texture)
+                with stalls_are_one_line():
+                    loss = backward(net, synset, theta0, target, schedule, args.chunk_syn).item()
+                skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
+                for optimizer in optimizers.values():
+                    if not skipped:
+                        optimizer.step()
+                check_diverged(synset, loss, bounds, it, args)
+                for optimizer in optimizers.values():
+                    optimizer.zero_grad(set_to_none=True)
+                if ema and not skipped:
+                    ema.update(synset.images)
 
-            lr, seconds = synset.syn_lr.item(), time.time() - step_start
-            train_seconds += seconds
-            log.write(type="iteration", it=it, loss=loss, syn_lr=lr, expert=expert, start_epoch=start_epoch,
-                      seconds=seconds, **({"skipped": True} if skipped else {}))
-            if it % PRINT_EVERY == 0:
-                done = it + 1 - start_it
-                say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f} "
-                    f"{done / train_seconds:.2f} it/s {eta(train_seconds, done, args.Iteration - start_it)}",
-                    flush=True)
+                lr = synset.syn_lr.item()
+                log.write(type="iteration", it=it, loss=loss, syn_lr=lr, expert=expert, start_epoch=start_epoch,
+                          seconds=time.time() - step_start, **({"skipped": True} if skipped else {}))
+                bar.set_postfix_str(f"loss {loss:.4f} syn_lr {lr:.5f}", refresh=False)
+                bar.update()
+                if it % PRINT_EVERY == 0:
+                    say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f}", flush=True)
 
     # ---- The end
     for key, mark in best.items():

@@ -10,12 +10,15 @@ torchrun ranks other than 0.
 A bar redrawn in place is unreadable in a log file (a cluster job's output, `> run.log`): one
 line of carriage returns. There the same figures come as whole lines: the first at once, then one
 whenever a tenth of the work is done or LINE_SECONDS have passed, whichever comes first, and the
-last at the end.
+last at the end. The ETA is the whole loop's average rate (smoothing 0), so the pauses that recur
+in it, distill.py's evaluations, are in the estimate.
 """
+import contextlib
 import sys
 import time
 
 from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 import parallel
 
@@ -26,8 +29,21 @@ LINE_FORMAT_UNSIZED = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"  # a lo
 
 
 class Bar(tqdm):
-    # No monitor thread: data.py forks its decoding workers while a bar is open.
-    monitor_interval = 0
+    monitor_interval = 0  # no monitor thread: data.py forks its decoding workers while a bar is open
+
+
+class Terminal(Bar):
+    """A bar drawn in place; what the loop prints meanwhile goes above it, not through it."""
+
+    def __enter__(self):
+        self.printing_above = contextlib.ExitStack()
+        if not self.disable and not isinstance(sys.stdout, DummyTqdmFile):
+            self.printing_above.enter_context(contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.printing_above.close()
+        return super().__exit__(*exc)
 
 
 class Lines(Bar):
@@ -37,7 +53,7 @@ class Lines(Bar):
         self.last_line = None  # (time, n) when the last line was printed
         sized = total is not None or hasattr(iterable, "__len__")
         super().__init__(iterable, total=total, bar_format=LINE_FORMAT if sized else LINE_FORMAT_UNSIZED,
-                         leave=False, smoothing=0, mininterval=0, miniters=1, **kwargs)
+                         leave=False, mininterval=0, miniters=1, **kwargs)
 
     def display(self, msg=None, pos=None):
         if msg is not None:  # tqdm clearing its bar (msg ""): a printed line stays
@@ -64,10 +80,11 @@ class Lines(Bar):
         super().close()
 
 
-def progress(iterable=None, total=None, desc=None, unit="it", file=None):
-    """A tqdm bar over `iterable` (or updated by hand up to `total`) on stderr: drawn in place on a
-    terminal, plain lines otherwise, silent on torchrun ranks other than 0."""
+def progress(iterable=None, total=None, desc=None, unit="it", initial=0, file=None):
+    """A tqdm bar over `iterable` (or updated by hand from `initial` to `total`) on stderr: drawn
+    in place on a terminal, plain lines otherwise, silent on torchrun ranks other than 0. Use it
+    as a context manager, so that on a terminal what the loop prints goes above the bar."""
     file = file or sys.stderr
-    kind = Bar if getattr(file, "isatty", lambda: False)() else Lines
-    return kind(iterable, total=total, desc=desc, unit=unit, file=file, disable=not parallel.is_main(),
-                dynamic_ncols=True)
+    kind = Terminal if getattr(file, "isatty", lambda: False)() else Lines
+    return kind(iterable, total=total, desc=desc, unit=unit, initial=initial, file=file, smoothing=0,
+                disable=not parallel.is_main(), dynamic_ncols=True)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import parallel
 from augment import DSA_STRATEGY, apply_augmentation, draw_augmentation, draw_texture_crops, texture_crops
 from networks import get_network
+from progress import progress
 from utils import eta, run_seed, set_seed
 
 INFERENCE_BATCH = 500  # images per forward pass when only predicting
@@ -90,11 +91,11 @@ def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, t
 
 
 def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=1000, batch_train=256,
-                    dsa_strategy=DSA_STRATEGY, texture=None, say=None):
+                    dsa_strategy=DSA_STRATEGY, texture=None, say=None, on_epoch=None):
     """Train `net` (fresh) on images/labels with SGD (momentum 0.9, weight decay 5e-4), lr decayed
     x0.1 after epoch decay_epoch(epochs), DSA on every batch unless dsa_strategy is None; return the
     final (train accuracy, test accuracy). Like the original, it runs epochs + 1 passes and
-    restarts the optimiser (momentum included) at the decay."""
+    restarts the optimiser (momentum included) at the decay; on_epoch() is called after each."""
     device = next(net.parameters()).device
     images, labels = images.to(device), labels.to(device)
     sgd = lambda lr: torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=5e-4)
@@ -104,6 +105,8 @@ def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=10
         if ep == decay_epoch(epochs):
             lr *= 0.1
             optimizer = sgd(lr)
+        if on_epoch:
+            on_epoch()
         if say and (ep + 1) % max(1, passes // 10) == 0:
             say(f"  epoch {ep + 1}/{passes} train acc {train_acc:.3f} ({eta(time.time() - start, ep + 1, passes)})")
     return train_acc.item(), accuracy(net, test_images.to(device), test_labels.to(device))
@@ -132,20 +135,26 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
     else the command evaluates, and under torchrun the networks spread over the ranks (network k
     of the list on rank k mod ranks) with the same results as one process."""
     jobs = [(pair, run) for pair in range(len(pairs)) for run in range(num_eval)]
+    mine = jobs[parallel.rank()::parallel.world()]
+    # the bar counts images trained on, so that a network on the full data weighs what it costs
+    work = sum(len(pairs[pair][0].images) * (pairs[pair][0].epochs + 1) for pair, _ in mine)
     results = {}
-    for pair, run in jobs[parallel.rank()::parallel.world()]:
-        eval_set, model = pairs[pair]
-        set_seed(run_seed(seed, run))
-        net = get_network(model, data.channel, data.num_classes, data.im_size).to(device)
-        tag = f"[{eval_set.name} {model} run {run + 1}/{num_eval}]"
-        say(f"{tag} training on {len(eval_set.images)} images for {eval_set.epochs} epochs, lr {eval_set.lr:.4g}")
-        _, test_acc = evaluate_synset(net, eval_set.images, eval_set.labels, *eval_set.test, eval_set.lr,
-                                      eval_set.epochs, batch_train, dsa_strategy, eval_set.texture,
-                                      say=lambda line: say(tag + line))
-        val_acc = accuracy(net, *(t.to(device) for t in eval_set.validation)) if eval_set.validation else None
-        validation = "" if val_acc is None else f", validation {100 * val_acc:.2f}%"
-        say(f"{tag} test acc {100 * test_acc:.2f}%{validation}")
-        results[pair, run] = (test_acc, val_acc)
+    with progress(total=work, desc=f"evaluating {len(mine)} networks", unit="img") as bar:
+        for pair, run in mine:
+            eval_set, model = pairs[pair]
+            set_seed(run_seed(seed, run))
+            net = get_network(model, data.channel, data.num_classes, data.im_size).to(device)
+            tag = f"[{eval_set.name} {model} run {run + 1}/{num_eval}]"
+            say(f"{tag} training on {len(eval_set.images)} images for {eval_set.epochs} epochs, lr {eval_set.lr:.4g}")
+            _, test_acc = evaluate_synset(net, eval_set.images, eval_set.labels, *eval_set.test, eval_set.lr,
+                                          eval_set.epochs, batch_train, dsa_strategy, eval_set.texture,
+                                          say=lambda line: say(tag + line),
+                                          on_epoch=lambda: bar.update(len(eval_set.images)))
+            val_acc = accuracy(net, *(t.to(device) for t in eval_set.validation)) if eval_set.validation else None
+            validation = "" if val_acc is None else f", validation {100 * val_acc:.2f}%"
+            say(f"{tag} test acc {100 * test_acc:.2f}%{validation}")
+            bar.set_postfix_str(f"last: {eval_set.name} {model} {100 * test_acc:.2f}%", refresh=False)
+            results[pair, run] = (test_acc, val_acc)
     for found in parallel.gather_objects(results):
         results.update(found)
     rows = []

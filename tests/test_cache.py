@@ -1,5 +1,5 @@
 """The cache under --data_path: decoded folder datasets and fitted ZCAs, built once, never stale;
-and the progress lines that long loops print."""
+and the progress lines that decoding prints."""
 import subprocess
 import sys
 
@@ -9,8 +9,6 @@ import torch
 from PIL import Image
 
 import data
-import parallel
-import progress
 from data import DATASETS, IMAGENET_SUBSETS, ZCA, get_dataset
 
 RNG = np.random.default_rng(0)
@@ -246,38 +244,6 @@ def test_a_damaged_zca_cache_is_refitted_with_one_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"the cache {path} is damaged (" in out and "fitting again" in out
     assert torch.equal(again.transform, first.transform)
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress: a bar on a terminal, whole lines in a file, nothing on ranks other than 0
-
-
-def test_progress_prints_whole_lines_when_not_on_a_terminal(capsys):
-    with progress.progress(total=50, desc="work", unit="img") as bar:
-        for step in range(25):
-            bar.update(2)
-            bar.set_postfix(loss=f"{step / 10:.4f}")
-    err = capsys.readouterr().err
-    assert "\r" not in err
-    lines = err.splitlines()
-    assert [line.split("%")[0] for line in lines] == [f"work: {p:3d}" for p in range(0, 101, 12)] + ["work: 100"]
-    assert lines[0].startswith("work:   0% 0/50 [00:00<?") and lines[-1].startswith("work: 100% 50/50 [")
-    assert lines[-1].endswith(", loss=2.4000]")
-
-
-def test_progress_prints_a_line_when_enough_time_has_passed_however_little_was_done(capsys, monkeypatch):
-    monkeypatch.setattr(progress, "LINE_SECONDS", 0)
-    with progress.progress(total=1000, desc="slow") as bar:
-        for _ in range(5):
-            bar.update(1)
-    assert [line.split(" [")[0] for line in capsys.readouterr().err.splitlines()] == [
-        f"slow:   0% {n}/1000" for n in range(6)]
-
-
-def test_progress_is_silent_on_other_ranks(capsys, monkeypatch):
-    monkeypatch.setattr(parallel, "is_main", lambda: False)
-    assert list(progress.progress(range(7), desc="work")) == list(range(7))
-    assert capsys.readouterr() == ("", "")
 
 
 def test_decoding_into_a_log_file_prints_progress_lines(tmp_path):

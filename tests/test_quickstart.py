@@ -24,6 +24,11 @@ def test_quickstart_runs_the_whole_pipeline_and_prints_both_accuracies(tmp_path)
     result = subprocess.run(["bash", str(REPO / "quickstart.sh")], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stderr  # not a terminal: each loop's progress comes as whole lines, ending at 100%
+    for loop in ("experts x epochs: 100% 2/2 ", "distill: 100% 2/2 ", "evaluating 2 networks: 100% ",
+                 "evaluating 10 networks: 100% "):
+        assert any(line.startswith(loop) for line in result.stderr.splitlines()), loop
+    assert re.search(r"^distill: 100% 2/2 \[.*, loss \d\.\d{4} syn_lr 0\.\d{5}\]$", result.stderr, re.MULTILINE)
     out = tmp_path / "qs"
     experts = out / "buffers/FashionMNIST-mini/ConvNetW8"
     for name in ["distilled/images_best.pt", "distilled/synthetic_0.png", "distilled/synthetic_2.png",
