@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+from bench_data import old_fit
 from data import DATASETS, IMAGENET_SUBSETS, ZCA, get_dataset
 
 RNG = np.random.default_rng(0)
@@ -178,20 +179,6 @@ def test_a_broken_image_is_still_one_line_from_a_worker(tmp_path):
 # ZCA: fitted once per training set, equal to the fit before it was cached
 
 
-def old_fit(images, eps=0.1, chunk=4096):
-    """ZCA.fit as it was: float images, the covariance summed chunk by chunk on the CPU in float64."""
-    x = images.flatten(1)
-    mean = sum(rows.double().sum(0) for rows in torch.split(x, chunk)) / len(x)
-    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-    for rows in torch.split(x, chunk):
-        centred = rows.double() - mean
-        cov += centred.T @ centred
-    cov /= len(x) - 1
-    s, u = torch.linalg.eigh(cov)
-    s = s.clamp_min(0)
-    return mean.float(), ((u * (s + eps).rsqrt()) @ u.T).float(), ((u * (s + eps).sqrt()) @ u.T).float()
-
-
 def test_zca_fit_equals_the_uncached_fit_to_float_rounding():
     """Bit for bit with the same CPU threads. With other threads, or on a GPU, the float64 sums
     round differently: on Fashion-MNIST's 5000 x 784, transforms 2e-9 apart, whitened images 1.2e-7."""
@@ -199,13 +186,13 @@ def test_zca_fit_equals_the_uncached_fit_to_float_rounding():
     pixels = (torch.nn.functional.interpolate(torch.rand(300, 3, 4, 4), size=8, mode="bilinear") * 255).round()
     pixels = pixels.to(torch.uint8)
     scaled = pixels.float() / 255
-    mean, transform, inverse = old_fit(scaled)
+    before = old_fit(scaled)  # ZCA.fit as it was, float images summed on the CPU in float64
     fitted = ZCA.fit(pixels, chunk=64)
-    assert torch.equal(fitted.mean, mean)
-    assert (fitted.transform - transform).abs().max() <= 1e-6
-    assert (fitted.inverse_transform - inverse).abs().max() <= 1e-6
+    assert torch.equal(fitted.mean, before.mean)
+    assert (fitted.transform - before.transform).abs().max() <= 1e-6
+    assert (fitted.inverse_transform - before.inverse_transform).abs().max() <= 1e-6
     whitened = fitted.apply_(scaled.clone(), chunk=100)
-    assert (whitened - ((scaled.flatten(1) - mean) @ transform).view_as(scaled)).abs().max() <= 1e-5
+    assert (whitened - ((scaled.flatten(1) - before.mean) @ before.transform).view_as(scaled)).abs().max() <= 1e-5
     assert whitened.abs().max() > 1  # not a no-op
     from_floats = ZCA.fit(scaled, chunk=64)
     assert torch.equal(from_floats.transform, fitted.transform)  # uint8 scaled a chunk at a time: the same numbers
