@@ -6,9 +6,10 @@ ZCA fitted on the training set, as the original does.
 
 What is slow is done once and kept in {data_path}/cache/: the decoded images of the folder
 datasets (Tiny ImageNet, the ImageNet subsets) as uint8 .npy files, memory-mapped on later
-starts, and every fitted ZCA. A file's name carries a hash of all that determines its contents
-(the image files' names, sizes and times of change, or the training images' bytes), so a changed
-folder or --res never reads a stale file: it is decoded or fitted again, replacing the old one.
+starts, every fitted ZCA, and the images it whitens (float32 .npy files, memory-mapped). A file's
+name carries a hash of all that determines its contents (the image files' names, sizes and times
+of change, or the images' bytes), so a changed folder or --res never reads a stale file: it is
+decoded, fitted or whitened again, replacing the old one.
 Deleting the folder only costs the time to rebuild it.
 """
 import fcntl
@@ -91,14 +92,14 @@ def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=1
     info = DATASETS[dataset]
     name = f"{dataset}-{subset}-{res}px" if dataset == "ImageNet" else dataset
     x_train, y_train, x_test, y_test, class_names = info.load(data_path, subset, res)
-    whitener = cached_zca(x_train, data_path, name, device) if zca else None
-    x_train, x_test = x_train.float().div_(255), x_test.float().div_(255)
-    if zca:  # contiguous: CIFAR arrives channels last, and whitened images always were N x C x H x W
-        x_train, x_test = (whitener.apply_(x.contiguous(), device) for x in (x_train, x_test))
+    whitener, zca_file = _cached_zca(x_train, data_path, name, device) if zca else (None, None)
+    if zca:
+        x_train, x_test = (whitened(x, whitener, zca_file, f"{name}-{split}", device)
+                           for x, split in ((x_train, "train"), (x_test, "test")))
     else:
         mean = torch.tensor(info.mean).view(1, -1, 1, 1)
         std = torch.tensor(info.std).view(1, -1, 1, 1)
-        x_train, x_test = x_train.sub_(mean).div_(std), x_test.sub_(mean).div_(std)
+        x_train, x_test = (x.float().div_(255).sub_(mean).div_(std) for x in (x_train, x_test))
     return Data(x_train, y_train, x_test, y_test, channel=x_train.shape[1], im_size=tuple(x_train.shape[2:]),
                 num_classes=len(class_names), class_names=list(class_names), mean=list(info.mean),
                 std=list(info.std), zca=whitener, name=name, data_path=data_path)
@@ -219,7 +220,7 @@ def _read_images(files, res, data_path, name):
     signatures = (file_signature(path, data_path) for path in files)
     path = cache_entry(folder, f"{name}-{res}px", hash_text(CACHE_VERSION, RESIZE_RULE, res, *signatures), ".npy")
     with cache_lock(folder):
-        images = _read_cached_images(path, (len(files), 3, res, res))
+        images = _read_cached_array(path, (len(files), 3, res, res), np.uint8, "decoding again")
         if images is None:
             say(f"{desc}: {len(files)} images, once: later starts read {path}{replacing(path)}")
             images = _decode_all(files, res, desc)
@@ -234,19 +235,20 @@ def file_signature(path, data_path):
     return f"{os.path.relpath(path, data_path)}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
-def _read_cached_images(path, shape):
-    """The images cached in `path`, memory-mapped, or None if there are none; a damaged file is said and None.
-    Mapped copy-on-write: torch wants a writable array, and a write must never reach the file."""
+def _read_cached_array(path, shape, dtype, redo):
+    """The array cached in `path`, memory-mapped, or None if there is none; a damaged file is said
+    (with `redo`, what is done instead) and None. Mapped copy-on-write: torch wants a writable
+    array, and a write must never reach the file."""
     if not path.exists():
         return None
     try:
-        images = np.load(path, mmap_mode="c")
-        if images.shape == shape and images.dtype == np.uint8:
-            return images
-        problem = f"it holds {images.dtype} {images.shape}, not uint8 {shape}"
+        array = np.load(path, mmap_mode="c")
+        if array.shape == shape and array.dtype == dtype:
+            return array
+        problem = f"it holds {array.dtype} {array.shape}, not {np.dtype(dtype)} {shape}"
     except (OSError, ValueError, EOFError) as err:
         problem = str(err)
-    say(f"the cache {path} is damaged ({problem}); decoding again")
+    say(f"the cache {path} is damaged ({problem}); {redo}")
     return None
 
 
@@ -396,20 +398,46 @@ def save_npy(array, path):
 def cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
     """ZCA.fit on uint8 training images, read from {data_path}/cache/zca-{name}-{key}.pt when fitted
     before; the key covers the images' bytes and eps. data_path None: fitted, not cached."""
+    return _cached_zca(images, data_path, name, device, eps)[0]
+
+
+def _cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
+    """cached_zca's ZCA and the cache file it is kept in (None: not kept)."""
     folder = cache_folder(data_path) if data_path is not None else None
     if folder is None:
-        return ZCA.fit(images, eps, device=device)
+        return ZCA.fit(images, eps, device=device), None
     path = cache_entry(folder, f"zca-{name}", hash_text(CACHE_VERSION, eps, hash_images(images)), ".pt")
     with cache_lock(folder):
         whitener = _read_cached_zca(path, images[0].numel())
-        if whitener is not None:
-            return whitener
-        shape = "x".join(map(str, images.shape[1:]))
-        say(f"fitting ZCA on {len(images)} images of {shape} on {device or 'cpu'}, once: later starts read "
-            f"{path}{replacing(path)}")
-        whitener = ZCA.fit(images, eps, device=device)
-        write_cache(path, partial(torch.save, whitener.state_dict()))
-    return whitener
+        if whitener is None:
+            shape = "x".join(map(str, images.shape[1:]))
+            say(f"fitting ZCA on {len(images)} images of {shape} on {device or 'cpu'}, once: later starts read "
+                f"{path}{replacing(path)}")
+            whitener = ZCA.fit(images, eps, device=device)
+            write_cache(path, partial(torch.save, whitener.state_dict()))
+    return whitener, path if path.exists() else None
+
+
+def whitened(images, whitener, zca_file, name, device=None):
+    """uint8 images scaled to [0, 1] and whitened, float32, kept as {cache}/whitened-{name}-{key}.npy
+    beside the ZCA's file: at Tiny ImageNet's size whitening is a 12288 x 12288 product per image,
+    half a minute of every start on a CPU. The key covers that file (name and time of writing), the
+    images' bytes and the device type (another device rounds the product differently)."""
+    # contiguous: CIFAR arrives channels last, and whitened images always were N x C x H x W
+    whiten = lambda: whitener.apply_(images.float().div_(255).contiguous(), device)
+    if zca_file is None:
+        return whiten()
+    key = hash_text(CACHE_VERSION, zca_file.name, zca_file.stat().st_mtime_ns, hash_images(images),
+                    torch.device(device or "cpu").type)
+    path = cache_entry(zca_file.parent, f"whitened-{name}", key, ".npy")
+    with cache_lock(zca_file.parent):
+        cached = _read_cached_array(path, tuple(images.shape), np.float32, "whitening again")
+        if cached is not None:
+            return torch.from_numpy(cached)
+        say(f"whitening {name}: {len(images)} images, once: later starts read {path}{replacing(path)}")
+        result = whiten()
+        write_cache(path, partial(save_npy, result.numpy()))
+    return result
 
 
 def _read_cached_zca(path, features):

@@ -1,4 +1,4 @@
-"""The cache under --data_path: decoded folder datasets and fitted ZCAs, built once, never stale;
+"""The cache under --data_path: decoded folder datasets, fitted ZCAs and whitened images, built once, never stale;
 and the progress lines that decoding prints."""
 import subprocess
 import sys
@@ -231,6 +231,39 @@ def test_a_damaged_zca_cache_is_refitted_with_one_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"the cache {path} is damaged (" in out and "fitting again" in out
     assert torch.equal(again.transform, first.transform)
+
+
+def test_whitened_images_are_kept_and_read_back_equal_to_whitening_anew(tmp_path, monkeypatch, capsys):
+    uncached = get_dataset("FashionMNIST-mini", None, zca=True)
+    first = get_dataset("FashionMNIST-mini", str(tmp_path), zca=True)
+    out = capsys.readouterr().out
+    assert "whitening FashionMNIST-mini-train: 5000 images, once" in out
+    assert "whitening FashionMNIST-mini-test: 1000 images, once" in out
+    monkeypatch.setattr(ZCA, "fit", no_decoding)
+    monkeypatch.setattr(ZCA, "apply_", no_decoding)
+    second = get_dataset("FashionMNIST-mini", str(tmp_path), zca=True)
+    for split in ("images_train", "images_test"):
+        assert torch.equal(getattr(second, split), getattr(uncached, split))
+        assert torch.equal(getattr(first, split), getattr(uncached, split))
+    assert second.images_train.abs().max() > 1  # whitened, not [0, 1] pixels
+    assert "whitening" not in capsys.readouterr().out
+
+
+def test_a_refitted_zca_whitens_again_and_a_damaged_whitened_file_is_rebuilt(tmp_path, capsys):
+    first = get_dataset("FashionMNIST-mini", str(tmp_path), zca=True)
+    [zca_file] = (tmp_path / "cache").glob("zca-*.pt")
+    [train_file] = (tmp_path / "cache").glob("whitened-FashionMNIST-mini-train-*.npy")
+    zca_file.write_bytes(zca_file.read_bytes()[:1000])
+    capsys.readouterr()
+    again = get_dataset("FashionMNIST-mini", str(tmp_path), zca=True)  # the ZCA refitted: its images whitened again
+    assert "whitening FashionMNIST-mini-train: 5000 images, once" in capsys.readouterr().out
+    [new_train_file] = (tmp_path / "cache").glob("whitened-FashionMNIST-mini-train-*.npy")
+    assert new_train_file != train_file and torch.equal(again.images_train, first.images_train)
+    new_train_file.write_bytes(new_train_file.read_bytes()[:1000])
+    rebuilt = get_dataset("FashionMNIST-mini", str(tmp_path), zca=True)
+    out = capsys.readouterr().out
+    assert f"the cache {new_train_file} is damaged (" in out and "whitening again" in out
+    assert torch.equal(rebuilt.images_train, first.images_train)
 
 
 def test_decoding_into_a_log_file_prints_progress_lines(tmp_path):
