@@ -1,5 +1,5 @@
-"""Start-up on a folder dataset: the first start (decoding every JPEG, fitting the ZCA) against the
-second (reading both from {data_path}/cache), printed as Markdown tables.
+"""Start-up on a folder dataset: the first start (decoding every JPEG, fitting the ZCA, whitening
+the images) against the second (reading all three from {data_path}/cache), printed as Markdown tables.
 
     python bench_data.py                        # Tiny ImageNet's shape: 200 classes x 100 JPEGs of 64 px
     python bench_data.py --device cuda          # the ZCA fitted and applied on the GPU
@@ -10,12 +10,14 @@ layout with val/val_annotations.txt, or ImageNet's 1000 class folders of which t
 hold pictures) and times, each in a fresh process:
 
 - loading: get_dataset without ZCA, first with an empty cache (decoding), then again;
-- ZCA: get_dataset --zca with the images cached, first fitting the ZCA, then reading it back;
+- ZCA: get_dataset --zca with the images cached, first fitting the ZCA and whitening the images,
+  then reading both back;
 - the fit itself on the training set, on the CPU: ZCA.fit as it was before the cache (float
   images, torch's default threads, on the CPU whatever --device) and as it is now;
 - distill.py from its start to its first iteration (--zca, ipc 1, 2 student steps, the evaluation
   at iteration 0 at its smallest: 1 network, 1 epoch), first with an empty cache, then again; its
-  experts are one random trajectory of the right size. The second start must not refit the ZCA.
+  experts are one random trajectory of the right size. The second start must neither refit the
+  ZCA nor whiten the images again.
 
 Run with --zca False to leave out every ZCA figure (a 3x64x64 fit takes tens of minutes on a small
 CPU, and seconds on a GPU).
@@ -217,20 +219,23 @@ def main(argv=None):
         shutil.rmtree(args.data_path / "cache")
         runs = [distill_start(args, buffer_path, save_path) for _ in range(2)]
         times["setup"], times["distill"] = ([run[i] for run in runs] for i in range(2))
-        refitted = "fitting ZCA" in runs[1][2]
+        again = {what: what in runs[1][2] for what in ("fitting ZCA", "whitening")}
 
     shape = f"{images} x 3x{args.res}x{args.res}"
     lines = [f"{args.dataset}-shaped folder: {images} training JPEGs of {args.side} px ({shape}), device "
              f"{args.device}", "", "| step | first start (s) | second start (s) | first / second |",
              "|---|---|---|---|", row("loading (get_dataset; decoding, then the cache)", *times["load"])]
     if args.zca:
-        lines.append(row("get_dataset --zca, images cached (fitting, then the cache)", *times["load_zca"]))
+        lines.append(row("get_dataset --zca, images cached (fitting and whitening, then the cache)",
+                         *times["load_zca"]))
     zca = " --zca" * args.zca
     lines += [row(f"distill.py{zca} to the end of its set-up (run.json written)", *times["setup"]),
               row(f"distill.py{zca} to its first iteration (after the evaluation at 0)", *times["distill"])]
     if args.zca:
         (old, new) = times["fit"]
-        lines += ["", f"The ZCA refitted at the second start of distill.py: {'yes' if refitted else 'no'}", "",
+        yes = lambda what: "yes" if again[what] else "no"
+        lines += ["", f"At the second start of distill.py, the ZCA refitted: {yes('fitting ZCA')}; the images "
+                  f"whitened again: {yes('whitening')}", "",
                   f"| ZCA fit of {shape} on the CPU | seconds | threads |", "|---|---|---|",
                   f"| before the cache (ZCA.fit as it was) | {old['seconds']:.1f} | {old['threads']} |",
                   f"| now (ZCA.fit, all threads) | {new['seconds']:.1f} | {cpu_threads()} |"]
