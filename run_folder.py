@@ -209,7 +209,10 @@ def curves(rows):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
     steps = [row for row in rows if row["type"] == "iteration"]
-    figure, (loss, lr, accuracy) = plt.subplots(1, 3, figsize=(15, 4), dpi=80, constrained_layout=True)
+    figure, (loss, lr, accuracy) = plt.subplots(1, 3, figsize=(15, 4), dpi=80)
+    # a fixed layout, and few ticks below: a layout engine and matplotlib's tick objects were 60% of
+    # the drawing (0.28 -> 0.11 s a figure, drawn at every evaluation)
+    figure.subplots_adjust(left=0.04, right=0.99, bottom=0.13, top=0.92, wspace=0.15)
     its = [row["it"] for row in steps]
     losses = np.array([row["loss"] for row in steps])
     window = max(1, len(losses) // 50)
@@ -230,6 +233,7 @@ def curves(rows):
         axes.set_title(title)
         axes.set_xlabel("iteration")
         axes.grid(alpha=0.3)
+        axes.locator_params(nbins=5)
     loss.legend(fontsize=8)
     accuracy.legend(fontsize=8)
     figure.canvas.draw()
