@@ -130,8 +130,9 @@ def test_functional_forward_gradcheck_and_gradgradcheck(norm):
     flat = flatten_params(net).requires_grad_()
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     f = lambda theta, images: forward_flat(net, theta, images)
-    assert torch.autograd.gradcheck(f, (flat, x))
-    assert torch.autograd.gradgradcheck(f, (flat, x))
+    # fast mode: the Jacobians compared along random directions, not column by column (4x sooner)
+    assert torch.autograd.gradcheck(f, (flat, x), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, (flat, x), fast_mode=True)
 
 
 def test_generic_functional_path_gradgradcheck():
