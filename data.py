@@ -191,7 +191,13 @@ def _decode(path, res):
 
 
 def _decode_chunk(files, res):
-    return np.stack([_decode(path, res) for path in files])
+    """The files decoded, or the UsageError of one that cannot be: returned, not raised, because a
+    pool stopped while it still hands out work can hang (seen here: Pool.terminate waiting forever
+    for its task thread, in about one test run in twenty)."""
+    try:
+        return np.stack([_decode(path, res) for path in files])
+    except UsageError as err:
+        return err
 
 
 def _decode_all(files, res, desc):
@@ -200,11 +206,19 @@ def _decode_all(files, res, desc):
     workers = min(cpu_threads(), max(1, len(files) // 64))
     size = max(1, min(256, len(files) // (4 * workers)))  # chunks small enough to share out evenly
     starts = range(0, len(files), size)
+    errors = []
     with multiprocessing.Pool(workers) as pool, progress(total=len(files), desc=desc, unit="img") as bar:
         for start, rows in zip(starts, pool.imap(partial(_decode_chunk, res=res), [files[i:i + size]
                                                                                       for i in starts])):
+            if isinstance(rows, UsageError):
+                errors.append(rows)
+                continue
             out[start:start + len(rows)] = rows
             bar.update(len(rows))
+        pool.close()
+        pool.join()  # every chunk handed out and done: the pool's exit has nothing left to stop
+    if errors:
+        raise errors[0]
     return out
 
 
