@@ -102,10 +102,13 @@ if sys.argv[1] == "keep":
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):  # the heap settles: a small allocation may take the start of a freed block
     torch.ones(2**24).sum()  # 64 MB in float32, written then freed
-before = faults()
-for _ in range(10):
-    torch.ones(2**24).sum()
-print(faults() - before)
+rounds = []
+for _ in range(3):  # the least of three rounds: one round of CI's busy run once mapped one tensor afresh
+    before = faults()
+    for _ in range(10):
+        torch.ones(2**24).sum()
+    rounds.append(faults() - before)
+print(min(rounds))
 """
 
 
