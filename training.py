@@ -145,7 +145,8 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
             set_seed(run_seed(seed, run))
             net = get_network(model, data.channel, data.num_classes, data.im_size).to(device)
             tag = f"[{eval_set.name} {model} run {run + 1}/{num_eval}]"
-            say(f"{tag} training on {len(eval_set.images)} images for {eval_set.epochs} epochs, lr {eval_set.lr:.4g}")
+            say(f"{tag} training on {len(eval_set.images)} images for {eval_set.epochs} + 1 epochs (as the "
+                f"original), lr {eval_set.lr:.4g}")
             _, test_acc = evaluate_synset(net, eval_set.images, eval_set.labels, *eval_set.test, eval_set.lr,
                                           eval_set.epochs, batch_train, dsa_strategy, eval_set.texture,
                                           say=lambda line: say(tag + line),

@@ -46,6 +46,10 @@ def test_quickstart_runs_the_whole_pipeline_and_prints_both_accuracies(tmp_path)
     syn_lr = torch.load(out / "distilled/syn_lr_2.pt").item()
     assert 0 < syn_lr != pytest.approx(0.01)  # learned away from --lr_teacher
 
+    # EVAL_EPOCHS 2 trains 3 epochs, as the original's range(Epoch + 1): the lines say both
+    assert "[random ConvNetW8 run 5/5] training on 10 images for 2 + 1 epochs (as the original)" in result.stdout
+    assert "[random ConvNetW8 run 5/5]  epoch 3/3 train acc" in result.stdout
+
     table_row = r"^(\S+)\s+ConvNetW8\s+1\s.*\s(\d+\.\d+) \+- (\d+\.\d+)\s+5$"  # set, model, ipc, ..., acc, n
     printed = re.findall(table_row, result.stdout, re.MULTILINE)
     saved = json.loads((out / "results.json").read_text())["rows"]
