@@ -92,10 +92,11 @@ def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=1
     info = DATASETS[dataset]
     name = f"{dataset}-{subset}-{res}px" if dataset == "ImageNet" else dataset
     x_train, y_train, x_test, y_test, class_names = info.load(data_path, subset, res)
-    whitener, zca_file = _cached_zca(x_train, data_path, name, device) if zca else (None, None)
+    whitener = None
     if zca:
-        x_train, x_test = (whitened(x, whitener, zca_file, f"{name}-{split}", device)
-                           for x, split in ((x_train, "train"), (x_test, "test")))
+        whitener, zca_file, train_digest = _cached_zca(x_train, data_path, name, device)
+        x_train = whitened(x_train, whitener, zca_file, f"{name}-train", device, train_digest)
+        x_test = whitened(x_test, whitener, zca_file, f"{name}-test", device)
     else:
         mean = torch.tensor(info.mean).view(1, -1, 1, 1)
         std = torch.tensor(info.std).view(1, -1, 1, 1)
@@ -416,11 +417,13 @@ def cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
 
 
 def _cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
-    """cached_zca's ZCA and the cache file it is kept in (None: not kept)."""
+    """cached_zca's ZCA, the cache file it is kept in (None: not kept) and the images' hash (None:
+    not taken), which keys their whitened copy too."""
     folder = cache_folder(data_path) if data_path is not None else None
     if folder is None:
-        return ZCA.fit(images, eps, device=device), None
-    path = cache_entry(folder, f"zca-{name}", hash_text(CACHE_VERSION, eps, hash_images(images)), ".pt")
+        return ZCA.fit(images, eps, device=device), None, None
+    digest = hash_images(images)
+    path = cache_entry(folder, f"zca-{name}", hash_text(CACHE_VERSION, eps, digest), ".pt")
     with cache_lock(folder):
         whitener = _read_cached_zca(path, images[0].numel())
         if whitener is None:
@@ -429,19 +432,20 @@ def _cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
                 f"{path}{replacing(path)}")
             whitener = ZCA.fit(images, eps, device=device)
             write_cache(path, partial(torch.save, whitener.state_dict()))
-    return whitener, path if path.exists() else None
+    return whitener, path if path.exists() else None, digest
 
 
-def whitened(images, whitener, zca_file, name, device=None):
+def whitened(images, whitener, zca_file, name, device=None, digest=None):
     """uint8 images scaled to [0, 1] and whitened, float32, kept as {cache}/whitened-{name}-{key}.npy
     beside the ZCA's file: at Tiny ImageNet's size whitening is a 12288 x 12288 product per image,
     half a minute of every start on a CPU. The key covers that file (name and time of writing), the
-    images' bytes and the device type (another device rounds the product differently)."""
+    images' bytes (`digest`, when hash_images has taken it) and the device type (another device
+    rounds the product differently)."""
     # contiguous: CIFAR arrives channels last, and whitened images always were N x C x H x W
     whiten = lambda: whitener.apply_(images.float().div_(255).contiguous(), device)
     if zca_file is None:
         return whiten()
-    key = hash_text(CACHE_VERSION, zca_file.name, zca_file.stat().st_mtime_ns, hash_images(images),
+    key = hash_text(CACHE_VERSION, zca_file.name, zca_file.stat().st_mtime_ns, digest or hash_images(images),
                     torch.device(device or "cpu").type)
     path = cache_entry(zca_file.parent, f"whitened-{name}", key, ".npy")
     with cache_lock(zca_file.parent):
