@@ -246,7 +246,7 @@ def distill(args, device):
         texture = (data.im_size, args.canvas_samples) if args.texture else None
         backward = BACKWARD[args.low_memory]
 
-        with progress(total=args.Iteration, initial=start_it, desc="distill", unit="it") as bar:
+        with log, progress(total=args.Iteration, initial=start_it, desc="distill", unit="it") as bar:
             for it in range(start_it, args.Iteration + 1):
                 # ---- Evaluate and save (at 0, every eval_it and at the end; a resume has its own already)
                 if (it % args.eval_it == 0 or it == args.Iteration) and not (state is not None and it == start_it) \

@@ -182,6 +182,13 @@ class Log:
         with atomic_path(self.path) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.rows)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.board:
+            self.board.close()  # its events are written by a thread: flushed here, not at the process's exit
+
     def write(self, **row):
         if not self.enabled:
             return

@@ -452,6 +452,9 @@ class FakeBoard:
     def flush(self):
         pass
 
+    def close(self):
+        FakeBoard.calls.append(("close",))
+
 
 def test_tensorboard_gets_the_logged_scalars_and_grids_or_one_line_without_it(buffers, tmp_path, monkeypatch):
     import importlib.util
@@ -473,4 +476,4 @@ def test_tensorboard_gets_the_logged_scalars_and_grids_or_one_line_without_it(bu
             expected += [("scalar", "test accuracy/images ConvNetW16", row["test_acc_mean"], row["it"]),
                          ("scalar", "best test accuracy/images ConvNetW16", row["best_test_acc_mean"], row["it"]),
                          ("image", "images", (116, 1142, 3), row["it"], "HWC")]  # 28 px x4 and borders
-    assert FakeBoard.calls == expected
+    assert FakeBoard.calls == expected + [("close",)]  # the writer's thread flushes on close
