@@ -288,9 +288,9 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
     return result
 
 
-def entry(main):
-    """`if __name__ == "__main__": entry(main)`: Ctrl-C and SIGTERM end with Interrupted's one line
-    (on rank 0 only) and status 130, not a traceback."""
+def exit_status(main):
+    """main()'s exit status: Ctrl-C and SIGTERM end with Interrupted's one line (on rank 0 only) and
+    130, not a traceback; sys.exit("error: ...") prints its line and gives 1."""
     def terminate(signum, frame):
         raise KeyboardInterrupt("stopped by SIGTERM")
 
@@ -300,7 +300,23 @@ def entry(main):
     except KeyboardInterrupt as stop:
         if os.environ.get("RANK", "0") == "0":
             print(str(stop) or "stopped by Ctrl-C", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    except SystemExit as leaving:
+        if isinstance(leaving.code, str):
+            print(leaving.code, file=sys.stderr)
+            return 1
+        return leaving.code or 0
+    return 0
+
+
+def entry(main):
+    """`if __name__ == "__main__": entry(main)`. It exits without the interpreter's teardown: freeing
+    the modules torch loads took 1.3-1.6 s a run on a 2-core CPU, and every file the script wrote is
+    closed, and the process group left, by the time main() returns."""
+    status = exit_status(main)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @contextmanager

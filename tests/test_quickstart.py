@@ -21,6 +21,7 @@ def test_quickstart_runs_the_whole_pipeline_and_prints_both_accuracies(tmp_path)
     epochs on 5000 images do clear chance: 38.9-47.4% test accuracy over seeds 0-7 (chance 10%)."""
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "qs"), "MODEL": "ConvNetW8",
            "EXPERTS": "1", "TRAIN_EPOCHS": "2", "ITERATIONS": "2", "EVAL_EPOCHS": "2"}
+    env.pop("PYTHONUNBUFFERED", None)  # output to a pipe block-buffered, as most shells leave it
     result = subprocess.run(["bash", str(REPO / "quickstart.sh")], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
