@@ -36,6 +36,7 @@ CHECKPOINT, LOG, RUN_JSON, ZCA_FILE, JOURNAL = "checkpoint.pt", "log.jsonl", "ru
 GRID_SIDE = 128  # pixels a side an image is enlarged to (nearest) in the grid, so a 28-32 px image shows
 GRID_ROW = 10  # images per row at ipc 1, as the original's grid: 200 classes wrap into 20 rows
 CURVES = "curves.png"
+COMMIT_WAIT = 5.0  # seconds a reader waits for a save between its renames to land (they take milliseconds)
 
 
 def sibling(images_file, kind):
@@ -143,9 +144,9 @@ def resume_hint(folder):
     return f"the checkpoint of iteration {kept} is in {folder}; run the same command with --resume to continue"
 
 
-def read_consistent(folder, read, wait=5.0):
+def read_consistent(folder, read):
     """read() of files of one commit: again while a commit is in flight or one landed meanwhile."""
-    deadline = time.monotonic() + wait
+    deadline = time.monotonic() + COMMIT_WAIT
     while time.monotonic() < deadline:
         before = journal(folder)
         if not before["renaming"]:

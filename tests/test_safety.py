@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,7 @@ def test_a_kill_between_the_renames_of_one_evaluation_is_finished_by_the_next_st
     killed = tmp_path / "killed"
     assert run_folder.journal(killed)["renaming"] and (killed / "images_2.pt").exists()
     assert not (killed / "syn_lr_2.pt").exists()
+    monkeypatch.setattr(run_folder, "COMMIT_WAIT", 0.2)
     assert "in the middle of saving an evaluation" in one_line_error(
         eval_script.main, ["--dataset", "FashionMNIST-mini", "--syn_path", killed, "--iteration", "2"])
     message = distill_error(buffers, killed, "--Iteration", "1", "--eval_it", "2", "--resume")
@@ -84,6 +86,25 @@ def test_a_kill_between_the_renames_of_one_evaluation_is_finished_by_the_next_st
     for name in ("images_2.pt", "syn_lr_2.pt", "images_best.pt", "syn_lr_best.pt"):
         assert torch.equal(load(killed / name), load(tmp_path / "straight" / name)), name
     assert load(killed / "checkpoint.pt")["iteration"] == 2
+
+
+def test_a_reader_waits_for_an_evaluations_save_in_flight_and_reads_all_of_it(tmp_path, monkeypatch):
+    """A second save is between its renames (images_1.pt in place, syn_lr_1.pt not yet) when a
+    reader starts: it reads once the save lands, both new files, never the new images at the old rate."""
+    def files(value):
+        return {"images_1.pt": torch.full((2, 1, 8, 8), value), "labels_1.pt": torch.arange(2),
+                "syn_lr_1.pt": torch.tensor(value / 100)}
+
+    run_folder.commit(tmp_path, files(1.0), iteration=1)
+    interrupt_rename_of(monkeypatch, "syn_lr_1.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.commit(tmp_path, files(2.0), iteration=1)
+    monkeypatch.undo()
+    landing = threading.Timer(0.3, run_folder.finish_commit, [tmp_path])  # the save going on
+    landing.start()
+    saved = run_folder.load_saved_set(tmp_path / "images_1.pt")
+    landing.join()
+    assert torch.equal(saved.images, files(2.0)["images_1.pt"]) and saved.lr == pytest.approx(0.02)
 
 
 def test_an_evaluation_cut_short_before_its_journal_leaves_the_previous_files(buffers, tmp_path, monkeypatch):
