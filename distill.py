@@ -264,7 +264,8 @@ def distill(args, device):
                             if args.ipc < GRID_MAX_IPC or args.force_save:
                                 files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, data.to_pixels, args.ipc)
                                 log.image(f"{prefix}images", files[f"{prefix}synthetic_{it}.png"], it)
-                        files[run_folder.CURVES] = run_folder.curves(log.rows)
+                        if it > 0:  # at iteration 0 there is no curve to draw
+                            files[run_folder.CURVES] = run_folder.curves(log.rows)
                         run_folder.commit(save_path, files, iteration=it)
                 if it == args.Iteration:
                     break

@@ -14,6 +14,7 @@ from PIL import Image
 
 import distill
 import matching
+import run_folder
 from experts import buffer_dir
 from run_folder import load_zca
 
@@ -419,8 +420,12 @@ def test_label_model_timestamp_picks_the_snapshot_that_labels_the_images(buffers
     assert not torch.allclose(logits[0], logits[-1], atol=1e-2)
 
 
-def test_curves_png_shows_the_loss_syn_lr_and_accuracy_of_every_evaluation(buffers, tmp_path):
+def test_curves_png_shows_the_loss_syn_lr_and_accuracy_of_every_evaluation(buffers, tmp_path, monkeypatch):
+    committed, real_commit = {}, run_folder.commit
+    monkeypatch.setattr(run_folder, "commit", lambda folder, files, iteration: (
+        committed.update({iteration: "curves.png" in files}), real_commit(folder, files, iteration)))
     run_distill(buffers, tmp_path, "--Iteration", "4", "--eval_it", "2")
+    assert committed == {0: False, 2: True, 4: True}  # drawn from the first iteration on
     pixels = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB"))
     assert pixels.shape == (320, 1200, 3)
     panels = np.array_split(pixels, 3, axis=1)  # matching loss | syn_lr | test accuracy
