@@ -290,7 +290,7 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
 
 def exit_status(main):
     """main()'s exit status: Ctrl-C and SIGTERM end with Interrupted's one line (on rank 0 only) and
-    130, not a traceback; sys.exit("error: ...") prints its line and gives 1."""
+    130, not a traceback; sys.exit's status is kept, and its message printed with 1."""
     def terminate(signum, frame):
         raise KeyboardInterrupt("stopped by SIGTERM")
 
@@ -302,10 +302,10 @@ def exit_status(main):
             print(str(stop) or "stopped by Ctrl-C", file=sys.stderr)
         return 130
     except SystemExit as leaving:
-        if isinstance(leaving.code, str):
-            print(leaving.code, file=sys.stderr)
-            return 1
-        return leaving.code or 0
+        if leaving.code is None or isinstance(leaving.code, int):
+            return leaving.code or 0
+        print(leaving.code, file=sys.stderr)  # as Python does for sys.exit("error: ...")
+        return 1
     return 0
 
 

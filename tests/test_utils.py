@@ -11,6 +11,26 @@ import utils
 from utils import UsageError
 
 
+def exits(code):
+    def main():
+        sys.exit(code)
+    return main
+
+
+def interrupted():
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("main,status,said", [
+    (lambda: None, 0, ""), (exits(None), 0, ""), (exits(2), 2, ""),  # 2: argparse's status
+    (exits("error: --x is bad"), 1, "error: --x is bad\n"), (interrupted, 130, "stopped by Ctrl-C\n")])
+def test_the_exit_status_and_line_of_a_script(monkeypatch, capsys, main, status, said):
+    monkeypatch.setattr(utils.signal, "signal", lambda *args: None)  # the suite's own SIGTERM handling stays
+    monkeypatch.delenv("RANK", raising=False)
+    assert utils.exit_status(main) == status
+    assert capsys.readouterr().err == said
+
+
 def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path):
     target = tmp_path / "file.pt"
     with pytest.raises(RuntimeError):
