@@ -73,7 +73,7 @@ class Data:
         if self.zca is not None:
             return self.zca
         pixels = self.to_pixels(self.images_train).mul_(255).round_().to(torch.uint8)  # exactly the decoded images
-        return cached_zca(pixels.cpu(), self.data_path, self.name, device)
+        return cached_zca(pixels.cpu(), self.data_path, self.name, device)[0]
 
     def to_pixels(self, images):
         """Images as get_dataset returns them, back to [0, 1] pixels (where ZCA is fitted)."""
@@ -94,7 +94,7 @@ def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=1
     x_train, y_train, x_test, y_test, class_names = info.load(data_path, subset, res)
     whitener = None
     if zca:
-        whitener, zca_file, train_digest = _cached_zca(x_train, data_path, name, device)
+        whitener, zca_file, train_digest = cached_zca(x_train, data_path, name, device)
         x_train = whitened(x_train, whitener, zca_file, f"{name}-train", device, train_digest)
         x_test = whitened(x_test, whitener, zca_file, f"{name}-test", device)
     else:
@@ -412,13 +412,8 @@ def save_npy(array, path):
 
 def cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
     """ZCA.fit on uint8 training images, read from {data_path}/cache/zca-{name}-{key}.pt when fitted
-    before; the key covers the images' bytes and eps. data_path None: fitted, not cached."""
-    return _cached_zca(images, data_path, name, device, eps)[0]
-
-
-def _cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
-    """cached_zca's ZCA, the cache file it is kept in (None: not kept) and the images' hash (None:
-    not taken), which keys their whitened copy too."""
+    before; the key covers the images' bytes and eps. Returns the ZCA, the file it is kept in and
+    the images' hash, which keys their whitened copy too (data_path None: fitted, None and None)."""
     folder = cache_folder(data_path) if data_path is not None else None
     if folder is None:
         return ZCA.fit(images, eps, device=device), None, None
