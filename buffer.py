@@ -10,7 +10,7 @@
 
 Each expert is a network trained from random init with SGD on the full real training set (DSA on
 every batch); its flat parameters are recorded at init and after every epoch, into the buffer
-directory experts.py describes and reads. With --rho_max > 0 every batch takes FTD's GSAM step
+directory mtt/trajectories.py describes and reads. With --rho_max > 0 every batch takes FTD's GSAM step
 (gsam_step) whose gradient the same SGD then applies; rho is --rho_max, then --rho_min after
 --decay (GSAM scales rho with the lr, which --decay divides by ten). As in FTD's code, GSAM is
 adaptive with alpha 0.4 unless --adaptive False or --alpha say otherwise (printed at start).
@@ -41,17 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import parallel
-from data import DATASETS, get_dataset
-from experts import (SIDECAR, Experts, buffer_dir, buffer_file, expert_files, new_buffer_file, next_number,
-                     numbered_files, open_checked, read_original, read_sidecar, set_aside, write_original,
-                     write_sidecar)
+from mtt import parallel
+from mtt.data import DATASETS, get_dataset
+from mtt.flags import (Parser, add_common_args, check_model, folder_path, non_negative_float, parse, positive_float,
+                       positive_int, switch, take_defaults)
+from mtt.parallel import main_decides, one_verdict, run_script
+from mtt.progress import progress
+from mtt.training import accuracy, decay_epoch, sgd_step, train_epoch
+from mtt.trajectories import (SIDECAR, Experts, buffer_dir, buffer_file, expert_files, new_buffer_file, next_number,
+                              numbered_files, open_checked, read_original, read_sidecar, set_aside, write_original)
 from networks import flatten_params, get_network
-from progress import progress
-from training import accuracy, decay_epoch, sgd_step, train_epoch
-from utils import (Parser, UsageError, add_common_args, announce, check_fits, check_model, entry, eta, folder_lock,
-                   folder_path, main_decides, make_folder, non_negative_float, one_verdict, parse, positive_float,
-                   positive_int, remove_stale_temps, run_script, set_seed, switch)
+from utils import UsageError, check_fits, entry, eta, folder_lock, is_main, make_folder, save_json, say, set_seed
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
@@ -105,15 +105,7 @@ def parse_args(argv=None):
         raise UsageError(f"--rho_min {args.rho_min} is above --rho_max {args.rho_max}")
     if (args.alpha or args.adaptive) and not args.rho_max:
         raise UsageError("--alpha and --adaptive set up GSAM: give --rho_max too (GSAM is off at rho 0)")
-    args.method_defaults = {}  # FTD's GSAM defaults this run takes: printed, and kept in the sidecar
-    for name, value in FTD_GSAM.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value if args.rho_max else PLAIN_SGD[name])
-            if args.rho_max:
-                args.method_defaults[name] = value
-    if args.method_defaults:
-        announce("GSAM as FTD's buffer code runs it: " + " ".join(
-            f"--{name} {value}" for name, value in args.method_defaults.items()) + " (give a flag to change one)")
+    take_defaults(args, FTD_GSAM, PLAIN_SGD, args.rho_max > 0, "GSAM as FTD's buffer code runs it")
     if parallel.launched() and (args.import_pt or args.export_pt):
         raise UsageError("--import_pt and --export_pt convert files in one process: run them with python, not torchrun")
     return args
@@ -163,16 +155,9 @@ def count(experts):
     return f"{experts} expert{'s' * (experts != 1)}"
 
 
-def remove_temps(folder):
-    removed = remove_stale_temps(folder)
-    if removed:
-        print(f"removed the temporary files of killed runs in {folder}: {', '.join(sorted(removed))}")
-
-
 def open_directory(directory, settings, seed):
     """Check that the experts the (locked) directory holds were made like the new ones, list or
     set aside the files killed runs left unlisted, and return the sidecar to add experts to."""
-    remove_temps(directory)
     meta = {**PLAIN_SGD, **read_sidecar(directory)} if (Path(directory) / SIDECAR).exists() else settings
     defaults = settings["method_defaults"]
     differences = [f"{key} {meta.get(key)!r} (this run: {settings[key]!r}"
@@ -188,7 +173,7 @@ def open_directory(directory, settings, seed):
     for path in unlisted:
         recover(path, meta, seed, planned.get(path.name, meta["next_index"]))
     if unlisted or planned:
-        write_sidecar(directory, meta)
+        save_json(meta, Path(directory) / SIDECAR)
     return meta
 
 
@@ -343,14 +328,13 @@ def open_run(args, directory, settings, world, run_lock):
     plan = plan_files(args, directory, meta)
     if world > 1:  # ranks finish the files of a round in any order: the next run must know which indices each holds
         meta["pending"] = {path.name: first for path, first, _ in plan}
-        write_sidecar(directory, meta)
+        save_json(meta, Path(directory) / SIDECAR)
     return meta, plan
 
 
 def train(args, device):
     directory = Path(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res))
     settings, rank, world = describe(args, args.seed), parallel.rank(), parallel.world()
-    say = print if parallel.is_main() else lambda *_, **__: None
     with ExitStack() as run_lock:  # rank 0 holds the directory's lock for the whole run; the others never take it
         meta, plan = main_decides(lambda: open_run(args, directory, settings, world, run_lock))
         with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
@@ -379,16 +363,16 @@ def train(args, device):
                     for index, epoch, train_acc, test_acc, speed in filter(None, reports):
                         say(f"expert {index - plan[0][1] + 1}/{args.num_experts} (#{index}) epoch "
                             f"{epoch}/{args.train_epochs}: train acc {train_acc:.4f} test acc {test_acc:.4f}, "
-                            f"{speed:.0f} images/s, {eta(time.time() - start, done, total)}", flush=True)
+                            f"{speed:.0f} images/s, {eta(time.time() - start, done, total)}")
                         bar.set_postfix_str(f"expert {index - plan[0][1] + 1} test acc {test_acc:.4f}", refresh=False)
                     bar.update()
                 finished = [entry for share in parallel.gather_objects(entries) for entry in share]
-                if parallel.is_main():
+                if is_main():
                     meta["experts"] += finished
                     meta["next_index"] += len(finished)
                     if files is rounds[-1]:
                         meta.pop("pending", None)
-                    write_sidecar(directory, meta)
+                    save_json(meta, Path(directory) / SIDECAR)
                     for path, _, size in files:
                         print(f"wrote {path} ({count(size)})")
 
@@ -418,7 +402,7 @@ def import_pt(args):
                                  "test_acc": [], "source": str(source), "source_sha256": digest}
                                 for row in range(len(experts))]
             meta["next_index"] += len(experts)
-            write_sidecar(directory, meta)
+            save_json(meta, Path(directory) / SIDECAR)
             print(f"{source} -> {path} ({count(len(experts))})")
 
 
@@ -438,7 +422,6 @@ def export_pt(args):
     shapes = [torch.Size(shape) for shape in experts.meta["param_shapes"]]
     folder = make_folder(args.export_pt, "--export_pt")
     with folder_lock(folder, "buffer.py --export_pt"):
-        remove_temps(folder)
         if numbered_files(folder, "pt"):
             raise UsageError(f"--export_pt {folder} already holds replay_buffer_{{n}}.pt files; choose an empty folder")
         for n, first in enumerate(range(0, len(experts), args.save_interval)):

@@ -13,15 +13,14 @@ where the expert was at epoch t + expert_epochs. Experts come from buffer.py:
 
 The step itself (the learnable SyntheticSet, the student update and its two exact gradients:
 the full unroll, or with --low_memory the replay whose memory grows only by the stored parameter
-vectors theta_0..theta_N) is in matching.py; this script sets it up, runs it, evaluates and saves
-into the run folder (run_folder.py), with a checkpoint after every evaluation: --resume continues
+vectors theta_0..theta_N) is in mtt/matching.py; this script sets it up, runs it, evaluates and saves
+into the run folder (mtt/run_folder.py), with a checkpoint after every evaluation: --resume continues
 bit for bit. Give any DATM flag (--soft_label, --pix_init samples_predicted_correctly,
 --threshold, the start-epoch window, ...) and the others take DATM's defaults, soft labels
 included, as DATM always runs (printed at start, kept in run.json); give none and this is MTT
 exactly. --cfg FILE.yaml reads the flags from a file (configs/ holds every published row; DATM's
 own files load as they are).
 """
-import importlib.util
 import math
 import os
 import time
@@ -31,18 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import parallel
-import run_folder
-from data import DATASETS, get_dataset, images_per_class
-from experts import Experts, buffer_dir
-from matching import BACKWARD, SyntheticSet, draw_schedule
+from mtt import parallel, run_folder
+from mtt.data import DATASETS, draw_per_class, get_dataset, images_per_class
+from mtt.evaluation import EVAL_MODE_HELP, EVAL_MODES, EvalSet, eval_pool, evaluate_sets
+from mtt.flags import (Parser, add_common_args, boolean, check_model, checked, folder_path, fraction,
+                       non_negative_float, non_negative_int, parse, positive_float, positive_int, switch, take_defaults)
+from mtt.matching import BACKWARD, SyntheticSet, draw_schedule
+from mtt.parallel import main_decides, one_verdict, run_script, stalls_are_one_line
+from mtt.progress import progress
+from mtt.training import INFERENCE_BATCH
+from mtt.trajectories import Experts, buffer_dir
 from networks import forward_flat, get_network
-from progress import progress
-from training import EVAL_MODE_HELP, EVAL_MODES, INFERENCE_BATCH, EvalSet, eval_pool, evaluate_sets
-from utils import (Parser, UsageError, add_common_args, announce, boolean, check_fits, check_model, checked, entry,
-                   folder_lock, folder_path, fraction, main_decides, make_folder, non_negative_float, non_negative_int,
-                   one_verdict, parse, positive_float, positive_int, remove_stale_temps, run_info, run_script, run_seed,
-                   set_seed, stalls_are_one_line, switch)
+from utils import (UsageError, check_fits, entry, folder_lock, installed, is_main, make_folder, run_info, run_seed,
+                   save_json, save_torch, say, set_seed)
 
 # DATM's flags and their defaults in DATM's code. They apply as a whole once any of them is given
 # with a value MTT does not have (DATM always learns its labels, from images an expert classifies
@@ -144,15 +144,7 @@ def parse_args(argv=None):
              "(default: none, no EMA)")
     args = parse(parser, argv, ignore=lambda values: IGNORED_IN_DATM_FILES if uses_datm(values.get) else {})
     args.datm = uses_datm(lambda name: getattr(args, name))
-    args.method_defaults = {}  # DATM's defaults this run takes where MTT's differ: printed, and kept in run.json
-    for name, value in DATM_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value if args.datm else MTT_VALUES.get(name, value))
-            if args.datm:
-                args.method_defaults[name] = value
-    if args.method_defaults:
-        announce("DATM's defaults (a DATM flag is given): " + " ".join(
-            f"--{name} {value}" for name, value in args.method_defaults.items()) + "; give a flag to change one")
+    take_defaults(args, DATM_DEFAULTS, MTT_VALUES, args.datm, "DATM's defaults (a DATM flag is given)")
     if args.save_path is None:
         args.save_path = os.path.join("logged_files", args.dataset, run_name(args))
     check_args(args)
@@ -176,9 +168,11 @@ def run_name(args):
 
 def check_args(args):
     """The checks that involve several flags, before any file or folder is read or made."""
-    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+    if args.tensorboard and not installed("tensorboard"):
         raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard (curves.png is "
                          "written without it)")
+    if not installed("matplotlib"):
+        say("matplotlib is not installed: no curves.png (pip install matplotlib); log.jsonl holds the same figures")
     check_model(args.model, args.dataset, args.res)
     channel, (h, w), num_classes = DATASETS[args.dataset].shape(args.res)
     tiles = args.canvas_size if args.texture else 1
@@ -207,7 +201,6 @@ class Diverged(UsageError):
 
 
 def distill(args, device):
-    say = print if parallel.is_main() else (lambda *a, **k: None)
     save_path = Path(args.save_path)
     with ExitStack() as run_lock:  # rank 0 holds the run folder's lock while the run lasts
         # ---- Set-up: the checkpoint to continue from, data, experts, the learnable set and its
@@ -222,19 +215,20 @@ def distill(args, device):
             check_experts(args, experts, sum(p.numel() for p in net.parameters()))
             held_out, pool = validation_split(data, args.val_per_class, args.seed)
             synset = initial_set(args, data, experts, net, pool, device)
-            optimizers = make_optimizers(synset, args)
+            optimizers = {name: torch.optim.SGD([tensor], *OPTIMIZERS[name](args))
+                          for name, tensor in synset.tensors.items()}
             bounds = {name: DIVERGED * synset.tensors[name].detach().abs().max().item()
                       for name in ("images", "label_logits") if name in synset.tensors}
             ema = ImageEMA(synset.images, args.ema_decay) if args.ema_decay is not None else None
             best, start_it = restore(state, synset, optimizers, ema, args, device) if state is not None else ({}, 0)
-        main_decides(lambda: describe_run_folder(save_path, args, data, device, run_lock, say))
+        main_decides(lambda: describe_run_folder(save_path, args, data, device, run_lock))
         if state is not None:
             say(f"resumed {save_path} at iteration {start_it}" + "".join(
                 f"; --{k} {old} -> {new}" for k, (old, new) in changes.items()))
         elif args.resume:
             say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
         parallel.broadcast_([*synset.tensors.values()] + ([ema.images] if ema else []))
-        log = run_folder.Log(save_path, start_it if state is not None else None, parallel.is_main(), args.tensorboard)
+        log = run_folder.Log(save_path, start_it if state is not None else None, is_main(), args.tensorboard)
         if changes:
             log.write(type="resume", it=start_it, changed={k: list(v) for k, v in changes.items()})
         zca = data.zca.to(device) if data.zca is not None else None
@@ -252,9 +246,9 @@ def distill(args, device):
                 if (it % args.eval_it == 0 or it == args.Iteration) and not (state is not None and it == start_it) \
                         and not (args.skip_first_eva and it == 0):
                     variants = {"": synset.images, **({"ema_": ema.images} if ema else {})}
-                    rows = evaluate(variants, synset, data, test, validation, args, it, device, say)
-                    improved = record(rows, best, it, log, say)
-                    if parallel.is_main():  # this evaluation's files and the checkpoint, all or none of them
+                    rows = evaluate(variants, synset, data, test, validation, args, it, device)
+                    improved = record(rows, best, it, log)
+                    if is_main():  # this evaluation's files and the checkpoint, all or none of them
                         files = {run_folder.CHECKPOINT: checkpoint(it, synset, optimizers, ema, best, args, device)}
                         for prefix, images in variants.items():
                             tags = ["best"] * (f"{prefix}images" in improved)
@@ -264,7 +258,7 @@ def distill(args, device):
                             if args.ipc < GRID_MAX_IPC or args.force_save:
                                 files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, data.to_pixels, args.ipc)
                                 log.image(f"{prefix}images", files[f"{prefix}synthetic_{it}.png"], it)
-                        if it > 0:  # at iteration 0 there is no curve to draw
+                        if it > 0 and installed("matplotlib"):  # at iteration 0 there is no curve to draw
                             files[run_folder.CURVES] = run_folder.curves(log.rows)
                         run_folder.commit(save_path, files, iteration=it)
                 if it == args.Iteration:
@@ -293,7 +287,7 @@ def distill(args, device):
                 bar.set_postfix_str(f"loss {loss:.4f} syn_lr {lr:.5f}", refresh=False)
                 bar.update()
                 if it % PRINT_EVERY == 0:
-                    say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f}", flush=True)
+                    say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f}")
 
     # ---- The end
     for key, mark in best.items():
@@ -318,14 +312,14 @@ def open_run(save_path, args, run_lock):
     return state, resume_changes(state, args)
 
 
-def describe_run_folder(save_path, args, data, device, run_lock, say):
-    """On rank 0, once the set-up has passed every check: the folder made, locked, cleared of
-    killed runs' partial writes and described."""
+def describe_run_folder(save_path, args, data, device, run_lock):
+    """On rank 0, once the set-up has passed every check: the folder made, locked (which clears it of
+    killed runs' partial writes) and described: run.json and, with ZCA, zca.pt."""
     make_folder(save_path, "--save_path")
     run_lock.enter_context(folder_lock(save_path, "distill.py run"))
-    for name in remove_stale_temps(save_path):
-        say(f"removed {name}, left by a killed run")
-    run_folder.describe_run(save_path, run_description(args, data, device), data.zca)
+    save_json(run_description(args, data, device), save_path / run_folder.RUN_JSON)
+    if data.zca is not None:
+        save_torch(data.zca.state_dict(), save_path / run_folder.ZCA_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,9 +332,7 @@ def validation_split(data, per_class, seed):
     keep = torch.ones(len(data.labels_train), dtype=torch.bool)
     if per_class == 0:
         return torch.zeros(0, dtype=torch.long), keep
-    generator = torch.Generator().manual_seed(seed)
-    held = torch.cat([idx[torch.randperm(len(idx), generator=generator)[:per_class]]
-                      for idx in images_per_class(data.labels_train, data.num_classes)])
+    held = draw_per_class(data.labels_train, data.num_classes, per_class, seed)
     keep[held] = False
     return held, keep
 
@@ -428,10 +420,6 @@ OPTIMIZERS = {"images": lambda args: (args.lr_img, 0.5), "syn_lr": lambda args: 
               "label_logits": lambda args: (args.lr_y, args.Momentum_y)}
 
 
-def make_optimizers(synset, args):
-    return {name: torch.optim.SGD([tensor], *OPTIMIZERS[name](args)) for name, tensor in synset.tensors.items()}
-
-
 class ImageEMA:
     """FTD's exponential moving average of the images, after every update: ema = d ema + (1 - d) x
     (no warm-up, no bias correction); it only watches, so the images learn as without it."""
@@ -511,7 +499,7 @@ def check_diverged(synset, loss, bounds, it, args):
 # Evaluation
 
 
-def evaluate(variants, synset, data, test, validation, args, it, device, say):
+def evaluate(variants, synset, data, test, validation, args, it, device):
     """eval.py's protocol on each variant of the set ({"": images, "ema_": EMA images}): a row per
     variant and model of the pool. It draws from its own random stream, seeded by (seed, it), so
     how often we evaluate never changes the distilled images."""
@@ -521,10 +509,10 @@ def evaluate(variants, synset, data, test, validation, args, it, device, say):
              for prefix, images in variants.items() for model in eval_pool(args.eval_mode, args.model)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate_sets(pairs, data, args.num_eval, run_seed(args.seed, it), args.batch_train,
-                             args.augmentation, device, say)
+                             args.augmentation, device)
 
 
-def record(rows, best, it, log, say):
+def record(rows, best, it, log):
     """Update `best` (per set and model, picked on validation when there is one) and report the rows;
     the sets that improved."""
     improved = set()

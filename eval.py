@@ -19,14 +19,14 @@ import os
 from functools import cache
 from pathlib import Path
 
-import torch
 
-import parallel
-from data import get_dataset, images_per_class
-from run_folder import load_saved_set
-from training import EVAL_MODE_HELP, EVAL_MODES, EvalSet, eval_pool, evaluate_sets
-from utils import (Parser, UsageError, add_common_args, check_model, entry, folder_path, parse, positive_float,
-                   positive_int, run_info, run_script, save_json, switch)
+from mtt import parallel
+from mtt.data import draw_per_class, get_dataset, images_per_class
+from mtt.evaluation import EVAL_MODE_HELP, EVAL_MODES, EvalSet, eval_pool, evaluate_sets
+from mtt.flags import Parser, add_common_args, check_model, folder_path, parse, positive_float, positive_int, switch
+from mtt.parallel import run_script
+from mtt.run_folder import load_saved_set
+from utils import UsageError, entry, is_main, run_info, save_json
 
 
 def parse_args(argv=None):
@@ -125,13 +125,11 @@ def in_space(images, data, whitening):
 
 def random_subset(data, ipc, seed):
     """ipc real training images per class, drawn by their own generator so the draw depends on the seed only."""
-    per_class = images_per_class(data.labels_train, data.num_classes)
-    smallest = min(len(idx) for idx in per_class)
+    smallest = min(len(idx) for idx in images_per_class(data.labels_train, data.num_classes))
     if not 1 <= ipc <= smallest:
         raise UsageError(f"--ipc {ipc}: the random baseline needs 1 to {smallest} images per class "
                          f"(the smallest class of the training set has {smallest})")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.cat([idx[torch.randperm(len(idx), generator=generator)[:ipc]] for idx in per_class])
+    return draw_per_class(data.labels_train, data.num_classes, ipc, seed)
 
 
 def build_sets(args, data, saved, device):
@@ -172,7 +170,6 @@ def format_table(rows):
 
 def evaluate_all(args, device):
     """Every set and baseline the command names, num_eval networks per model each: the table's rows."""
-    say = lambda line: print(line, flush=True) if parallel.is_main() else None
     saved = load_saved_set(args.syn_path, args.iteration, args.labels_path, args.lr_path, args.ema) \
         if args.syn_path else None
     distilled_with = saved.meta.get("model") if saved else None
@@ -182,8 +179,8 @@ def evaluate_all(args, device):
     data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res, device=device)
     sets = build_sets(args, data, saved, device)
     rows = evaluate_sets([(eval_set, model) for eval_set in sets for model in models], data, args.num_eval,
-                         args.seed, args.batch_train, args.augmentation, device, say)
-    if parallel.is_main():
+                         args.seed, args.batch_train, args.augmentation, device)
+    if is_main():
         print(format_table(rows))
         if args.out:
             save_json({"dataset": args.dataset, "rows": rows, "processes": parallel.world(), "args": vars(args),

@@ -1,11 +1,11 @@
-"""What the three scripts share that is not the method: flags, seeds, devices, safe files, main()."""
-import argparse
+"""Plumbing the scripts share that is not the method: errors, seeds, devices, safe files, main().
+It imports no other module of the project."""
 import ctypes
+import importlib.util
 import errno
 import fcntl
 import io
 import json
-import math
 import os
 import random
 import re
@@ -14,16 +14,11 @@ import signal
 import subprocess
 import sys
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import config
-import parallel
-from augment import DSA_GROUPS, DSA_STRATEGY, strategy_groups
-from networks import MODELS, get_network
 
 REPO = Path(__file__).resolve().parent
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
@@ -44,134 +39,6 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM (a cluster's pre-emption), with the one line that says what was kept."""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every flag's default in --help (unless its help says it)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
-            return text
-        return f"{text} (default: {'none' if action.default is None else action.default})".lstrip()
-
-
-class Parser(argparse.ArgumentParser):
-    def __init__(self, description):
-        super().__init__(description=description, formatter_class=HelpFormatter)
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def checked(kind, test, requirement):
-    """An argparse type: the text as `kind`, refused unless test(value) holds."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {requirement}, not {text!r}") from None
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, not {text}")
-        return value
-    parse.kind = kind  # what a --cfg file must hold for this flag
-    return parse
-
-
-positive_int = checked(int, lambda v: v >= 1, "at least 1")
-non_negative_int = checked(int, lambda v: v >= 0, "0 or more")
-positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive finite number")
-non_negative_float = checked(float, lambda v: 0 <= v < math.inf, "a finite number of 0 or more")
-fraction = checked(float, lambda v: 0 < v < 1, "in (0, 1)")
-seed_value = checked(int, lambda v: 0 <= v < TORCH_SEEDS, "in 0..2^63-1")
-BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-
-
-def boolean(text):
-    """--flag True / --flag False (the original's spelling; also true/false, 1/0, yes/no)."""
-    if str(text).lower() not in BOOLEANS:
-        raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
-    return BOOLEANS[str(text).lower()]
-
-
-boolean.kind = bool
-
-
-def folder_path(text):
-    """A path to write to or read from: an empty one would mean the current folder, unasked."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path (it would mean the current folder); give a folder")
-    return text
-
-
-def dsa_strategy(text):
-    try:
-        strategy_groups(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
-def switch(parser, name, help, default=False):
-    """A boolean flag: --name alone means True, and --name True / --name False say which."""
-    parser.add_argument(name, nargs="?", const=True, default=default, type=boolean, metavar="{True,False}", help=help)
-
-
-def add_common_args(parser, model_default="ConvNet"):
-    """The flags buffer.py, distill.py and eval.py share, with the original's names and defaults
-    (eval.py's --model defaults to the set's own)."""
-    from data import DATASETS, IMAGENET_SUBSETS  # here, not at the top: data.py imports this module
-    parser.add_argument("--dataset", default="CIFAR10", choices=list(DATASETS),
-                        help="MNIST to CIFAR100 are downloaded into --data_path; Tiny and ImageNet are read from it")
-    parser.add_argument("--subset", default="imagenette", choices=list(IMAGENET_SUBSETS),
-                        help="ImageNet subset (with --dataset ImageNet)")
-    parser.add_argument("--model", default=model_default, choices=list(MODELS), metavar="MODEL",
-                        help=f"network: {', '.join(MODELS)}" + ("" if model_default else
-                                                               " (default: the set's run.json model, else ConvNet)"))
-    parser.add_argument("--res", type=positive_int, default=128,
-                        help="image side of ImageNet subsets, squashed to res x res as the original does")
-    parser.add_argument("--data_path", default="data", type=folder_path, help="where datasets are found or downloaded")
-    switch(parser, "--zca", "ZCA-whiten the data (eps 0.1, fitted on the training set)")
-    switch(parser, "--dsa", "differentiable Siamese augmentation on every batch", default=True)
-    parser.add_argument("--dsa_strategy", default=DSA_STRATEGY, type=dsa_strategy,
-                        help=f"DSA groups joined by _, one drawn per batch (from {', '.join(DSA_GROUPS)})")
-    parser.add_argument("--batch_train", type=positive_int, default=256, help="batch size for training networks")
-    parser.add_argument("--seed", type=seed_value, default=0, help="seeds python, numpy and torch")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
-    switch(parser, "--deterministic", "deterministic CUDA kernels (bit-identical CUDA runs, somewhat slower)")
-    parser.add_argument("--cfg", metavar="FILE.yaml", help="flags from a YAML file, one `flag: value` line each "
-                        "(DATM's format; its files load as they are); flags given here win (config.py)")
-    return parser
-
-
-def parse(parser, argv, ignore=lambda values: {}):
-    """The flags, after those of a --cfg file (config.apply; `ignore` as there), with `augmentation`
-    resolved once: the DSA strategy, or None without --dsa."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    path = config.cfg_path(argv)
-    if path is not None:
-        try:
-            ignored = config.apply(parser, path, ignore)
-        except config.ConfigError as err:
-            raise UsageError(f"--cfg {path}: {err}") from None
-        if ignored:
-            announce(f"--cfg {path}: ignored " + "; ".join(f"{key}: {why}" for key, why in ignored.items()))
-    args = parser.parse_args(argv)
-    args.augmentation = args.dsa_strategy if args.dsa else None
-    return args
-
-
-def check_model(model, dataset, res):
-    """The network's parameter count, checked that it builds for the dataset's images (a deep
-    ConvNet on small ones has no pixels left)."""
-    from data import DATASETS
-    channel, im_size, num_classes = DATASETS[dataset].shape(res)
-    try:
-        with torch.device("meta"):  # shapes only, no memory
-            return sum(p.numel() for p in get_network(model, channel, num_classes, im_size).parameters())
-    except (ValueError, RuntimeError) as err:
-        raise UsageError(f"--model {model} does not fit {dataset}'s {im_size[0]}x{im_size[1]} images: "
-                         f"{str(err).splitlines()[0]}") from None
-
-
 def check_fits(needed, what, folder=None):
     """Refuse, in one line, what needs more bytes than this machine's memory (or, with `folder`,
     the free space of its disk) before anything is allocated or written."""
@@ -184,10 +51,23 @@ def check_fits(needed, what, folder=None):
         raise UsageError(f"{what} needs {needed / 2**30:.3g} GB, more than the {have / 2**30:.3g} GB of {where}")
 
 
-def announce(line):
-    """Print a line once per job: under torchrun, on the first process only (before any process group)."""
-    if os.environ.get("RANK", "0") == "0":
+def is_main():
+    """Whether this is the process that prints and writes: the only one, or torchrun's rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def say(line):
+    """Print a line once per job (under torchrun, on rank 0)."""
+    if is_main():
         print(line, flush=True)
+
+
+def installed(package):
+    """Whether `package` can be imported (found, and not made unimportable), without importing it."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # sys.modules holds None for it
+        return False
 
 
 def set_seed(seed):
@@ -224,31 +104,13 @@ def pick_device(device=None):
 def keep_freed_memory():
     """Make glibc's malloc keep the memory torch frees for its next tensors. By default it maps
     every block over 32 MB afresh from the kernel and unmaps it when freed, so a CPU step whose
-    activations are that large (500 images through ConvNetW32 at 32x32: 65 MB a layer) faults them
-    in again, 4 KB at a time, at every step: 1.5 million page faults per ipc-50 iteration of 2
-    steps, half of its CPU time (buffer.py's batches of 256: a quarter). The cost: freed blocks that
-    later requests do not fit stay resident (a 30% higher peak at ipc 50, steady over iterations).
-    No effect where the C library is not glibc."""
+    activations are that large faults them in again, 4 KB at a time, at every step (BENCHMARKS.md
+    section 8). The cost: freed blocks that later requests do not fit stay resident. No effect
+    where the C library is not glibc."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
         mallopt(M_MMAP_MAX, 0)  # every block from the heap, which is reused
         mallopt(M_TRIM_THRESHOLD, -1)  # and never shrunk, so what the next step needs is mapped already
-
-
-def setup_device(args):
-    """The device this process works on: --device (cuda:LOCAL_RANK under torchrun, which also
-    joins the process group), with --deterministic's settings; on the CPU, freed memory is kept
-    for reuse (keep_freed_memory)."""
-    step_timeout = timedelta(seconds=getattr(args, "step_timeout", parallel.STEP_TIMEOUT.total_seconds()))
-    device = parallel.setup(pick_device(args.device), step_timeout)
-    if device.type == "cpu":
-        keep_freed_memory()
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    return device
 
 
 def run_info(device):
@@ -265,29 +127,6 @@ def run_info(device):
             "device_name": name}
 
 
-def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was written"):
-    """The three scripts' main(): parse and check the flags, set up the device, run. Bad input
-    (a UsageError) ends the script with one line, `error: ...`, printed by one process: rank 0,
-    naming the rank it happened on, or the rank itself when the others cannot know. Ctrl-C and
-    SIGTERM become Interrupted with interrupted(args), the line saying what is kept."""
-    args = None
-    try:
-        args = parse_args(argv)
-        result = run(args, setup_device(args))
-    except UsageError as err:
-        grouped = parallel.world() > 1  # before the process group, every rank parsed the same flags
-        here = parallel.rank() if grouped else int(os.environ.get("RANK", "0"))
-        if here != 0 and (err.rank is not None or not grouped):
-            sys.exit(1)  # a verdict every rank reached: rank 0 says it
-        rank = here if err.rank is None else err.rank
-        sys.exit(f"error{f' (rank {rank})' if rank else ''}: {err}")
-    except KeyboardInterrupt as stop:
-        said = interrupted(args) if args else "nothing was written"
-        raise Interrupted(f"{str(stop) or 'stopped by Ctrl-C'}: {said}") from None
-    parallel.teardown()
-    return result
-
-
 def exit_status(main):
     """main()'s exit status: Ctrl-C and SIGTERM end with Interrupted's one line (on rank 0 only) and
     130, not a traceback; sys.exit's status is kept, and its message printed with 1."""
@@ -298,7 +137,7 @@ def exit_status(main):
     try:
         main()
     except KeyboardInterrupt as stop:
-        if os.environ.get("RANK", "0") == "0":
+        if is_main():
             print(str(stop) or "stopped by Ctrl-C", file=sys.stderr)
         return 130
     except SystemExit as leaving:
@@ -310,61 +149,13 @@ def exit_status(main):
 
 
 def entry(main):
-    """`if __name__ == "__main__": entry(main)`. It exits without the interpreter's teardown: freeing
-    the modules torch loads took 1.3-1.6 s a run on a 2-core CPU, and every file the script wrote is
-    closed, and the process group left, by the time main() returns."""
+    """`if __name__ == "__main__": entry(main)`. It exits without the interpreter's teardown, which
+    spends seconds freeing the modules torch loads: every file the script wrote is closed, and the
+    process group left, by the time main() returns."""
     status = exit_status(main)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
-
-
-@contextmanager
-def stalls_are_one_line():
-    """A training-step collective that timed out (torchrun: a rank stopped or hangs) becomes one
-    line naming the silent rank, found by a monitored barrier, instead of a wait of hours."""
-    try:
-        yield
-    except RuntimeError as err:
-        if parallel.world() == 1 or "timed out" not in str(err).lower():
-            raise
-        silent = parallel.silent_ranks()
-        who = f"rank {', '.join(map(str, silent))}" if silent and silent != [-1] else "another rank"
-        here = None if 0 in silent else parallel.rank()
-        raise UsageError(f"{who} stopped answering: a training step's collective waited for it past its timeout "
-                         f"(--step_timeout); the job stops here", rank=here) from None
-
-
-def main_decides(work):
-    """work() on rank 0 alone, its result on every rank, and a UsageError it raises on every rank
-    too (said by rank 0): the others never wait in a collective for a rank that stopped."""
-    outcome = None
-    if parallel.is_main():
-        try:
-            outcome = (work(), None)
-        except UsageError as err:
-            outcome = (None, str(err))
-    result, failure = parallel.broadcast_object(outcome)
-    if failure is not None:
-        raise UsageError(failure, rank=0)
-    return result
-
-
-@contextmanager
-def one_verdict():
-    """Run the block on every rank; when it fails on any of them with a UsageError, it fails on
-    all of them alike (rank 0 saying why, naming the rank), so that no rank is left waiting in a
-    collective for one that stopped: a torchrun job with bad input ends with one line. The block
-    must hold no collective (a rank that failed would skip it and wait in the verdict's)."""
-    failure = None
-    try:
-        yield
-    except UsageError as err:
-        failure = (parallel.rank() if err.rank is None else err.rank, str(err))
-    failures = [found for found in parallel.gather_objects(failure) if found]
-    if failures:
-        rank, message = failures[0]
-        raise UsageError(message, rank=rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +253,28 @@ def load_torch(path, what, fix="", device="cpu"):
         raise UsageError(f"cannot read {path} as {what} ({type(err).__name__}){f'; {fix}' if fix else ''}") from err
 
 
+def schema_problem(value, types):
+    """What makes `value` other than a dict holding types' keys, each of its type(s), or None."""
+    if not isinstance(value, dict):
+        return f"it holds a {type(value).__name__}"
+    wrong = [key for key, kind in types.items() if not isinstance(value.get(key), kind)
+             or (kind in (int, float) and isinstance(value.get(key), bool))]
+    return f"missing or mistyped {', '.join(wrong)}" if wrong else None
+
+
+def open_array(path, dtype, fits, mode="r", expected=""):
+    """The .npy array in `path`, memory-mapped (mode "c": copy-on-write, so that torch may write
+    to it and nothing reaches the file), or a UsageError: it is no .npy file, or not one of `dtype`
+    whose shape passes fits(shape) (`expected` says what was)."""
+    try:
+        array = np.load(path, mmap_mode=mode)
+    except (OSError, ValueError, EOFError):
+        raise UsageError(f"{path} is truncated or not a .npy array: numpy cannot map it") from None
+    if array.dtype != dtype or not fits(array.shape):
+        raise UsageError(f"{path} holds {array.dtype} of shape {array.shape}{expected}")
+    return array
+
+
 def process_alive(pid):
     try:
         os.kill(pid, 0)
@@ -488,10 +301,12 @@ _locked = set()  # the folders this process holds the lock of
 
 
 @contextmanager
-def folder_lock(folder, what):
+def folder_lock(folder, what, wait=False):
     """Hold an exclusive lock on `folder` (fcntl on folder/.lock) while the block runs, so that
-    two processes never write one folder; the lock goes with the process, however it ends. A
-    folder this process holds already is not locked again."""
+    two processes never write one folder; the lock goes with the process, however it ends. Taking
+    it removes the partial writes of killed processes (remove_stale_temps). Held already by this
+    process: nothing more; held by another: a UsageError, or with `wait` (a cache, which the
+    second process then reads instead of doing the work again) a wait for it."""
     key = Path(folder).resolve()
     if key in _locked:
         yield
@@ -500,10 +315,16 @@ def folder_lock(folder, what):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"{folder} is in use by another {what} (it holds {folder}/.lock); wait for it to "
-                             f"finish or choose another folder") from None
+            if not wait:
+                raise UsageError(f"{folder} is in use by another {what} (it holds {folder}/.lock); wait for it to "
+                                 f"finish or choose another folder") from None
+            say(f"waiting for another process to finish writing {folder}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         _locked.add(key)
         try:
+            removed = remove_stale_temps(folder)
+            if removed:
+                say(f"removed the temporary files of killed runs in {folder}: {', '.join(sorted(removed))}")
             yield
         finally:
             _locked.discard(key)

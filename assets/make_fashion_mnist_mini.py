@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import DEBIAN_FASHION_MNIST, MINI_PATH, idx_files, read_idx  # noqa: E402
+from mtt.data import DEBIAN_FASHION_MNIST, MINI_PATH, idx_files, read_idx  # noqa: E402
 
 
 def balanced_subset(labels, per_class, rng):

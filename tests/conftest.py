@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import buffer  # noqa: E402
-from data import get_dataset  # noqa: E402
+from mtt.data import get_dataset  # noqa: E402
 
 # One thread per test worker (pytest.ini runs two): a second thread per worker only contends for
 # the same cores (161 s against 183 s for the suite with two). Pinned, not the machine's count, so

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import distill
-import matching
+from mtt import matching
 
 # distill.py at the smallest size that still runs every stage: 10 images of 28 px, a width-16 ConvNet,
 # two student steps, one evaluation network trained for one epoch.

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import augment
-from augment import DSA_GROUPS, DSA_OPS, apply_augmentation, draw_augmentation
+from mtt import augment
+from mtt.augment import DSA_GROUPS, DSA_OPS, apply_augmentation, draw_augmentation
 
 
 def batch(n=4, dtype=torch.float32):

@@ -1,7 +1,7 @@
 """bench.py's rounds and tables, on made-up figures (no process is started)."""
 import torch
 
-import bench
+from tools import bench
 
 
 def test_every_round_runs_every_configuration_in_order():

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import locked_by_another_process, one_line_error
 
 import buffer
-from augment import DSA_STRATEGY
-from experts import Experts, buffer_dir
+from mtt.augment import DSA_STRATEGY
+from mtt.training import train_epoch
+from mtt.trajectories import Experts, buffer_dir
 from networks import flatten_params, forward_flat, get_network, unflatten
-from training import train_epoch
 from utils import set_seed
 
 # A ConvNet of width 16 trains at ~1.7 s per epoch on the embedded set on 2 cores (width 32: ~5 s).
@@ -415,8 +414,8 @@ def test_an_unlisted_file_that_is_not_the_next_experts_is_set_aside(tmp_path, ki
         f"set {directory / 'replay_buffer_1.npy'} aside as replay_buffer_1.npy.orphan: it is not listed in "
         f"buffer.json and its experts do not start from the initialisations of indices 1.. under --seed 1",
         f"set {directory / 'replay_buffer_2.npy'} aside as replay_buffer_2.npy.orphan: it is not listed in "
-        f"buffer.json and {directory / 'replay_buffer_2.npy'} is truncated or not a buffer.py array: numpy cannot "
-        f"map it as a .npy"]
+        f"buffer.json and {directory / 'replay_buffer_2.npy'} is truncated or not a .npy array: numpy cannot "
+        f"map it"]
     assert sorted(p.name for p in directory.iterdir()) == [".lock", "buffer.json", "replay_buffer_0.npy",
                                                            "replay_buffer_1.npy.orphan", "replay_buffer_2.npy.orphan",
                                                            "replay_buffer_3.npy"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from bench_data import old_fit
-from data import DATASETS, IMAGENET_SUBSETS, ZCA, get_dataset
+from mtt import data
+from mtt.data import DATASETS, IMAGENET_SUBSETS, ZCA, get_dataset
+from tools.bench_data import old_fit
 
 RNG = np.random.default_rng(0)
 # Pictures of other sizes than the side they are squashed to, in the modes a dataset holds:

@@ -5,13 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from helpers import TINY, crash_at, load, run_distill
 
 import distill
-import matching
-from distill import (choose_real, draw_segment, init_label_logits, parse_args, predict, start_epoch_window,
-                     validation_split)
+from distill import (
+    choose_real,
+    draw_segment,
+    init_label_logits,
+    parse_args,
+    predict,
+    start_epoch_window,
+    validation_split,
+)
+from mtt import matching
 from networks import ConvNet, flatten_params
 from utils import UsageError
 

@@ -13,10 +13,9 @@ from helpers import TINY, crash_at, load, locked_by_another_process, one_line_er
 from PIL import Image
 
 import distill
-import matching
-import run_folder
-from experts import buffer_dir
-from run_folder import load_zca
+from mtt import matching, run_folder
+from mtt.data import ZCA
+from mtt.trajectories import buffer_dir
 
 REFERENCE = Path(__file__).parent / "fixtures" / "mtt_reference.pt"
 
@@ -105,7 +104,7 @@ def test_zca_run_saves_the_transform_and_dewhitened_images(buffers, tmp_path):
     (Path(target) / "buffer.json").write_text(json.dumps({**meta, "zca": True}))
     run_distill(zca_buffers, tmp_path / "run", "--Iteration", "1", "--zca", "--data_path", str(tmp_path / "data"))
     run = tmp_path / "run"
-    zca = load_zca(run / "zca.pt")
+    zca = ZCA.load(run / "zca.pt")
     images = load(run / "images_1.pt")
     assert torch.allclose(load(run / "images_zca_1.pt"), zca.inverse(images), atol=1e-5)
     assert json.loads((run / "run.json").read_text())["zca"] is True
@@ -435,7 +434,7 @@ def test_curves_png_shows_the_loss_syn_lr_and_accuracy_of_every_evaluation(buffe
 
 
 def test_the_grid_wraps_many_classes_into_rows_of_ten():
-    from run_folder import grid
+    from mtt.run_folder import grid
     images = torch.zeros(200, 3, 64, 64)  # Tiny ImageNet at ipc 1: 200 classes
     assert grid(images, lambda x: x, ipc=1).shape == (20 * 130 + 2, 10 * 130 + 2, 3)  # x2 to 128 px, 2 px borders
     assert grid(images, lambda x: x, ipc=2).shape == (100 * 130 + 2, 2 * 130 + 2, 3)  # a row per class

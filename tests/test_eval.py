@@ -5,14 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import one_line_error
 
 import eval as eval_script
-import run_folder
-import training
-from augment import DSA_STRATEGY
-from data import MINI_PATH, ZCA, get_dataset, images_per_class
+from mtt import evaluation, run_folder
+from mtt.augment import DSA_STRATEGY
+from mtt.data import MINI_PATH, ZCA, get_dataset, images_per_class
 from networks import ConvNet
 
 FAST = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8"]
@@ -21,13 +19,13 @@ FAST = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8"]
 @pytest.fixture
 def calls(monkeypatch):
     """Replace the training with a spy: each call's arguments by name; every run scores 50%."""
-    seen, signature = [], inspect.signature(training.evaluate_synset)
+    seen, signature = [], inspect.signature(evaluation.evaluate_synset)
 
     def spy(*args, **kwargs):
         seen.append(signature.bind(*args, **kwargs).arguments)
         return 1.0, 0.5
 
-    monkeypatch.setattr(training, "evaluate_synset", spy)
+    monkeypatch.setattr(evaluation, "evaluate_synset", spy)
     return seen
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import experts
 from distill import draw_segment
-from experts import SIDECAR, Experts, buffer_dir
+from mtt import trajectories as experts
+from mtt.trajectories import SIDECAR, Experts, buffer_dir
 from utils import UsageError
 
 EPOCHS, PARAMS = 2, 3
@@ -127,8 +127,8 @@ def damage(directory, what):
 
 @pytest.mark.parametrize("what,message", [
     ("missing", "{path} is listed in buffer.json but missing"),
-    ("truncated", "{path} is truncated or not a buffer.py array: numpy cannot map it as a .npy"),
-    ("not an array", "{path} is truncated or not a buffer.py array: numpy cannot map it as a .npy"),
+    ("truncated", "{path} is truncated or not a .npy array: numpy cannot map it"),
+    ("not an array", "{path} is truncated or not a .npy array: numpy cannot map it"),
     ("fewer rows", "{path} holds float32 of shape (1, 3, 3), but buffer.json expects float32 of shape "
                    "(at least 2, 3, 3)"),
     ("float64", "{path} holds float64 of shape (2, 3, 3), but buffer.json expects float32 of shape "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from matching import BACKWARD, SyntheticSet, draw_schedule
+from mtt.matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import get_network
 
 GOLDEN = torch.load(Path(__file__).parent / "fixtures" / "mtt_meta_gradient.pt", weights_only=False)

@@ -4,17 +4,15 @@ import itertools
 
 import pytest
 import torch
-
 from helpers import relative_error
 
-import parallel
-from augment import DSA_STRATEGY
 import distill
 from distill import init_images
-import matching
-from matching import BACKWARD, SyntheticSet, draw_schedule
+from mtt import matching, parallel
+from mtt.augment import DSA_STRATEGY
+from mtt.matching import BACKWARD, SyntheticSet, draw_schedule
+from mtt.training import cross_entropy
 from networks import ConvNet, flatten_params, get_network
-from training import cross_entropy
 from utils import UsageError
 
 

@@ -3,10 +3,10 @@ nothing on ranks other than 0."""
 import io
 import sys
 
+import pytest
 from tqdm.contrib import DummyTqdmFile
 
-import parallel
-import progress
+from mtt import progress
 
 
 class Terminal(io.StringIO):
@@ -20,7 +20,7 @@ def test_progress_prints_whole_lines_when_not_on_a_terminal(capsys):
     with progress.progress(total=50, desc="work", unit="img") as bar:
         for step in range(25):
             bar.update(2)
-            bar.set_postfix(loss=f"{step / 10:.4f}")
+            bar.set_postfix_str(f"loss={step / 10:.4f}")
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = err.splitlines()
@@ -38,10 +38,12 @@ def test_progress_prints_a_line_when_enough_time_has_passed_however_little_was_d
         f"slow:   0% {n}/1000" for n in range(6)]
 
 
-def test_progress_is_silent_on_other_ranks(capsys, monkeypatch):
-    monkeypatch.setattr(parallel, "is_main", lambda: False)
-    assert list(progress.progress(range(7), desc="work")) == list(range(7))
-    assert capsys.readouterr() == ("", "")
+@pytest.mark.parametrize("file", [None, Terminal()], ids=["lines", "terminal"])
+def test_progress_is_silent_on_other_ranks(capsys, monkeypatch, file):
+    monkeypatch.setenv("RANK", "1")
+    with progress.progress(total=7, desc="work", file=file) as bar:
+        bar.update(7)
+    assert capsys.readouterr() == ("", "") and (file is None or file.getvalue() == "")
 
 
 def test_on_a_terminal_what_the_loop_prints_goes_above_the_bar(capsys):

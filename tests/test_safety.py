@@ -17,10 +17,9 @@ from helpers import TINY, load, locked_by_another_process, one_line_error, run_d
 import buffer
 import distill
 import eval as eval_script
-import matching
-import run_folder
 import utils
-from experts import buffer_dir
+from mtt import matching, run_folder
+from mtt.trajectories import buffer_dir
 
 FAST_BUFFER = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--num_experts", "1", "--train_epochs", "1"]
 
@@ -306,8 +305,10 @@ def test_a_corrupt_log_is_one_line_naming_it(buffers, tmp_path, lines, said):
 
 
 @pytest.mark.parametrize("change,said", [
-    ({"model": "Foo"}, "model"), ({"model": 123}, "model"), ({"texture": True, "canvas_size": None}, "canvas_size"),
-    ({"canvas_size": "2"}, "canvas_size"),
+    ({"model": "Foo"}, "an unknown model 'Foo'"), ({"model": 123}, "missing or mistyped model"),
+    ({"texture": True, "canvas_size": None}, "missing or mistyped canvas_size"),
+    ({"canvas_size": "2"}, "missing or mistyped canvas_size"),
+    ({"texture": True, "canvas_size": 0}, "a texture run without canvas sizes of 1 or more"),
 ])
 def test_a_corrupt_run_json_is_one_line_naming_it(buffers, tmp_path, change, said):
     run_distill(buffers, tmp_path, "--Iteration", "0")
@@ -331,7 +332,7 @@ def test_a_zca_transform_of_the_wrong_shape_is_one_line(tmp_path):
 def test_a_truncated_or_foreign_idx_file_is_one_line_naming_it(tmp_path, cut):
     import gzip
 
-    from data import IDX_FILES, get_dataset
+    from mtt.data import IDX_FILES, get_dataset
     rng = np.random.default_rng(0)
     for name in IDX_FILES:
         shape = (20, 28, 28) if "images" in name else (20,)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchrun_gradients import CASES, gradients
 
 import buffer
 import distill
-from torchrun_gradients import CASES, gradients
 
 REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}

@@ -40,7 +40,7 @@ def test_a_rank_that_stops_answering_ends_the_job_with_a_line_naming_it(buffers,
     wrapper.write_text(
         "import os, runpy, sys, time\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import matching\n"
+        "from mtt import matching\n"
         "real, calls = matching.BACKWARD[False], []\n"
         "def stalls(*args):\n"
         "    calls.append(1)\n"

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import training
 import utils
-from data import images_per_class
+from mtt import training
+from mtt.data import images_per_class
+from mtt.evaluation import eval_pool, evaluate_synset
 from networks import ConvNet, flatten_params
-from training import evaluate_synset
 from utils import set_seed
 
 
@@ -75,12 +75,12 @@ def test_texture_training_uses_crops_of_the_canvases():
 
 
 def test_eval_pools_follow_the_original():
-    assert training.eval_pool("S", "ConvNetBN") == ["ConvNet"]
-    assert training.eval_pool("S", "ResNet18BN_AP") == ["ResNet18"]  # the original's split("BN")[0]
-    assert training.eval_pool("S", "ConvNetD4") == ["ConvNetD4"]
-    assert training.eval_pool("C", "ConvNetD4") == ["ConvNetD4", "ConvNet"]
-    assert training.eval_pool("C", "ConvNet") == ["ConvNet"]
-    assert training.eval_pool("M", "ConvNet") == ["ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18"]
+    assert eval_pool("S", "ConvNetBN") == ["ConvNet"]
+    assert eval_pool("S", "ResNet18BN_AP") == ["ResNet18"]  # the original's split("BN")[0]
+    assert eval_pool("S", "ConvNetD4") == ["ConvNetD4"]
+    assert eval_pool("C", "ConvNetD4") == ["ConvNetD4", "ConvNet"]
+    assert eval_pool("C", "ConvNet") == ["ConvNet"]
+    assert eval_pool("M", "ConvNet") == ["ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18"]
 
 
 def picked(device):

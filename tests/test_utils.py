@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import utils
+from mtt import flags
+from mtt.augment import DSA_STRATEGY
 from utils import UsageError
 
 
@@ -58,9 +60,9 @@ def test_atomic_path_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_
 
 
 def parser():
-    parser = utils.Parser("test")
-    utils.add_common_args(parser)
-    utils.switch(parser, "--flag", "a switch")
+    parser = flags.Parser("test")
+    flags.add_common_args(parser)
+    flags.switch(parser, "--flag", "a switch")
     return parser
 
 
@@ -70,9 +72,9 @@ def parser():
     (["--dsa", "0", "--zca", "yes", "--flag", "1"], (False, True, True)),
 ])
 def test_every_boolean_flag_reads_true_and_false_alike(argv, expected):
-    args = utils.parse(parser(), argv)
+    args = flags.parse(parser(), argv)
     assert (args.dsa, args.zca, args.flag) == expected
-    assert args.augmentation == (utils.DSA_STRATEGY if args.dsa else None)
+    assert args.augmentation == (DSA_STRATEGY if args.dsa else None)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -85,15 +87,15 @@ def test_every_boolean_flag_reads_true_and_false_alike(argv, expected):
 ])
 def test_a_bad_flag_is_one_usage_error(argv, message):
     with pytest.raises(UsageError) as raised:
-        utils.parse(parser(), argv)
+        flags.parse(parser(), argv)
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize("text", ["inf", "nan", "-1", "0"])
 def test_a_learning_rate_is_positive_and_finite(text):
     with pytest.raises(Exception, match="a positive finite number"):
-        utils.positive_float(text)
-    assert utils.positive_float("1e-3") == 1e-3
+        flags.positive_float(text)
+    assert flags.positive_float("1e-3") == 1e-3
 
 
 @pytest.mark.parametrize("content,message", [

@@ -7,11 +7,12 @@ named by argv[1].
 import sys
 
 import torch
-
-import parallel
-from matching import BACKWARD, draw_schedule
 from torchrun_gradients import problem
-from utils import DSA_STRATEGY
+
+from mtt import parallel
+from mtt.augment import DSA_STRATEGY
+from mtt.matching import BACKWARD, draw_schedule
+from utils import is_main
 
 # 7 canvases in batches of 3, 2 crops each: minibatches of 2, 6, 6 and 2 crops, which two processes split 1+1,
 # 3+3, 3+3 and 1+1; in chunks of 2 a share of 3 is 2 + 1.
@@ -30,6 +31,6 @@ def gradients(low_memory, chunk_syn, syn_steps=4, batch_syn=3):
 if __name__ == "__main__":
     parallel.setup(torch.device("cpu"))
     results = {low_memory: gradients(low_memory, CHUNK_SYN) for low_memory in (False, True)}
-    if parallel.is_main():
+    if is_main():
         torch.save({"world": parallel.world(), "results": results}, sys.argv[1])
     parallel.teardown()

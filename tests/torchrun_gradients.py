@@ -7,10 +7,11 @@ import sys
 
 import torch
 
-import parallel
-from matching import BACKWARD, SyntheticSet, draw_schedule
+from mtt import parallel
+from mtt.augment import DSA_STRATEGY
+from mtt.matching import BACKWARD, SyntheticSet, draw_schedule
 from networks import ConvNet, flatten_params
-from utils import DSA_STRATEGY
+from utils import is_main
 
 # (low_memory, texture, soft labels): 7 images in batches of 3 -> minibatches of 3, 3 and 1 image,
 # which two processes split 2+1, 2+1 and 1+0 (the second gets nothing from the last).
@@ -41,6 +42,6 @@ def gradients(low_memory, texture, soft, syn_steps=4, batch_syn=3):
 if __name__ == "__main__":
     parallel.setup(torch.device("cpu"))
     results = {case: gradients(*case) for case in CASES}
-    if parallel.is_main():
+    if is_main():
         torch.save({"world": parallel.world(), "results": results}, sys.argv[1])
     parallel.teardown()

@@ -1,9 +1,9 @@
 """Start-up on a folder dataset: the first start (decoding every JPEG, fitting the ZCA, whitening
 the images) against the second (reading all three from {data_path}/cache), printed as Markdown tables.
 
-    python bench_data.py                        # Tiny ImageNet's shape: 200 classes x 100 JPEGs of 64 px
-    python bench_data.py --device cuda          # the ZCA fitted and applied on the GPU
-    python bench_data.py --dataset ImageNet --res 32 --per_class 500 --side 160   # a 3x32x32 ZCA
+    python tools/bench_data.py                        # Tiny ImageNet's shape: 200 classes x 100 JPEGs of 64 px
+    python tools/bench_data.py --device cuda          # the ZCA fitted and applied on the GPU
+    python tools/bench_data.py --dataset ImageNet --res 32 --per_class 500 --side 160   # a 3x32x32 ZCA
 
 It builds the folder in a temporary directory (random smooth pictures, --side px JPEGs; Tiny's
 layout with val/val_annotations.txt, or ImageNet's 1000 class folders of which the imagenette ten
@@ -35,13 +35,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-import buffer
-from data import DATASETS, IMAGENET_SUBSETS, ZCA, cpu_threads, get_dataset
-from experts import buffer_dir, write_sidecar
-from networks import flatten_params, get_network
-from utils import boolean
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: python tools/bench_data.py
+import buffer  # noqa: E402
+from mtt.data import DATASETS, IMAGENET_SUBSETS, ZCA, cpu_threads, get_dataset  # noqa: E402
+from mtt.flags import boolean  # noqa: E402
+from mtt.trajectories import SIDECAR, buffer_dir  # noqa: E402
+from networks import flatten_params, get_network  # noqa: E402
+from utils import REPO, save_json  # noqa: E402
 
-REPO = Path(__file__).resolve().parent
 MODEL_FOR_SIDE = {32: "ConvNet", 64: "ConvNetD4", 128: "ConvNetD5"}  # depth grows with the side, as in DATM
 DISTILL_FLAGS = ["--ipc", "1", "--syn_steps", "2", "--expert_epochs", "1", "--max_start_epoch", "1",
                  "--Iteration", "1", "--num_eval", "1", "--epoch_eval_train", "1"]
@@ -101,7 +102,7 @@ def build_experts(buffer_path, args):
     meta["experts"] = [{"file": "replay_buffer_0.npy", "row": 0, "index": 0, "seed": 0, "train_acc": [0.0],
                         "test_acc": [0.0]}]
     meta["next_index"] = 1
-    write_sidecar(directory, meta)
+    save_json(meta, Path(directory) / SIDECAR)
 
 
 # ---------------------------------------------------------------------------------------------

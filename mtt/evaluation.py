@@ -1,19 +1,18 @@
-"""Training and testing networks: the experts' epochs (buffer.py) and the evaluation protocol of
-DC, DSA and MTT (distill.py, eval.py): train a fresh network on a set, test it on real images."""
+"""The evaluation protocol of DC, DSA and MTT (distill.py, eval.py): train fresh networks on a
+set, test them on real images, one row of mean and std per set and model."""
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import parallel
-from augment import DSA_STRATEGY, apply_augmentation, draw_augmentation, draw_texture_crops, texture_crops
+from mtt import parallel
+from mtt.augment import DSA_STRATEGY
+from mtt.progress import progress
+from mtt.training import accuracy, decay_epoch, train_epoch
 from networks import get_network
-from progress import progress
-from utils import eta, run_seed, set_seed
+from utils import eta, run_seed, say, set_seed
 
-INFERENCE_BATCH = 500  # images per forward pass when only predicting
 EVAL_POOLS = {
     "M": ["ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18"],
     "W": ["ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"],
@@ -36,58 +35,6 @@ def eval_pool(eval_mode, model):
     if eval_mode == "C":
         return list(dict.fromkeys([model, "ConvNet"]))
     return EVAL_POOLS[eval_mode]
-
-
-def decay_epoch(epochs):
-    """The epoch after which the original divides the lr by ten, for experts and evaluations alike."""
-    return epochs // 2 + 1
-
-
-def cross_entropy(logits, targets):
-    """Class ids: the usual cross-entropy. N x C label logits (DATM's soft labels): the
-    cross-entropy against softmax(targets) at temperature 1, summed over classes, averaged over
-    the batch, as DATM trains its students and evaluation networks."""
-    if targets.is_floating_point():
-        return -(F.log_softmax(logits, 1) * F.softmax(targets, 1)).sum() / len(logits)
-    return F.cross_entropy(logits, targets)
-
-
-@torch.no_grad()
-def accuracy(net, images, labels):
-    net.eval()
-    batches = zip(images.split(INFERENCE_BATCH), labels.split(INFERENCE_BATCH))
-    return sum((net(x).argmax(1) == y).sum().item() for x, y in batches) / len(labels)
-
-
-def sgd_step(net, x, y, optimizer):
-    """train_epoch's update: one gradient step of `optimizer` on the batch; returns the outputs."""
-    out = net(x)
-    loss = cross_entropy(out, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return out
-
-
-def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, texture=None, step=sgd_step):
-    """One shuffled pass over (images, labels) with DSA on every batch (one draw per image) and
-    `step` on each (buffer.py's GSAM takes sgd_step's place); labels are class ids or label logits;
-    texture = (res, samples) trains on random crops of canvases. Returns the training accuracy as
-    a 0-dim tensor: reading it waits for the GPU, which a 1000-epoch evaluation should not do per step."""
-    net.train()
-    correct, seen = torch.zeros((), device=images.device), 0
-    for idx in torch.randperm(len(images), device=images.device).split(batch_size):
-        x, y = images[idx], labels[idx]
-        if texture is not None:
-            (res, samples) = texture
-            x = texture_crops(x, draw_texture_crops(x, samples), res)
-            y = y.repeat(samples, *[1] * (y.ndim - 1))
-        if dsa_strategy:
-            x = apply_augmentation(x, draw_augmentation(x, dsa_strategy))
-        out = step(net, x, y, optimizer)
-        correct += (out.argmax(1) == (y.argmax(1) if y.is_floating_point() else y)).sum()  # logits: their class
-        seen += len(y)
-    return correct / seen
 
 
 def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=1000, batch_train=256,
@@ -128,8 +75,7 @@ class EvalSet:
     lr_from: str = "--lr"  # where lr came from, for the report
 
 
-def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA_STRATEGY, device="cpu",
-                  say=print):
+def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA_STRATEGY, device="cpu"):
     """Train num_eval fresh networks for each (EvalSet, model) pair and test each; one row of the
     table per pair. Network r of a pair is seeded by (seed, r) alone, so a row repeats whatever
     else the command evaluates, and under torchrun the networks spread over the ranks (network k

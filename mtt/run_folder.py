@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import ZCA
+from mtt.data import ZCA
 from networks import MODELS
 from utils import (UsageError, atomic_path, fsync, full_disk_is_one_line, is_ours, load_json, load_torch, save_json,
-                   save_torch, temp_path, torch_bytes)
+                   schema_problem, temp_path, torch_bytes)
 
 CHECKPOINT, LOG, RUN_JSON, ZCA_FILE, JOURNAL = "checkpoint.pt", "log.jsonl", "run.json", "zca.pt", ".mtt-commit.json"
 GRID_SIDE = 128  # pixels a side an image is enlarged to (nearest) in the grid, so a 28-32 px image shows
@@ -71,13 +71,6 @@ def image_grid(pixels, per_row, padding=2):
         top, left = padding + (h + padding) * (k // per_row), padding + (w + padding) * (k % per_row)
         grid[:, top:top + h, left:left + w] = image.expand(3, h, w)
     return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def describe_run(folder, fields, zca=None):
-    """run.json (what eval.py needs to evaluate the set, and provenance) and, with ZCA, zca.pt."""
-    save_json(fields, Path(folder) / RUN_JSON)
-    if zca is not None:
-        save_torch(zca.state_dict(), Path(folder) / ZCA_FILE)
 
 
 def file_bytes(name, value):
@@ -218,8 +211,8 @@ def curves(rows):
     from matplotlib import pyplot as plt
     steps = [row for row in rows if row["type"] == "iteration"]
     figure, (loss, lr, accuracy) = plt.subplots(1, 3, figsize=(15, 4), dpi=80)
-    # a fixed layout, and few ticks below: a layout engine and matplotlib's tick objects were 60% of
-    # the drawing (0.28 -> 0.11 s a figure, drawn at every evaluation)
+    # a fixed layout, and few ticks below: a layout engine and matplotlib's tick objects were most of
+    # the drawing, which comes at every evaluation
     figure.subplots_adjust(left=0.04, right=0.99, bottom=0.13, top=0.92, wspace=0.15)
     its = [row["it"] for row in steps]
     losses = np.array([row["loss"] for row in steps])
@@ -287,8 +280,8 @@ def check_save_path(folder, resume):
 
 
 START_AGAIN = "move it away to start again from iteration 0"
-CHECKPOINT_KEYS = {"iteration": int, "tensors": dict, "optimizers": dict, "best": dict, "args": dict,
-                   "rng_cpu": torch.Tensor}  # and ema, rng_cuda: a tensor or None
+CHECKPOINT_TYPES = {"iteration": int, "tensors": dict, "optimizers": dict, "best": dict, "args": dict,
+                    "rng_cpu": torch.Tensor, "ema": (torch.Tensor, type(None)), "rng_cuda": (torch.Tensor, type(None))}
 
 
 def read_checkpoint(folder):
@@ -302,12 +295,9 @@ def read_checkpoint(folder):
 
 
 def checkpoint_problem(state):
-    if not isinstance(state, dict):
-        return f"it holds a {type(state).__name__}"
-    wrong = [key for key, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(key), kind)]
-    wrong += [key for key in ("ema", "rng_cuda") if not isinstance(state.get(key), (torch.Tensor, type(None)))]
-    if wrong:
-        return f"missing or mistyped {', '.join(wrong)}"
+    problem = schema_problem(state, CHECKPOINT_TYPES)
+    if problem:
+        return problem
     if state["iteration"] < 0 or not all(isinstance(t, torch.Tensor) for t in state["tensors"].values()):
         return "a negative iteration or a learnable tensor that is not a tensor"
     if not state["optimizers"] or not all(isinstance(o, dict) and {"state", "param_groups"} <= set(o)
@@ -345,21 +335,7 @@ def load_lr(path):
     return float(value)
 
 
-def load_zca(path, features=None):
-    """zca.pt as a ZCA, checked to be one transform of `features` (C x H x W) pixels."""
-    refit = "delete it and pass --zca to refit the whitening on the training set"
-    state = load_torch(path, "a ZCA transform", fix=refit)
-    try:
-        zca = ZCA.from_state(state)
-        d = zca.mean.numel() if features is None else features
-        fits = (zca.mean.shape, zca.transform.shape, zca.inverse_transform.shape) == ((d,), (d, d), (d, d))
-    except (TypeError, KeyError, AttributeError):
-        fits = False
-    if not fits:
-        raise UsageError(f"{path} is not a ZCA transform of {features or 'its'} pixels; {refit}")
-    return zca
-
-
+REFIT = "delete it and pass --zca to refit the whitening on the training set"
 RUN_JSON_TYPES = {"dataset": str, "subset": str, "res": int, "model": str, "ipc": int, "zca": bool, "texture": bool,
                   "canvas_size": int, "canvas_samples": int}
 
@@ -367,13 +343,14 @@ RUN_JSON_TYPES = {"dataset": str, "subset": str, "res": int, "model": str, "ipc"
 def read_run_json(path):
     """run.json, checked: the keys eval.py uses have their types, a texture run its canvas sizes."""
     meta = load_json(path, "a distill.py run.json")
-    wrong = [key for key, kind in RUN_JSON_TYPES.items() if key in meta and type(meta[key]) is not kind]
-    wrong += ["model"] * (meta.get("model", "ConvNet") not in MODELS)
-    wrong += [key for key in ("canvas_size", "canvas_samples") if meta.get("texture") and not
-              (isinstance(meta.get(key), int) and meta[key] >= 1)]
-    if wrong:
-        raise UsageError(f"{path} is not a run.json distill.py writes: {', '.join(dict.fromkeys(wrong))} missing or "
-                         f"of the wrong type or value")
+    problem = schema_problem(meta, {key: kind for key, kind in RUN_JSON_TYPES.items() if key in meta})
+    if problem is None and meta.get("model", "ConvNet") not in MODELS:
+        problem = f"an unknown model {meta['model']!r}"
+    if problem is None and meta.get("texture") and not (meta.get("canvas_size", 0) >= 1
+                                                         and meta.get("canvas_samples", 0) >= 1):
+        problem = "a texture run without canvas sizes of 1 or more"
+    if problem:
+        raise UsageError(f"{path} is not a run.json distill.py writes: {problem}")
     return meta
 
 
@@ -426,4 +403,4 @@ def load_saved_set(path, iteration=None, labels_path=None, lr_path=None, ema=Fal
         load_tensor(images_file), load_tensor(labels_file), learned_lr(images_file, lr_path)))
     return SavedSet(name=f"{folder.name}/{images_file.name}", images=images, labels=labels, lr=lr, lr_from=lr_from,
                     meta=read_run_json(folder / RUN_JSON) if (folder / RUN_JSON).exists() else {},
-                    zca=load_zca(folder / ZCA_FILE) if (folder / ZCA_FILE).exists() else None)
+                    zca=ZCA.load(folder / ZCA_FILE, fix=REFIT) if (folder / ZCA_FILE).exists() else None)

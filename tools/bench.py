@@ -1,10 +1,10 @@
 """Seconds per distillation iteration and peak memory, in three modes, printed as Markdown tables.
 
-    python bench.py                                    # CPU, mode 1: ipc 1 and 10 at syn_steps 10 and 20
-    python bench.py --processes 1 2                    # CPU, mode 2: 1 and 2 processes, 1 process of 2 threads
-    python bench.py --chunks all 250 100 50            # CPU, mode 3: --chunk_syn sizes, 1 and 2 threads
-    python bench.py --device cuda --ipc 1 10 50 --syn_steps 10 30 50
-    python bench.py --device cuda --processes 1 2      # on a machine with 2 GPUs (no 2-thread row on CUDA)
+    python tools/bench.py                                    # CPU, mode 1: ipc 1 and 10 at syn_steps 10 and 20
+    python tools/bench.py --processes 1 2                    # CPU, mode 2: 1 and 2 processes, 1 process of 2 threads
+    python tools/bench.py --chunks all 250 100 50            # CPU, mode 3: --chunk_syn sizes, 1 and 2 threads
+    python tools/bench.py --device cuda --ipc 1 10 50 --syn_steps 10 30 50
+    python tools/bench.py --device cuda --processes 1 2      # on a machine with 2 GPUs (no 2-thread row on CUDA)
 
 Mode 1 (the default): the full unroll vs --low_memory's replay, ConvNet (width 128) on 3x32x32
 images of 10 classes, batch_syn = all, DSA on. Mode 2 (--processes): the same iteration under
@@ -36,14 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-import parallel
-from augment import DSA_STRATEGY
-from matching import BACKWARD, SyntheticSet, draw_schedule
-from networks import flatten_params, get_network
-from utils import keep_freed_memory, pick_device, positive_int
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: python tools/bench.py
+from mtt import parallel  # noqa: E402
+from mtt.augment import DSA_STRATEGY  # noqa: E402
+from mtt.flags import positive_int  # noqa: E402
+from mtt.matching import BACKWARD, SyntheticSet, draw_schedule  # noqa: E402
+from networks import flatten_params, get_network  # noqa: E402
+from utils import REPO, is_main, keep_freed_memory, pick_device  # noqa: E402
 
-REPO = Path(__file__).resolve().parent
 DEFAULTS = {  # each mode's grid, where --model, --ipc or --syn_steps is not given
     "backward": {"model": "ConvNet", "ipc": [1, 10], "syn_steps": [10, 20]},
     "processes": {"model": "ConvNetW32", "ipc": [10, 50], "syn_steps": [20]},
@@ -84,7 +86,8 @@ def measure(model, ipc, syn_steps, low_memory, chunk_syn, iterations, device):
     base = peak_mb(device)
     seconds = []
     for _ in range(1 + iterations):  # the first is the warm-up
-        parallel.barrier()  # the ranks start together, so that no rank's clock counts waiting for another
+        if dist.is_initialized():
+            dist.barrier()  # the ranks start together, so that no rank's clock counts waiting for another
         synchronize(device)
         start = time.perf_counter()
         schedule = draw_schedule(synset.images, syn_steps, len(synset.labels), DSA_STRATEGY)
@@ -107,7 +110,7 @@ def worker(args):
         keep_freed_memory()  # as distill.py does
     seconds, peak = measure(args.model, *args.one, args.low_memory, args.chunk_syn, args.iterations, device)
     ranks = parallel.gather_objects((seconds, peak))
-    if parallel.is_main():
+    if is_main():
         print(json.dumps({"threads": torch.get_num_threads(), "seconds": [s for s, _ in ranks],
                           "peak_mb": [m for _, m in ranks]}))
     parallel.teardown()

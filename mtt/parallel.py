@@ -1,4 +1,5 @@
-"""More than one process: torchrun, one process per device, the same code on one machine or many.
+"""One process or many: every script's main() (run_script), and torchrun, one process per device,
+the same code on one machine or many.
 
 Under `torchrun` (WORLD_SIZE > 1 in the environment) `setup` joins the process group: NCCL on
 cuda:LOCAL_RANK, or Gloo on the CPU. Under plain `python` no group is created and every function
@@ -12,10 +13,14 @@ everything after it is replicated).
 """
 import os
 import re
+import sys
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from utils import Interrupted, UsageError, is_main, keep_freed_memory, pick_device
 
 # How long a rank may wait in a collective: evaluations spread unevenly over the ranks, so some
 # wait while others train a network for a thousand epochs; NCCL's default of 10 minutes is too short.
@@ -64,6 +69,93 @@ def teardown():
         _groups.clear()
 
 
+def setup_device(args):
+    """The device this process works on: --device (cuda:LOCAL_RANK under torchrun, which also
+    joins the process group), with --deterministic's settings; on the CPU, freed memory is kept
+    for reuse (keep_freed_memory)."""
+    step_timeout = timedelta(seconds=getattr(args, "step_timeout", STEP_TIMEOUT.total_seconds()))
+    device = setup(pick_device(args.device), step_timeout)
+    if device.type == "cpu":
+        keep_freed_memory()
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return device
+
+
+def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was written"):
+    """The three scripts' main(): parse and check the flags, set up the device, run. Bad input
+    (a UsageError) ends the script with one line, `error: ...`, printed by one process: rank 0,
+    naming the rank it happened on, or the rank itself when the others cannot know. Ctrl-C and
+    SIGTERM become Interrupted with interrupted(args), the line saying what is kept."""
+    args = None
+    try:
+        args = parse_args(argv)
+        result = run(args, setup_device(args))
+    except UsageError as err:
+        grouped = world() > 1  # before the process group, every rank parsed the same flags
+        here = rank() if grouped else int(os.environ.get("RANK", "0"))
+        if here != 0 and (err.rank is not None or not grouped):
+            sys.exit(1)  # a verdict every rank reached: rank 0 says it
+        where = here if err.rank is None else err.rank
+        sys.exit(f"error{f' (rank {where})' if where else ''}: {err}")
+    except KeyboardInterrupt as stop:
+        said = interrupted(args) if args else "nothing was written"
+        raise Interrupted(f"{str(stop) or 'stopped by Ctrl-C'}: {said}") from None
+    teardown()
+    return result
+
+
+@contextmanager
+def stalls_are_one_line():
+    """A training-step collective that timed out (torchrun: a rank stopped or hangs) becomes one
+    line naming the silent rank, found by a monitored barrier, instead of a wait of hours."""
+    try:
+        yield
+    except RuntimeError as err:
+        if world() == 1 or "timed out" not in str(err).lower():
+            raise
+        silent = silent_ranks()
+        who = f"rank {', '.join(map(str, silent))}" if silent and silent != [-1] else "another rank"
+        here = None if 0 in silent else rank()
+        raise UsageError(f"{who} stopped answering: a training step's collective waited for it past its timeout "
+                         f"(--step_timeout); the job stops here", rank=here) from None
+
+
+def main_decides(work):
+    """work() on rank 0 alone, its result on every rank, and a UsageError it raises on every rank
+    too (said by rank 0): the others never wait in a collective for a rank that stopped."""
+    outcome = None
+    if is_main():
+        try:
+            outcome = (work(), None)
+        except UsageError as err:
+            outcome = (None, str(err))
+    result, failure = broadcast_object(outcome)
+    if failure is not None:
+        raise UsageError(failure, rank=0)
+    return result
+
+
+@contextmanager
+def one_verdict():
+    """Run the block on every rank; when it fails on any of them with a UsageError, it fails on
+    all of them alike (rank 0 saying why, naming the rank), so that no rank is left waiting in a
+    collective for one that stopped: a torchrun job with bad input ends with one line. The block
+    must hold no collective (a rank that failed would skip it and wait in the verdict's)."""
+    failure = None
+    try:
+        yield
+    except UsageError as err:
+        failure = (rank() if err.rank is None else err.rank, str(err))
+    failures = [found for found in gather_objects(failure) if found]
+    if failures:
+        where, message = failures[0]
+        raise UsageError(message, rank=where)
+
+
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -72,13 +164,9 @@ def world():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def is_main():
-    return rank() == 0
-
-
-def share(n, of_rank=None, of_world=None):
+def share(n):
     """This rank's contiguous part of n items: sizes differ by at most one, the first ranks larger."""
-    r, w = rank() if of_rank is None else of_rank, world() if of_world is None else of_world
+    r, w = rank(), world()
     size, extra = divmod(n, w)
     start = r * size + min(r, extra)
     return slice(start, start + size + (r < extra))
@@ -120,11 +208,6 @@ def gather_objects(obj):
     found = [None] * world()
     dist.all_gather_object(found, obj)
     return found
-
-
-def barrier():
-    if world() > 1:
-        dist.barrier()
 
 
 class _SumOverRanks(torch.autograd.Function):

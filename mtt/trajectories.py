@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from networks import unflatten
-from utils import UsageError, atomic_path, load_json, load_torch, save_json, save_torch
+from utils import UsageError, atomic_path, load_json, load_torch, open_array, save_torch, schema_problem
 
 SIDECAR = "buffer.json"
 NUMBERED = re.compile(r"replay_buffer_(\d+)\.(npy|pt)")  # ours, the original's; .orphan after it: set aside
@@ -89,14 +89,12 @@ def next_number(directory, meta):
 
 def sidecar_problem(meta):
     """What makes `meta` something other than a sidecar buffer.py wrote, or None."""
-    wrong = [key for key, kind in SIDECAR_KEYS.items() if not isinstance(meta.get(key), kind)]
-    if wrong:
-        return f"missing or mistyped {', '.join(wrong)}"
-    for k, entry in enumerate(meta["experts"]):
-        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("row"), int)
-                and NUMBERED.fullmatch(entry["file"]) and entry["file"].endswith(".npy") and entry["row"] >= 0):
+    problem = schema_problem(meta, SIDECAR_KEYS)
+    for k, entry in enumerate([] if problem else meta["experts"]):
+        if schema_problem(entry, {"file": str, "row": int}) or not NUMBERED.fullmatch(entry["file"]) \
+                or not entry["file"].endswith(".npy") or entry["row"] < 0:
             return f"expert entry {k} is not {{\"file\": \"replay_buffer_N.npy\", \"row\": R, ...}}"
-    return None
+    return problem
 
 
 def read_sidecar(directory):
@@ -114,23 +112,13 @@ def read_sidecar(directory):
     return meta
 
 
-def write_sidecar(directory, meta):
-    save_json(meta, Path(directory) / SIDECAR)
-
-
 def open_checked(path, rows, num_snapshots, num_params):
     """The memory-mapped array of a listed file, checked against what the sidecar says of it."""
     if not path.is_file():
         raise UsageError(f"{path} is listed in {SIDECAR} but missing")
-    try:
-        array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as err:
-        raise UsageError(f"{path} is truncated or not a buffer.py array: numpy cannot map it as a .npy") from err
-    if array.dtype != np.float32 or array.ndim != 3 or array.shape[0] < rows \
-            or array.shape[1:] != (num_snapshots, num_params):
-        raise UsageError(f"{path} holds {array.dtype} of shape {array.shape}, but {SIDECAR} expects float32 of "
-                         f"shape (at least {rows}, {num_snapshots}, {num_params})")
-    return array
+    expected = f", but {SIDECAR} expects float32 of shape (at least {rows}, {num_snapshots}, {num_params})"
+    return open_array(path, np.float32, lambda shape: len(shape) == 3 and shape[0] >= rows
+                      and shape[1:] == (num_snapshots, num_params), expected=expected)
 
 
 @contextmanager

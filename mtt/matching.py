@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import parallel
-from augment import apply_augmentation, draw_augmentation, draw_texture_crops, texture_crops
+from mtt import parallel
+from mtt.augment import apply_augmentation, draw_augmentation, draw_texture_crops, texture_crops
+from mtt.training import cross_entropy
 from networks import forward_flat
-from training import cross_entropy
 
 
 class SyntheticSet:

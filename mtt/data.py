@@ -4,18 +4,11 @@ Each loader returns uint8 N x C x H x W images, int64 labels and the class names
 scales to [0, 1] and then normalises by the dataset's mean and std, or (--zca) whitens with a
 ZCA fitted on the training set, as the original does.
 
-What is slow is done once and kept in {data_path}/cache/: the decoded images of the folder
-datasets (Tiny ImageNet, the ImageNet subsets) as uint8 .npy files, memory-mapped on later
-starts, every fitted ZCA, and the images it whitens (float32 .npy files, memory-mapped). A file's
-name carries a hash of all that determines its contents (the image files' names, sizes and times
-of change, or the images' bytes), so a changed folder or --res never reads a stale file: it is
-decoded, fitted or whitened again, replacing the old one.
-Deleting the folder only costs the time to rebuild it.
+What is slow is done once and kept in {data_path}/cache/ (mtt/cache.py): the decoded images of
+the folder datasets (Tiny ImageNet, the ImageNet subsets) as uint8 .npy files, memory-mapped on
+later starts, every fitted ZCA, and the images it whitens (float32 .npy files, memory-mapped).
 """
-import fcntl
-import functools
 import gzip
-import hashlib
 import multiprocessing
 import os
 from contextlib import contextmanager
@@ -27,23 +20,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-import parallel
-from progress import progress
-from utils import REPO, UsageError, atomic_path, remove_stale_temps
+from mtt import cache
+from mtt.progress import progress
+from utils import REPO, UsageError, folder_lock, load_torch, open_array, say
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 MINI_PATH = REPO / "assets" / "fashion_mnist_mini.npz"
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
-CACHE_VERSION = 1  # part of every cache key: raise it when what a cache file holds changes
 RESIZE_RULE = "PIL convert RGB, resize (res, res) BILINEAR"  # how _decode makes a picture; part of its key
 ZCA_EPS = 0.1  # the original's kornia ZCAWhitening(eps=0.1)
-
-
-def say(line):
-    if parallel.is_main():
-        print(line, flush=True)
 
 
 def cpu_threads():
@@ -87,8 +74,6 @@ def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=1
     """Training and test images as float tensors on the CPU: normalised by the dataset's mean and
     std, or, with zca, scaled to [0, 1] and whitened by a ZCA fitted on the training set (Data.zca),
     fitted and applied on `device` (default: the CPU)."""
-    if dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     info = DATASETS[dataset]
     name = f"{dataset}-{subset}-{res}px" if dataset == "ImageNet" else dataset
     x_train, y_train, x_test, y_test, class_names = info.load(data_path, subset, res)
@@ -110,6 +95,14 @@ def images_per_class(labels, num_classes):
     """Indices of each class's images, as a list of tensors."""
     order = torch.argsort(labels, stable=True)
     return list(torch.split(order, torch.bincount(labels, minlength=num_classes).tolist()))
+
+
+def draw_per_class(labels, num_classes, per_class, seed):
+    """per_class random indices of each class's images, drawn by their own generator seeded with
+    `seed`, so that the draw depends on the seed alone (not on the global random stream)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat([idx[torch.randperm(len(idx), generator=generator)[:per_class]]
+                      for idx in images_per_class(labels, num_classes)])
 
 
 def _nchw(images):
@@ -229,18 +222,24 @@ def _read_images(files, res, data_path, name):
     Decoded once into {data_path}/cache/{name}-{res}px-{key}.npy and memory-mapped from there after;
     the key covers each file's name, size and time of change, res and the resize rule."""
     desc = f"decoding {name}"
-    folder = cache_folder(data_path)
+    folder = cache.folder(data_path)
     if folder is None:
         return torch.from_numpy(_decode_all(files, res, desc))
     signatures = (file_signature(path, data_path) for path in files)
-    path = cache_entry(folder, f"{name}-{res}px", hash_text(CACHE_VERSION, RESIZE_RULE, res, *signatures), ".npy")
-    with cache_lock(folder):
-        images = _read_cached_array(path, (len(files), 3, res, res), np.uint8, "decoding again")
+    path = cache.entry(folder, f"{name}-{res}px", ".npy", RESIZE_RULE, res, *signatures)
+    with folder_lock(folder, "cache", wait=True):
+        images = cache.read(path, cached_array((len(files), 3, res, res), np.uint8), "decoding again")
         if images is None:
-            say(f"{desc}: {len(files)} images, once: later starts read {path}{replacing(path)}")
+            say(f"{desc}: {len(files)} images, once: later starts read {path}{cache.replacing(path)}")
             images = _decode_all(files, res, desc)
-            write_cache(path, partial(save_npy, images))
+            cache.write(path, partial(cache.save_npy, images))
     return torch.from_numpy(images)
+
+
+def cached_array(shape, dtype):
+    """A cache.read loader of an array of exactly this shape and dtype, mapped copy-on-write: torch
+    wants a writable array, and a write must never reach the file."""
+    return lambda path: open_array(path, dtype, lambda found: found == shape, mode="c")
 
 
 def file_signature(path, data_path):
@@ -248,23 +247,6 @@ def file_signature(path, data_path):
     cache), size and time of change."""
     stat = os.stat(path)
     return f"{os.path.relpath(path, data_path)}|{stat.st_size}|{stat.st_mtime_ns}"
-
-
-def _read_cached_array(path, shape, dtype, redo):
-    """The array cached in `path`, memory-mapped, or None if there is none; a damaged file is said
-    (with `redo`, what is done instead) and None. Mapped copy-on-write: torch wants a writable
-    array, and a write must never reach the file."""
-    if not path.exists():
-        return None
-    try:
-        array = np.load(path, mmap_mode="c")
-        if array.shape == shape and array.dtype == dtype:
-            return array
-        problem = f"it holds {array.dtype} {array.shape}, not {np.dtype(dtype)} {shape}"
-    except (OSError, ValueError, EOFError) as err:
-        problem = str(err)
-    say(f"the cache {path} is damaged ({problem}); {redo}")
-    return None
 
 
 def _class_folders(root, what):
@@ -329,104 +311,23 @@ def _load_tiny(data_path, subset, res):
     return x_train, y_train, *_load_folders(test, classes, 64, "Tiny ImageNet", data_path, "Tiny-test"), classes
 
 
-# ---------------------------------------------------------------------------------------------
-# The cache folder: {data_path}/cache/{name}-{key}{suffix}, one file per name, written atomically
-
-
-@functools.cache
-def cache_folder(data_path):
-    """{data_path}/cache, created; None (said once) where it cannot be written: nothing is cached."""
-    folder = Path(data_path) / "cache"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(f"{folder} is not writable")
-    except OSError as err:
-        say(f"cannot write the cache folder {folder} ({err.strerror or err}): decoding and ZCA fits are not kept")
-        return None
-    return folder
-
-
-@contextmanager
-def cache_lock(folder):
-    """Hold folder/.lock: torchrun's ranks, or two scripts started together, wait for the first to
-    decode or fit and then read its file, instead of each doing the work. Killed processes' partial
-    files are removed."""
-    with open(folder / ".lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another process to finish writing {folder}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        remove_stale_temps(folder)
-        yield
-
-
-def hash_text(*parts):
-    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()
-
-
-def hash_images(images, chunk=4096):
-    """sha256 of uint8 images' shape and bytes, a chunk at a time (a second for a GB)."""
-    digest = hashlib.sha256(str(tuple(images.shape)).encode())
-    for rows in torch.split(images, chunk):
-        digest.update(rows.contiguous().numpy())
-    return digest.hexdigest()
-
-
-KEY_CHARS = 16
-
-
-def cache_entry(folder, name, key, suffix):
-    return folder / f"{name}-{key[:KEY_CHARS]}{suffix}"
-
-
-def older_entries(path):
-    """The files of the same name as `path` with other keys: stale, since `path` is what is current."""
-    pattern = path.name[:-len(path.suffix) - KEY_CHARS] + "?" * KEY_CHARS + path.suffix
-    return [old for old in path.parent.glob(pattern) if old != path]
-
-
-def replacing(path):
-    older = older_entries(path)
-    return f" (replacing {', '.join(old.name for old in older)}: its files have changed)" if older else ""
-
-
-def write_cache(path, write):
-    """write(temporary path), then rename it to `path` and delete the stale entries it replaces; a
-    failure (a full disk) is said, not raised: the run goes on without the file."""
-    try:
-        with atomic_path(path) as tmp:
-            write(tmp)
-    except OSError as err:
-        say(f"could not write {path} ({err.strerror or err}); going on without caching it")
-        return
-    for old in older_entries(path):
-        old.unlink(missing_ok=True)
-
-
-def save_npy(array, path):
-    with open(path, "wb") as f:  # a file, not a name, or numpy appends .npy to the temporary name
-        np.save(f, array)
-
-
 def cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
     """ZCA.fit on uint8 training images, read from {data_path}/cache/zca-{name}-{key}.pt when fitted
     before; the key covers the images' bytes and eps. Returns the ZCA, the file it is kept in and
     the images' hash, which keys their whitened copy too (data_path None: fitted, None and None)."""
-    folder = cache_folder(data_path) if data_path is not None else None
+    folder = cache.folder(data_path) if data_path is not None else None
     if folder is None:
         return ZCA.fit(images, eps, device=device), None, None
-    digest = hash_images(images)
-    path = cache_entry(folder, f"zca-{name}", hash_text(CACHE_VERSION, eps, digest), ".pt")
-    with cache_lock(folder):
-        whitener = _read_cached_zca(path, images[0].numel())
+    digest = cache.hash_images(images)
+    path = cache.entry(folder, f"zca-{name}", ".pt", eps, digest)
+    with folder_lock(folder, "cache", wait=True):
+        whitener = cache.read(path, partial(ZCA.load, features=images[0].numel()), "fitting again")
         if whitener is None:
             shape = "x".join(map(str, images.shape[1:]))
             say(f"fitting ZCA on {len(images)} images of {shape} on {device or 'cpu'}, once: later starts read "
-                f"{path}{replacing(path)}")
+                f"{path}{cache.replacing(path)}")
             whitener = ZCA.fit(images, eps, device=device)
-            write_cache(path, partial(torch.save, whitener.state_dict()))
+            cache.write(path, partial(torch.save, whitener.state_dict()))
     return whitener, path if path.exists() else None, digest
 
 
@@ -440,32 +341,16 @@ def whitened(images, whitener, zca_file, name, device=None, digest=None):
     whiten = lambda: whitener.apply_(images.float().div_(255).contiguous(), device)
     if zca_file is None:
         return whiten()
-    key = hash_text(CACHE_VERSION, zca_file.name, zca_file.stat().st_mtime_ns, digest or hash_images(images),
-                    torch.device(device or "cpu").type)
-    path = cache_entry(zca_file.parent, f"whitened-{name}", key, ".npy")
-    with cache_lock(zca_file.parent):
-        cached = _read_cached_array(path, tuple(images.shape), np.float32, "whitening again")
+    path = cache.entry(zca_file.parent, f"whitened-{name}", ".npy", zca_file.name, zca_file.stat().st_mtime_ns,
+                       digest or cache.hash_images(images), torch.device(device or "cpu").type)
+    with folder_lock(zca_file.parent, "cache", wait=True):
+        cached = cache.read(path, cached_array(tuple(images.shape), np.float32), "whitening again")
         if cached is not None:
             return torch.from_numpy(cached)
-        say(f"whitening {name}: {len(images)} images, once: later starts read {path}{replacing(path)}")
+        say(f"whitening {name}: {len(images)} images, once: later starts read {path}{cache.replacing(path)}")
         result = whiten()
-        write_cache(path, partial(save_npy, result.numpy()))
+        cache.write(path, partial(cache.save_npy, result.numpy()))
     return result
-
-
-def _read_cached_zca(path, features):
-    """The ZCA cached in `path`, or None if there is none; a damaged file is said and None."""
-    if not path.exists():
-        return None
-    try:
-        whitener = ZCA.from_state(torch.load(path, weights_only=True))
-        if whitener.transform.shape == (features, features) and whitener.mean.shape == (features,):
-            return whitener
-        problem = f"its transform is {tuple(whitener.transform.shape)}, not {features} x {features}"
-    except Exception as err:  # whatever torch.load raises on a damaged file, or a KeyError
-        problem = f"{type(err).__name__}: {err}".splitlines()[0]
-    say(f"the cache {path} is damaged ({problem}); fitting again")
-    return None
 
 
 IMAGENET_SUBSETS = {  # indices into the 1000 sorted ImageNet class folders (the original's Config)
@@ -589,8 +474,19 @@ class ZCA:
                 "eps": self.eps}
 
     @classmethod
-    def from_state(cls, state):
-        return cls(state["mean"], state["transform"], state["inverse_transform"], state["eps"])
+    def load(cls, path, features=None, fix=""):
+        """The ZCA whose state_dict `path` holds, checked to transform `features` (C x H x W) pixels
+        (default: as many as its mean has), or a UsageError saying what it is not (and `fix`)."""
+        state = load_torch(path, "a ZCA transform", fix)
+        try:
+            zca = cls(state["mean"], state["transform"], state["inverse_transform"], state["eps"])
+            d = zca.mean.numel() if features is None else features
+            fits = (zca.mean.shape, zca.transform.shape, zca.inverse_transform.shape) == ((d,), (d, d), (d, d))
+        except (TypeError, KeyError, AttributeError, IndexError):
+            fits = False
+        if not fits:
+            raise UsageError(f"{path} is not a ZCA transform of {features or 'its'} pixels" + (f"; {fix}" * bool(fix)))
+        return zca
 
     def to(self, device):
         return ZCA(self.mean.to(device), self.transform.to(device), self.inverse_transform.to(device), self.eps)

@@ -1,0 +1,104 @@
+"""Progress of the long loops: a tqdm bar on a terminal, plain lines in a log file (or without
+tqdm), nothing on torchrun ranks other than 0.
+
+    with progress(total=len(files), desc="decoding", unit="img") as bar:
+        for chunk in chunks:
+            ...
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"loss {loss:.4f}")    # shown after the rate and the ETA
+
+A bar redrawn in place is unreadable in a log file (a cluster job's output, `> run.log`): one
+line of carriage returns. There the same figures come as whole lines: the first at once, then one
+whenever a tenth of the work is done or LINE_SECONDS have passed, whichever comes first, and the
+last at the end. The ETA is the whole loop's average rate, so the pauses that recur in it,
+distill.py's evaluations, are in the estimate.
+"""
+import contextlib
+import sys
+import time
+
+from utils import is_main
+
+try:
+    from tqdm import tqdm
+    from tqdm.contrib import DummyTqdmFile
+except ImportError:  # optional: without it, progress comes as lines on a terminal too
+    tqdm = None
+
+LINE_SECONDS = 60
+LINE_FRACTION = 0.1
+
+
+def clock(seconds):
+    """12:05, or 1:02:03 past an hour (tqdm's format)."""
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:d}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
+
+
+class Lines:
+    """The bar's figures as whole lines: `desc: 40% 20/50 [00:12<00:18, 1.67img/s, postfix]`."""
+
+    def __init__(self, total, desc, unit, initial, file, disable):
+        self.total, self.desc, self.unit, self.file, self.disable = total, desc, unit, file, disable
+        self.n = self.initial = initial
+        self.start, self.postfix, self.last_line = time.monotonic(), "", None  # last_line: (time, n)
+
+    def __enter__(self):
+        self.print_line()
+        return self
+
+    def __exit__(self, *exc):
+        if self.last_line[1] != self.n:
+            self.print_line()  # the final figures: how long the whole loop took
+
+    def update(self, n=1):
+        self.n += n
+        seconds, done = self.last_line
+        if time.monotonic() - seconds >= LINE_SECONDS or self.n - done >= LINE_FRACTION * self.total:
+            self.print_line()
+
+    def set_postfix_str(self, text, refresh=False):
+        self.postfix = text
+
+    def __str__(self):
+        elapsed = time.monotonic() - self.start
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 and self.n > self.initial else None
+        speed = "?" + f"{self.unit}/s" if rate is None else (
+            f"{rate:.2f}{self.unit}/s" if rate >= 1 else f"{1 / rate:.2f}s/{self.unit}")
+        left = "?" if rate is None else clock((self.total - self.n) / rate)
+        return (f"{self.desc}: {100 * self.n / max(self.total, 1):3.0f}% {self.n}/{self.total} "
+                f"[{clock(elapsed)}<{left}, {speed}{', ' * bool(self.postfix)}{self.postfix}]")
+
+    def print_line(self):
+        self.last_line = (time.monotonic(), self.n)
+        if not self.disable:
+            self.file.write(f"{self}\n")
+            self.file.flush()
+
+
+if tqdm is not None:
+    class Terminal(tqdm):
+        """A bar drawn in place; what the loop prints meanwhile goes above it, not through it."""
+        monitor_interval = 0  # no monitor thread: mtt/data.py forks its decoding workers while a bar is open
+
+        def __enter__(self):
+            self.printing_above = contextlib.ExitStack()
+            if not self.disable and not isinstance(sys.stdout, DummyTqdmFile):
+                self.printing_above.enter_context(contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)))
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            self.printing_above.close()
+            return super().__exit__(*exc)
+
+
+def progress(total, desc, unit="it", initial=0, file=None):
+    """A bar counting from `initial` to `total` on stderr: drawn in place on a terminal (with
+    tqdm), plain lines otherwise, silent on torchrun ranks other than 0. Use it as a context
+    manager, so that on a terminal what the loop prints goes above the bar."""
+    file = file or sys.stderr
+    if tqdm is None or not getattr(file, "isatty", lambda: False)():
+        return Lines(total, desc, unit, initial, file, disable=not is_main())
+    return Terminal(total=total, desc=desc, unit=unit, initial=initial, file=file, smoothing=0,
+                    disable=not is_main(), dynamic_ncols=True)
