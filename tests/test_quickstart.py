@@ -88,3 +88,43 @@ def test_ci_runs_the_readmes_tests_and_exits_with_pytests_status(tmp_path, statu
     result = subprocess.run(["bash", str(repo / ".ci" / "run")], cwd=tmp_path, env=env, timeout=60)
     assert result.returncode == status
     assert (repo / "calls").read_text().splitlines() == ["install -q -r requirements-dev.txt", "-m pytest -q"]
+
+
+WITHOUT_EXTRAS = """
+import sys
+for name in ("yaml", "tqdm", "matplotlib"):
+    sys.modules[name] = None  # importing them now raises ImportError, as where they are not installed
+import buffer, distill, eval
+for main, argv in [(buffer.main, ["--help"]), (distill.main, ["--help"]), (eval.main, ["--help"])] + PIPELINE:
+    try:
+        main(argv)
+    except SystemExit as leaving:
+        print(f"exit {leaving.code}", flush=True)
+"""
+
+
+def test_the_scripts_need_only_torch_torchvision_and_numpy(tmp_path):
+    """With PyYAML, tqdm and matplotlib unimportable: --help of each script, the quickstart's three
+    scripts (small), and --cfg, which alone needs PyYAML and says so in one line."""
+    out = tmp_path / "qs"
+    data = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--device", "cpu"]
+    pipeline = [
+        ("buffer.main", data + ["--buffer_path", out / "buffers", "--num_experts", "1", "--train_epochs", "2"]),
+        ("distill.main", data + ["--buffer_path", out / "buffers", "--save_path", out / "distilled", "--ipc", "1",
+                                 "--syn_steps", "2", "--expert_epochs", "1", "--max_start_epoch", "1", "--Iteration",
+                                 "2", "--eval_it", "1", "--num_eval", "1", "--epoch_eval_train", "1"]),
+        ("eval.main", data + ["--syn_path", out / "distilled", "--iteration", "2", "--baseline", "random", "--ipc",
+                              "1", "--num_eval", "1", "--epoch_eval_train", "1"]),
+        ("distill.main", ["--cfg", REPO / "configs" / "mtt" / "cifar10_ipc1.yaml"]),
+    ]
+    program = WITHOUT_EXTRAS.replace("PIPELINE", "[" + ", ".join(f"({main}, {list(map(str, argv))!r})"
+                                                                  for main, argv in pipeline) + "]")
+    result = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    exits = [line for line in result.stdout.splitlines() if line.startswith("exit ")]
+    assert exits == ["exit 0"] * 3 + [f"exit error: --cfg {REPO / 'configs/mtt/cifar10_ipc1.yaml'}: reading a config "
+                                      f"file needs PyYAML: pip install pyyaml"]
+    assert result.stdout.count("usage: ") == 3 and "matplotlib is not installed: no curves.png" in result.stdout
+    assert re.search(r"^distill: 100% 2/2 \[", result.stderr, re.MULTILINE)  # progress as lines, without tqdm
+    assert (out / "distilled" / "images_2.pt").exists() and not (out / "distilled" / "curves.png").exists()
+    assert "rows written" not in result.stdout and re.search(r"^random\s+ConvNetW8\s+1\s", result.stdout, re.M)
