@@ -205,7 +205,7 @@ def distill(args, device):
     with ExitStack() as run_lock:  # rank 0 holds the run folder's lock while the run lasts
         # ---- Set-up: the checkpoint to continue from, data, experts, the learnable set and its
         # optimizers, the run folder; bad input on any rank stops every rank here, with one line
-        state, changes = main_decides(lambda: open_run(save_path, args, run_lock))
+        state, changes, log_rows = main_decides(lambda: open_run(save_path, args, run_lock))
         with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
             set_seed(args.seed)
             data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)
@@ -228,7 +228,7 @@ def distill(args, device):
         elif args.resume:
             say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
         parallel.broadcast_([*synset.tensors.values()] + ([ema.images] if ema else []))
-        log = run_folder.Log(save_path, start_it if state is not None else None, is_main(), args.tensorboard)
+        log = run_folder.Log(save_path, log_rows, is_main(), args.tensorboard)
         if changes:
             log.write(type="resume", it=start_it, changed={k: list(v) for k, v in changes.items()})
         zca = data.zca.to(device) if data.zca is not None else None
@@ -301,15 +301,16 @@ def main(argv=None):
 
 
 def open_run(save_path, args, run_lock):
-    """On rank 0, before any data is read: the checkpoint to continue from and the flags this
-    --resume changes, or (None, {}) to start afresh. A run's folder is locked first and the commit
-    a kill cut short, if any, finished."""
+    """On rank 0, before any data is read: the checkpoint to continue from, the flags this --resume
+    changes and the log's rows up to the checkpoint, or (None, {}, None) to start afresh. A run's
+    folder is locked first and the commit a kill cut short, if any, finished; everything the resume
+    reads is checked here, before anything in the folder is written."""
     if not run_folder.check_save_path(save_path, args.resume):
-        return None, {}
+        return None, {}, None
     run_lock.enter_context(folder_lock(save_path, "distill.py run"))
     run_folder.finish_commit(save_path)
     state = run_folder.read_checkpoint(save_path)
-    return state, resume_changes(state, args)
+    return state, resume_changes(state, args), run_folder.read_log(save_path / run_folder.LOG, state["iteration"])
 
 
 def describe_run_folder(save_path, args, data, device, run_lock):

@@ -88,13 +88,9 @@ def check_saved_set(saved, data, args):
                          f"{data.num_classes}), got {labels.dtype} of shape {tuple(labels.shape)}")
     if len(labels) != len(images):
         raise UsageError(f"{saved.name}: {len(labels)} labels for {len(images)} images")
-    if soft and not labels.isfinite().all():
-        raise UsageError(f"{saved.name}: the label logits hold non-finite values")
     if not soft and (labels.min() < 0 or labels.max() >= data.num_classes):
         raise UsageError(f"{saved.name}: labels run from {labels.min().item()} to {labels.max().item()}, "
                          f"outside the {data.num_classes} classes of {args.dataset} (0 to {data.num_classes - 1})")
-    if not images.isfinite().all():
-        raise UsageError(f"{saved.name}: the images hold non-finite values")
     features = data.channel * data.im_size[0] * data.im_size[1]
     if saved.zca is not None and saved.zca.mean.numel() != features:
         raise UsageError(f"{saved.name}: its zca.pt whitens {saved.zca.mean.numel()} pixels, but {args.dataset}'s "

@@ -311,7 +311,11 @@ def folder_lock(folder, what, wait=False):
     if key in _locked:
         yield
         return
-    with open(key / ".lock", "a") as handle:
+    try:
+        handle = open(key / ".lock", "a")
+    except OSError as err:
+        raise UsageError(f"{folder} cannot be written ({err.strerror}): a {what} needs to write there") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -18,6 +18,7 @@ files of one evaluation, checkpoint included, are committed as one (commit).
 import io
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,8 @@ from PIL import Image
 
 from mtt.data import ZCA
 from networks import MODELS
-from utils import (UsageError, atomic_path, fsync, full_disk_is_one_line, is_ours, load_json, load_torch, save_json,
-                   schema_problem, temp_path, torch_bytes)
+from utils import (TEMP, UsageError, atomic_path, folder_lock, fsync, full_disk_is_one_line, is_ours, load_json,
+                   load_torch, save_json, schema_problem, temp_path, torch_bytes)
 
 CHECKPOINT, LOG, RUN_JSON, ZCA_FILE, JOURNAL = "checkpoint.pt", "log.jsonl", "run.json", "zca.pt", ".mtt-commit.json"
 GRID_SIDE = 128  # pixels a side an image is enlarged to (nearest) in the grid, so a 28-32 px image shows
@@ -106,10 +107,31 @@ def commit(folder, files, iteration):
     finish_commit(folder)
 
 
+# The only names a journal may rename into place: the files of one evaluation, which commit writes.
+SET_FILE = re.compile(r"(ema_)?((images|labels|syn_lr|lr|images_zca)_(\d+|best)\.pt|synthetic_\d+\.png)"
+                      r"|checkpoint\.pt|curves\.png")
+JOURNAL_TYPES = {"generation": int, "iteration": (int, type(None)), "renaming": dict}
+JOURNAL_FIX = "if the folder came from elsewhere, move the journal away and check the folder's files"
+
+
 def journal(folder):
+    """The folder's commit journal, checked before it is acted on: a run folder may come from
+    elsewhere, so it renames only this project's set files, each from its own temporary name in
+    the folder (never a file of the user's, never outside the folder)."""
     path = Path(folder) / JOURNAL
-    return load_json(path, "a commit journal") if path.exists() else {"generation": 0, "iteration": None,
-                                                                       "renaming": {}}
+    if not path.exists():
+        return {"generation": 0, "iteration": None, "renaming": {}}
+    state = load_json(path, "a commit journal", fix=JOURNAL_FIX)
+    problem = schema_problem(state, JOURNAL_TYPES)
+    for name, tmp in [] if problem else state["renaming"].items():
+        temp = TEMP.fullmatch(str(tmp))
+        if not (SET_FILE.fullmatch(name) and temp and temp[1] == name):
+            problem = f"it would rename {str(tmp)[:60]!r} to {name[:60]!r}, which is not one of a run's files"
+            break
+    if problem:
+        raise UsageError(f"{path} is not a journal distill.py writes ({problem}); nothing was renamed: "
+                         f"{JOURNAL_FIX}")
+    return state
 
 
 def finish_commit(folder):
@@ -138,17 +160,25 @@ def resume_hint(folder):
 
 
 def read_consistent(folder, read):
-    """read() of files of one commit: again while a commit is in flight or one landed meanwhile."""
-    deadline = time.monotonic() + COMMIT_WAIT
+    """read() of files of one commit: again while a commit is in flight or one landed meanwhile. A
+    commit that no live process is making (a run killed between its renames: none holds the lock) is
+    finished first, as distill.py's next start would, so the folder is never read half-saved."""
+    deadline, blocked = time.monotonic() + COMMIT_WAIT, "its writer is still saving"
     while time.monotonic() < deadline:
         before = journal(folder)
-        if not before["renaming"]:
+        if before["renaming"]:
+            try:
+                with folder_lock(folder, "distill.py run"):
+                    finish_commit(folder)
+            except UsageError as err:  # a live writer holds the lock, or the folder is read-only
+                blocked = str(err)
+        else:
             value = read()
             if journal(folder) == before:
                 return value
         time.sleep(0.05)
-    raise UsageError(f"{folder} is in the middle of saving an evaluation (a run killed while saving?): start "
-                     f"distill.py on it with --resume, which finishes the save, then evaluate")
+    raise UsageError(f"{folder} is in the middle of saving an evaluation that cannot be finished here ({blocked}); "
+                     f"evaluate it once the save is done, or from a writable copy")
 
 
 class Log:
@@ -157,22 +187,17 @@ class Log:
     a last line torn by a kill is dropped too. Only the main process writes; with `tensorboard`,
     the same figures (and the image grids) go to {folder}/tensorboard too."""
 
-    def __init__(self, folder, resume_iteration=None, enabled=True, tensorboard=False):
-        self.path, self.enabled, self.rows, self.board = Path(folder) / LOG, enabled, [], None
+    def __init__(self, folder, rows=None, enabled=True, tensorboard=False):
+        """rows: a resumed run's (read_log's, up to its checkpoint), None to start a new log."""
+        self.path, self.enabled, self.rows, self.board = Path(folder) / LOG, enabled, rows or [], None
         if not enabled:
             return
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional: checked when the flags are parsed
             self.board = SummaryWriter(str(Path(folder) / "tensorboard"))
-        if not self.path.exists():
+        if rows is None:
+            self.path.unlink(missing_ok=True)
             return
-        if not self.path.is_file():
-            raise UsageError(f"{self.path} is not a file; move it away")
-        if resume_iteration is None:
-            os.remove(self.path)
-            return
-        self.rows = [row for row in read_log(self.path) if row["it"] < resume_iteration
-                     or (row["it"] == resume_iteration and row["type"] == "evaluation")]
         with atomic_path(self.path) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.rows)
 
@@ -243,9 +268,14 @@ def curves(rows):
     return image
 
 
-def read_log(path):
-    """The rows of log.jsonl; a last line torn by a kill is dropped, any other bad line is one error."""
-    lines = path.read_text().splitlines()
+def read_log(path, resume_iteration):
+    """The rows of log.jsonl that a resume from `resume_iteration` keeps (those after its checkpoint
+    go, so that the log reads as one uninterrupted run); a last line torn by a kill is dropped, any
+    other bad line is one error."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not text, so not a log distill.py writes; {LOG_FIX}") from None
     rows = []
     for number, line in enumerate(lines, 1):
         try:
@@ -257,9 +287,12 @@ def read_log(path):
         elif number == len(lines):
             print(f"{path}: dropped its last line, torn by a kill")
         else:
-            raise UsageError(f"{path} line {number} is not a line distill.py writes ({line[:40]!r}); mend or move "
-                             f"the file away (the run then resumes without its history)")
-    return rows
+            raise UsageError(f"{path} line {number} is not a line distill.py writes ({line[:40]!r}); {LOG_FIX}")
+    return [row for row in rows if row["it"] < resume_iteration
+            or (row["it"] == resume_iteration and row["type"] == "evaluation")]
+
+
+LOG_FIX = "mend or move the file away (the run then resumes without its history)"
 
 
 def check_save_path(folder, resume):
@@ -267,6 +300,9 @@ def check_save_path(folder, resume):
     short); refuse a folder that holds something else."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--save_path {folder}: a file is in the way (not a folder)")
+    for name in (CHECKPOINT, LOG, RUN_JSON, ZCA_FILE, JOURNAL):
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise UsageError(f"{folder / name} is not a file; move it away")
     if (folder / CHECKPOINT).exists() or (folder / JOURNAL).exists():
         if not resume:
             raise UsageError(f"{folder} already holds a run: pass --resume to continue it or choose --save_path")
@@ -282,6 +318,7 @@ def check_save_path(folder, resume):
 START_AGAIN = "move it away to start again from iteration 0"
 CHECKPOINT_TYPES = {"iteration": int, "tensors": dict, "optimizers": dict, "best": dict, "args": dict,
                     "rng_cpu": torch.Tensor, "ema": (torch.Tensor, type(None)), "rng_cuda": (torch.Tensor, type(None))}
+BEST_TYPES = {"score": float, "it": int, "test_acc_mean": float, "test_acc_std": float}  # per set and model
 
 
 def read_checkpoint(folder):
@@ -300,12 +337,20 @@ def checkpoint_problem(state):
         return problem
     if state["iteration"] < 0 or not all(isinstance(t, torch.Tensor) for t in state["tensors"].values()):
         return "a negative iteration or a learnable tensor that is not a tensor"
-    if not state["optimizers"] or not all(isinstance(o, dict) and {"state", "param_groups"} <= set(o)
-                                          for o in state["optimizers"].values()):
+    if not state["optimizers"] or any(schema_problem(o, {"state": dict, "param_groups": list})
+                                      for o in state["optimizers"].values()):
         return "no optimizer states"
+    if any(schema_problem(mark, BEST_TYPES) for mark in state["best"].values()):
+        return f"a best mark that is not {{{', '.join(BEST_TYPES)}}}"
     if state["rng_cpu"].dtype != torch.uint8:
         return "a random-number state that is not a byte tensor"
-    return None
+    tensors = {**state["tensors"], "ema": state["ema"]}
+    for name, optimizer in state["optimizers"].items():
+        tensors.update({f"{name}'s momentum": step.get("momentum_buffer") for step in optimizer["state"].values()
+                        if isinstance(step, dict)})
+    non_finite = [name for name, t in tensors.items()
+                  if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.isfinite().all()]
+    return f"non-finite values in {', '.join(non_finite)}" if non_finite else None
 
 
 @dataclass
@@ -324,6 +369,8 @@ def load_tensor(path):
     value = load_torch(path, "a torch file")
     if not isinstance(value, torch.Tensor):
         raise UsageError(f"{path} holds a {type(value).__name__}, not a tensor")
+    if value.is_floating_point() and not value.isfinite().all():
+        raise UsageError(f"{path} holds non-finite values (a run that diverged?)")
     return value.detach()
 
 

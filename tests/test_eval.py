@@ -1,5 +1,6 @@
 import inspect
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from mtt import evaluation, run_folder
 from mtt.augment import DSA_STRATEGY
 from mtt.data import MINI_PATH, ZCA, get_dataset, images_per_class
 from networks import ConvNet
+from utils import torch_bytes
 
 FAST = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8"]
 
@@ -247,9 +249,11 @@ BAD_INPUTS = {
     "soft labels of the wrong width": (lambda tmp: bad_set(tmp, labels=torch.eye(10)[:, :5]),
                                        "expected labels as class ids (N) or label logits (N x 10)"),
     "non-finite logits": (lambda tmp: bad_set(tmp, labels=torch.full((10, 10), float("nan"))),
-                          "the label logits hold non-finite values"),
+                          "/run/labels_best.pt holds non-finite values"),
     "non-finite images": (lambda tmp: bad_set(tmp, images=torch.full((10, 1, 28, 28), float("inf"))),
-                          "the images hold non-finite values"),
+                          "/run/images_best.pt holds non-finite values"),
+    "non-finite learned lr": (lambda tmp: corrupt(bad_set(tmp), "syn_lr_best.pt", torch_bytes(torch.tensor(math.inf))),
+                              "/run/syn_lr_best.pt holds non-finite values"),
     "corrupt run.json": (lambda tmp: corrupt(bad_set(tmp), "run.json", b"{"), "as a distill.py run.json"),
     "run.json not a dict": (lambda tmp: corrupt(bad_set(tmp), "run.json", b"[]"), "is not a distill.py run.json"),
     "corrupt zca.pt": (lambda tmp: corrupt(bad_set(tmp), "zca.pt", b"garbage"), "as a ZCA transform"),

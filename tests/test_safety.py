@@ -3,6 +3,7 @@ one line: faults injected where they would strike (a kill at a named rename, a f
 SIGTERM, corrupt files)."""
 import errno
 import json
+import math
 import os
 import re
 import signal
@@ -62,11 +63,9 @@ def interrupt_rename_of(monkeypatch, name):
     monkeypatch.setattr(os, "replace", replace)
 
 
-def test_a_kill_between_the_renames_of_one_evaluation_is_finished_by_the_next_start(buffers, tmp_path, monkeypatch):
-    """Killed after images_2.pt (and the iteration-2 checkpoint) are in place and before
-    syn_lr_2.pt is: a reader refuses the half-renamed folder (else it would train images_2.pt at
-    --lr); the next start puts the whole evaluation in place, so a resume continues from
-    iteration 2 and --Iteration below it is refused."""
+def kill_between_the_renames(buffers, tmp_path, monkeypatch):
+    """A run killed after images_2.pt (and the iteration-2 checkpoint) are in place and before
+    syn_lr_2.pt is, beside the same run left to finish: (killed folder, straight folder)."""
     flags = ["--Iteration", "2", "--eval_it", "2"]
     run_distill(buffers, tmp_path / "straight", *flags)
     interrupt_rename_of(monkeypatch, "syn_lr_2.pt")
@@ -76,15 +75,85 @@ def test_a_kill_between_the_renames_of_one_evaluation_is_finished_by_the_next_st
     killed = tmp_path / "killed"
     assert run_folder.journal(killed)["renaming"] and (killed / "images_2.pt").exists()
     assert not (killed / "syn_lr_2.pt").exists()
-    monkeypatch.setattr(run_folder, "COMMIT_WAIT", 0.2)
-    assert "in the middle of saving an evaluation" in one_line_error(
-        eval_script.main, ["--dataset", "FashionMNIST-mini", "--syn_path", killed, "--iteration", "2"])
+    return killed, tmp_path / "straight"
+
+
+def assert_whole(killed, straight):
+    assert not run_folder.journal(killed)["renaming"]
+    for name in ("images_2.pt", "syn_lr_2.pt", "lr_2.pt", "images_best.pt", "syn_lr_best.pt", "lr_best.pt"):
+        assert torch.equal(load(killed / name), load(straight / name)), name
+    assert load(killed / "checkpoint.pt")["iteration"] == 2
+
+
+def test_a_kill_between_the_renames_of_one_evaluation_is_finished_by_the_next_start(buffers, tmp_path, monkeypatch):
+    """The next distill.py start puts the whole evaluation in place, so a resume continues from
+    iteration 2 and --Iteration below it is refused."""
+    killed, straight = kill_between_the_renames(buffers, tmp_path, monkeypatch)
     message = distill_error(buffers, killed, "--Iteration", "1", "--eval_it", "2", "--resume")
     assert "--Iteration 1 is below the iteration the run" in message and "has reached (2)" in message
-    assert not run_folder.journal(killed)["renaming"]  # that start finished the commit
-    for name in ("images_2.pt", "syn_lr_2.pt", "images_best.pt", "syn_lr_best.pt"):
-        assert torch.equal(load(killed / name), load(tmp_path / "straight" / name)), name
-    assert load(killed / "checkpoint.pt")["iteration"] == 2
+    assert_whole(killed, straight)
+
+
+def test_a_reader_finishes_a_save_that_a_kill_cut_short(buffers, tmp_path, monkeypatch, capsys):
+    """eval.py on the killed folder finishes the commit (no process holds its lock) and then reads
+    images_2.pt with syn_lr_2.pt, not with --lr; other tools then find it whole too (lr_2.pt is DATM's)."""
+    killed, straight = kill_between_the_renames(buffers, tmp_path, monkeypatch)
+    eval_script.main(["--dataset", "FashionMNIST-mini", "--model", "ConvNetW16", "--syn_path", str(killed),
+                      "--iteration", "2", "--num_eval", "1", "--epoch_eval_train", "1", "--device", "cpu"])
+    assert "(syn_lr_2.pt)" in capsys.readouterr().out
+    assert_whole(killed, straight)
+
+
+def test_a_reader_waits_for_a_live_writer_and_then_refuses(buffers, tmp_path, monkeypatch):
+    """While another process holds the folder's lock, the save is its to finish: the reader waits
+    COMMIT_WAIT, then refuses in one line, and renames nothing."""
+    killed, _ = kill_between_the_renames(buffers, tmp_path, monkeypatch)
+    monkeypatch.setattr(run_folder, "COMMIT_WAIT", 0.2)
+    with locked_by_another_process(killed):
+        message = one_line_error(eval_script.main, ["--dataset", "FashionMNIST-mini", "--syn_path", killed,
+                                                    "--iteration", "2"])
+    assert "in the middle of saving an evaluation that cannot be finished here" in message and "in use" in message
+    assert run_folder.journal(killed)["renaming"] and not (killed / "syn_lr_2.pt").exists()
+
+
+@pytest.mark.parametrize("renaming", [
+    {"notes.txt": "x.tmp1"},  # over a user's file
+    {"../escaped.txt": "draft.tmp777777"},  # out of the folder
+    {"notes.txt": ".notes.txt.mtt-partial-1"},  # a temporary name of ours, onto a name not ours
+    {"images_best.pt": "draft.tmp777777"},  # a user's file onto a set file
+    {"images_best.pt": ".labels_best.pt.mtt-partial-1"},  # another file's temporary name
+    {"images_best.pt/../../x": ".images_best.pt/../../x.mtt-partial-1"},
+])
+def test_a_hostile_journal_renames_nothing_on_resume_or_read(buffers, tmp_path, renaming):
+    """A run folder from elsewhere whose journal lists renames of other files: distill.py --resume and
+    eval.py each refuse in one line, and every file stays where and as it was."""
+    run = tmp_path / "run"
+    run_distill(buffers, run, "--Iteration", "1")
+    for name, text in {"notes.txt": "notes", "x.tmp1": "x", "draft.tmp777777": "draft",
+                       ".notes.txt.mtt-partial-1": "partial", ".labels_best.pt.mtt-partial-1": "labels"}.items():
+        (run / name).write_text(text)
+    journal = {"generation": 9, "iteration": 1, "renaming": renaming}
+    (run / ".mtt-commit.json").write_text(json.dumps(journal))
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for message in (distill_error(buffers, run, "--Iteration", "2", "--resume"),
+                    one_line_error(eval_script.main, ["--dataset", "FashionMNIST-mini", "--syn_path", run])):
+        assert f"{run / '.mtt-commit.json'} is not a journal distill.py writes (it would rename" in message
+        assert "nothing was renamed" in message
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path.name != ".lock"} == \
+        {path: data for path, data in before.items() if path.name != ".lock"}
+
+
+@pytest.mark.parametrize("journal,said", [
+    ({}, "missing or mistyped generation, renaming"),
+    ({"generation": 1, "iteration": 1, "renaming": "images_1.pt"}, "missing or mistyped renaming"),
+    ([], "it holds a JSON list, not an object"),
+])
+def test_a_malformed_journal_is_one_line(buffers, tmp_path, journal, said):
+    run_distill(buffers, tmp_path, "--Iteration", "1")
+    (tmp_path / ".mtt-commit.json").write_text(json.dumps(journal))
+    for message in (distill_error(buffers, tmp_path, "--Iteration", "2", "--resume"),
+                    one_line_error(eval_script.main, ["--dataset", "FashionMNIST-mini", "--syn_path", tmp_path])):
+        assert said in message and ".mtt-commit.json" in message
 
 
 def test_a_reader_waits_for_an_evaluations_save_in_flight_and_reads_all_of_it(tmp_path, monkeypatch):
@@ -278,6 +347,11 @@ CORRUPT_CHECKPOINTS = {
     "a bad random-number state": (lambda s: s.update(rng_cpu=torch.zeros(5, dtype=torch.uint8)),
                                   "does not fit this run"),
     "no optimizers": (lambda s: s.update(optimizers={}), "no optimizer states"),
+    "best an int": (lambda s: s.update(best=5), "missing or mistyped best"),
+    "a best mark an int": (lambda s: s.update(best={"ConvNetW16": 5}), "a best mark that is not"),
+    "NaN images": (lambda s: s["tensors"]["images"].view(-1)[7].fill_(math.nan), "non-finite values in images"),
+    "an inf momentum": (lambda s: next(iter(s["optimizers"]["syn_lr"]["state"].values()))["momentum_buffer"].fill_(
+        math.inf), "non-finite values in syn_lr's momentum"),
 }
 
 
@@ -290,18 +364,40 @@ def test_a_corrupt_checkpoint_is_one_line_naming_it(buffers, tmp_path, case):
     assert "checkpoint" in message and said in message and "move it away" in message
 
 
-@pytest.mark.parametrize("lines,said", [
-    (['{"type": "iteration", "it": 0}', '{"foo": 1}', '{"type": "iteration", "it": 1}'], "line 2 is not a line"),
-    (['[1, 2]', '{"type": "iteration", "it": 1}'], "line 1 is not a line"),
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+ITERATION = '{"type": "iteration", "it": 1}'
+
+
+@pytest.mark.parametrize("content,said", [
+    (f'{ITERATION}\n{{"foo": 1}}\n{ITERATION}\n', "line 2 is not a line distill.py writes"),
+    (f'[1, 2]\n{ITERATION}\n', "line 1 is not a line distill.py writes"),
+    (f'text\n{ITERATION}\n', "line 1 is not a line distill.py writes"),
+    (f'{{"type": "iteration", "it": "x"}}\n{ITERATION}\n', "line 1 is not a line distill.py writes"),
+    (b"\x80\x81\xfe\n" + ITERATION.encode(), "is not text, so not a log distill.py writes"),
 ])
-def test_a_corrupt_log_is_one_line_naming_it(buffers, tmp_path, lines, said):
+def test_a_corrupt_log_is_refused_before_anything_is_written(buffers, tmp_path, content, said):
+    """The resume is refused in one line naming log.jsonl, and the folder (run.json, checkpoint,
+    sets) is left byte for byte as it was."""
     run_distill(buffers, tmp_path, "--Iteration", "1")
-    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
-    message = distill_error(buffers, tmp_path, "--Iteration", "2", "--resume")
-    assert f"{tmp_path / 'log.jsonl'} {said} distill.py writes" in message
-    (tmp_path / "log.jsonl").unlink()
-    (tmp_path / "log.jsonl").mkdir()
-    assert "log.jsonl is not a file" in distill_error(buffers, tmp_path, "--Iteration", "2", "--resume")
+    (tmp_path / "log.jsonl").write_bytes(content.encode() if isinstance(content, str) else content)
+    before = files_of(tmp_path)
+    message = distill_error(buffers, tmp_path, "--Iteration", "3", "--resume")
+    assert f"{tmp_path / 'log.jsonl'} {said}" in message
+    assert files_of(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "run.json", "zca.pt"])
+def test_a_folder_in_place_of_a_run_file_is_refused_before_anything_is_written(buffers, tmp_path, name):
+    run_distill(buffers, tmp_path, "--Iteration", "1")
+    (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / name).mkdir()
+    before = files_of(tmp_path)
+    assert f"{tmp_path / name} is not a file; move it away" in distill_error(buffers, tmp_path, "--Iteration", "2",
+                                                                              "--resume")
+    assert files_of(tmp_path) == before
 
 
 @pytest.mark.parametrize("change,said", [
