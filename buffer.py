@@ -36,6 +36,8 @@ from functools import partial
 from itertools import zip_longest
 from pathlib import Path
 
+import mtt  # noqa: F401  before torch loads: Ctrl-C or SIGTERM while the script starts is one line
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -294,9 +296,10 @@ def train_file(args, data, num_params, file, entries):
             entry = {"file": path.name, "index": index, "row": row, "seed": seed, "train_acc": [], "test_acc": []}
             for epoch, (train_acc, test_acc, speed) in enumerate(train_expert(args, data, array[row]), 1):
                 if not np.isfinite(array[row, epoch]).all():
+                    rho = f", --rho_max {args.rho_max:g}, --rho_min {args.rho_min:g}" * bool(args.rho_max)
                     raise UsageError(f"expert #{index} diverged: its parameters became non-finite in epoch {epoch} "
-                                     f"(--lr_teacher {args.lr_teacher:g}, --mom {args.mom:g}, --l2 {args.l2:g}); lower "
-                                     f"them. Nothing of its file is saved; files finished before it are kept")
+                                     f"(--lr_teacher {args.lr_teacher:g}, --mom {args.mom:g}, --l2 {args.l2:g}{rho}); "
+                                     f"lower them. Nothing of its file is saved; files finished before it are kept")
                 entry["train_acc"].append(train_acc)
                 entry["test_acc"].append(test_acc)
                 yield index, epoch, train_acc, test_acc, speed

@@ -27,6 +27,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import mtt  # noqa: F401  before torch loads: Ctrl-C or SIGTERM while the script starts is one line
+
 import numpy as np
 import torch
 
@@ -66,6 +68,7 @@ SAVE_EVERY = 1000  # images_{it}.pt at every evaluation that improves, and every
 GRID_MAX_IPC = 50  # the original draws no grid from ipc 50 on, unless --force_save
 PRINT_EVERY = 10  # iterations between printed loss lines (the bar is on stderr)
 momentum = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+seconds = checked(float, lambda v: 0 < v <= 1e9, "a positive number of seconds up to 1e9")
 
 
 def parse_args(argv=None):
@@ -119,7 +122,7 @@ def parse_args(argv=None):
               "the test set (0: as the original)")
     switch(parser, "--tensorboard", "also log the curves and image grids for TensorBoard, in {save_path}/tensorboard "
                                     "(needs the tensorboard package)")
-    flag("--step_timeout", type=positive_float, default=parallel.STEP_TIMEOUT.total_seconds(),
+    flag("--step_timeout", type=seconds, default=parallel.STEP_TIMEOUT.total_seconds(),
          help="torchrun: seconds a training step's collective waits for the other processes before the job "
               "stops with a line naming the one that stopped answering (evaluations may wait 2 hours)")
     datm = parser.add_argument_group("DATM (any of these turns DATM's defaults on)").add_argument
@@ -177,7 +180,7 @@ def check_args(args):
     channel, (h, w), num_classes = DATASETS[args.dataset].shape(args.res)
     tiles = args.canvas_size if args.texture else 1
     check_fits(3 * 4 * args.ipc * num_classes * channel * h * w * tiles * tiles,  # images, gradient, momentum
-               f"--ipc {args.ipc}'s synthetic set")
+               f"--ipc {args.ipc}'s synthetic set" + f" of --canvas_size {tiles} canvases" * args.texture)
     if args.texture and args.zca:
         raise UsageError("--texture cannot be combined with --zca (the original does not support it either)")
     if not args.min_start_epoch < min(args.max_start_epoch, start_epoch_window(args, 0)[1]):
@@ -192,11 +195,16 @@ def check_args(args):
 class Diverged(UsageError):
     """The loss, a gradient or a learnable tensor left the range where training means anything."""
 
-    def __init__(self, what, args):
+    def __init__(self, what, args, learned=True):
+        """learned: whether a learned value can be the cause; the loss and gradients of iteration 0
+        come from the initial set at syn_lr = --lr_teacher, before anything is learned."""
         kept = run_folder.last_iteration(args.save_path)
         where = ("nothing was saved yet" if kept is None else
                  f"the checkpoint and sets of iteration {kept} are in {args.save_path}: lower --lr_img, --lr_lr or "
                  f"--lr_y and --resume (the new rates apply), or start again")
+        if not learned:
+            where = (f"nothing is learned at iteration 0, so the student diverged at its first syn_lr, --lr_teacher "
+                     f"{args.lr_teacher:g}: lower it and start again in a new --save_path")
         super().__init__(f"{what}; stopped: {where}")
 
 
@@ -482,10 +490,10 @@ def check_diverged(synset, loss, bounds, it, args):
     """After the update, before anything is saved: a non-finite loss, gradient or value, a learnable
     tensor beyond DIVERGED x its largest initial magnitude, or a syn_lr no longer positive stop the run."""
     if not math.isfinite(loss):
-        raise Diverged(f"the matching loss became {loss} at iteration {it}", args)
+        raise Diverged(f"the matching loss became {loss} at iteration {it}", args, learned=it > 0)
     for name, tensor in synset.tensors.items():
         if tensor.grad is not None and not tensor.grad.isfinite().all():
-            raise Diverged(f"the gradient of {name} became non-finite at iteration {it}", args)
+            raise Diverged(f"the gradient of {name} became non-finite at iteration {it}", args, learned=it > 0)
         if not tensor.isfinite().all():
             raise Diverged(f"{name} became non-finite at iteration {it}", args)
         largest = tensor.detach().abs().max().item()

@@ -19,7 +19,7 @@ import os
 from functools import cache
 from pathlib import Path
 
-
+import mtt  # noqa: F401  before torch loads: Ctrl-C or SIGTERM while the script starts is one line
 from mtt import parallel
 from mtt.data import draw_per_class, get_dataset, images_per_class
 from mtt.evaluation import EVAL_MODE_HELP, EVAL_MODES, EvalSet, eval_pool, evaluate_sets

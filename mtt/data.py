@@ -164,6 +164,10 @@ def _load_fashion_mnist(data_path, subset, res):
     if paths is None:
         return _load_torchvision("FashionMNIST", data_path, subset, res)
     x_train, y_train, x_test, y_test = (torch.as_tensor(read_idx(p).copy()) for p in paths)
+    for images, labels, path in ((x_train, y_train, paths[1]), (x_test, y_test, paths[3])):
+        if labels.ndim != 1 or len(labels) != len(images) or labels.max() >= len(FASHION_CLASSES):
+            raise UsageError(f"{path} holds {len(labels)} labels up to {labels.max()} for {len(images)} images of "
+                             f"{len(FASHION_CLASSES)} classes (0 to {len(FASHION_CLASSES) - 1}); download it again")
     return _nchw(x_train), y_train.long(), _nchw(x_test), y_test.long(), FASHION_CLASSES
 
 

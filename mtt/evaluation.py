@@ -80,13 +80,16 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
     table per pair. Network r of a pair is seeded by (seed, r) alone, so a row repeats whatever
     else the command evaluates, and under torchrun the networks spread over the ranks (network k
     of the list on rank k mod ranks) with the same results as one process."""
-    jobs = [(pair, run) for pair in range(len(pairs)) for run in range(num_eval)]
-    mine = jobs[parallel.rank()::parallel.world()]
-    # the bar counts images trained on, so that a network on the full data weighs what it costs
-    work = sum(len(pairs[pair][0].images) * (pairs[pair][0].epochs + 1) for pair, _ in mine)
+    rank, ranks = parallel.rank(), parallel.world()
+    # network k is run k % num_eval of pair k // num_eval, on rank k % ranks; ranges, not lists, so that
+    # a huge --num_eval starts at once. The bar counts images trained on: a full-data network weighs its cost.
+    mine = range(rank, len(pairs) * num_eval, ranks)
+    below = lambda k: len(range(rank, k, ranks))  # this rank's networks among the first k
+    work = sum(len(eval_set.images) * (eval_set.epochs + 1) * (below((pair + 1) * num_eval) - below(pair * num_eval))
+               for pair, (eval_set, _) in enumerate(pairs))
     results = {}
     with progress(total=work, desc=f"evaluating {len(mine)} networks", unit="img") as bar:
-        for pair, run in mine:
+        for pair, run in map(lambda k: divmod(k, num_eval), mine):
             eval_set, model = pairs[pair]
             set_seed(run_seed(seed, run))
             net = get_network(model, data.channel, data.num_classes, data.im_size).to(device)

@@ -12,7 +12,6 @@ wins. Every key is applied, or ignored with its reason in one printed line (DATM
 its GPU list `device: [3]`, ...); any other key is an error naming it. PyYAML is needed only here.
 """
 import argparse
-import math
 import sys
 
 import torch
@@ -54,10 +53,14 @@ def checked(kind, test, requirement):
     return parse
 
 
-positive_int = checked(int, lambda v: v >= 1, "at least 1")
-non_negative_int = checked(int, lambda v: v >= 0, "0 or more")
-positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive finite number")
-non_negative_float = checked(float, lambda v: 0 <= v < math.inf, "a finite number of 0 or more")
+# Every number has a range the machine represents: counts that index a tensor (int32 covers any the
+# memory holds), rates and sizes a float32 tensor holds (a larger one overflows in the first update).
+COUNT_MAX = 2**31 - 1
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+positive_int = checked(int, lambda v: 1 <= v <= COUNT_MAX, "an integer from 1 to 2^31-1")
+non_negative_int = checked(int, lambda v: 0 <= v <= COUNT_MAX, "an integer from 0 to 2^31-1")
+positive_float = checked(float, lambda v: 0 < v <= FLOAT32_MAX, "a positive number up to 3.4e38 (float32's largest)")
+non_negative_float = checked(float, lambda v: 0 <= v <= FLOAT32_MAX, "a number from 0 to 3.4e38 (float32's largest)")
 fraction = checked(float, lambda v: 0 < v < 1, "in (0, 1)")
 seed_value = checked(int, lambda v: 0 <= v < TORCH_SEEDS, "in 0..2^63-1")
 BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}

@@ -1,6 +1,7 @@
 """distill.py's command line on the embedded dataset, with experts from buffer.py: outputs, resume,
 divergence, bad input, and the images it gave before the learnable-state refactor."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -175,16 +176,29 @@ def test_chunk_syn_gives_the_same_images_and_is_recorded(buffers, tmp_path):
     assert (whole - chunks).abs().max().item() <= 1e-4 * whole.abs().max().item()
     args = [json.loads((tmp_path / run / "run.json").read_text())["args"] for run in ("whole", "chunks")]
     assert (args[0]["chunk_syn"], args[1]["chunk_syn"]) == (None, 3)
-    assert "--chunk_syn: must be at least 1, not 0" in error_of(buffers, tmp_path / "bad", "--chunk_syn", "0")
+    assert "--chunk_syn: must be an integer from 1 to 2^31-1, not 0" in error_of(buffers, tmp_path / "bad",
+                                                                                 "--chunk_syn", "0")
     assert not (tmp_path / "bad").exists()
 
 
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(buffers, tmp_path, monkeypatch):
-    monkeypatch.setitem(matching.BACKWARD, False, lambda *args: torch.tensor(float("nan")))
-    message = error_of(buffers, tmp_path, "--Iteration", "5")
-    assert "matching loss became nan at iteration 0" in message and "--resume (the new rates apply)" in message
-    assert f"the checkpoint and sets of iteration 0 are in {tmp_path}" in message
-    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "images_0.pt").exists()
+    real, calls = matching.BACKWARD[False], []
+
+    def nan_at_the_second_iteration(*args):
+        calls.append(1)
+        return torch.tensor(math.nan) if len(calls) == 2 else real(*args)
+
+    monkeypatch.setitem(matching.BACKWARD, False, nan_at_the_second_iteration)
+    message = error_of(buffers, tmp_path, "--Iteration", "5", "--eval_it", "1")
+    assert "matching loss became nan at iteration 1" in message and "--resume (the new rates apply)" in message
+    assert f"the checkpoint and sets of iteration 1 are in {tmp_path}" in message
+    assert load(tmp_path / "checkpoint.pt")["iteration"] == 1 and (tmp_path / "images_0.pt").exists()
+
+
+def test_a_loss_that_diverges_before_anything_is_learned_names_lr_teacher(buffers, tmp_path):
+    message = error_of(buffers, tmp_path, "--Iteration", "5", "--lr_teacher", "3e38")
+    assert "at iteration 0" in message and "its first syn_lr, --lr_teacher 3e+38: lower it" in message
+    assert "--lr_img" not in message
 
 
 def test_a_non_finite_gradient_stops_the_run(buffers, tmp_path, monkeypatch):
@@ -300,13 +314,14 @@ def test_experts_selection_flags_reach_the_sampler(buffers, tmp_path):
     (["--ipc", "501"], "--ipc 501 needs 501 real images per class"),
     (["--max_start_epoch", "2", "--expert_epochs", "2"], "goes beyond the experts' 3 snapshots"),
     (["--texture", "--zca"], "--texture cannot be combined with --zca"),
-    (["--syn_steps", "0"], "argument --syn_steps: must be at least 1, not 0"),
-    (["--max_experts", "0"], "argument --max_experts: must be at least 1, not 0"),
-    (["--batch_syn", "-1"], "argument --batch_syn: must be at least 1, not -1"),
-    (["--batch_train", "0"], "argument --batch_train: must be at least 1, not 0"),
-    (["--lr_teacher", "-0.01"], "argument --lr_teacher: must be a positive finite number, not -0.01"),
-    (["--epoch_eval_train", "-1"], "argument --epoch_eval_train: must be at least 1, not -1"),
-    (["--Iteration", "-1"], "argument --Iteration: must be 0 or more, not -1"),
+    (["--syn_steps", "0"], "argument --syn_steps: must be an integer from 1 to 2^31-1, not 0"),
+    (["--max_experts", "0"], "argument --max_experts: must be an integer from 1 to 2^31-1, not 0"),
+    (["--batch_syn", "-1"], "argument --batch_syn: must be an integer from 1 to 2^31-1, not -1"),
+    (["--batch_train", "0"], "argument --batch_train: must be an integer from 1 to 2^31-1, not 0"),
+    (["--lr_teacher", "-0.01"],
+     "argument --lr_teacher: must be a positive number up to 3.4e38 (float32's largest), not -0.01"),
+    (["--epoch_eval_train", "-1"], "argument --epoch_eval_train: must be an integer from 1 to 2^31-1, not -1"),
+    (["--Iteration", "-1"], "argument --Iteration: must be an integer from 0 to 2^31-1, not -1"),
     (["--eval_mode", "Q"], "argument --eval_mode: invalid choice: 'Q'"),
     (["--dsa_strategy", "color_blur"], "argument --dsa_strategy: unknown DSA op(s) blur"),
     (["--device", "gpu"], "unknown --device 'gpu'"),

@@ -2,12 +2,16 @@
 one line: faults injected where they would strike (a kill at a named rename, a full disk, Ctrl-C,
 SIGTERM, corrupt files)."""
 import errno
+import gzip
 import json
 import math
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,8 @@ import buffer
 import distill
 import eval as eval_script
 import utils
-from mtt import matching, run_folder
+from mtt import evaluation, matching, run_folder
+from mtt.data import IDX_FILES, get_dataset
 from mtt.trajectories import buffer_dir
 
 FAST_BUFFER = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--num_experts", "1", "--train_epochs", "1"]
@@ -195,8 +200,9 @@ def test_an_evaluation_cut_short_before_its_journal_leaves_the_previous_files(bu
 
 @pytest.mark.parametrize("flags,message", [
     (["--lr_teacher", "1e6"], "expert #0 diverged: its parameters became non-finite in epoch 1 (--lr_teacher 1e+06"),
-    (["--lr_teacher", "inf"], "argument --lr_teacher: must be a positive finite number, not inf"),
-    (["--l2", "inf"], "argument --l2: must be a finite number of 0 or more, not inf"),
+    (["--lr_teacher", "inf"],
+     "argument --lr_teacher: must be a positive number up to 3.4e38 (float32's largest), not inf"),
+    (["--l2", "inf"], "argument --l2: must be a number from 0 to 3.4e38 (float32's largest), not inf"),
 ])
 def test_buffer_saves_no_non_finite_expert(tmp_path, flags, message):
     assert message in one_line_error(buffer.main, FAST_BUFFER + ["--buffer_path", tmp_path, *flags])
@@ -426,9 +432,6 @@ def test_a_zca_transform_of_the_wrong_shape_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("cut", [lambda data: data[:-100], lambda data: b"garbage" + data])
 def test_a_truncated_or_foreign_idx_file_is_one_line_naming_it(tmp_path, cut):
-    import gzip
-
-    from mtt.data import IDX_FILES, get_dataset
     rng = np.random.default_rng(0)
     for name in IDX_FILES:
         shape = (20, 28, 28) if "images" in name else (20,)
@@ -441,16 +444,102 @@ def test_a_truncated_or_foreign_idx_file_is_one_line_naming_it(tmp_path, cut):
 
 
 @pytest.mark.parametrize("script,flags,said", [
-    (distill.main, ["--ipc", "100000000000"], "--ipc 100000000000's synthetic set needs"),
-    (buffer.main, ["--num_experts", "100000000000"], "100000000000 experts of 2 snapshots needs"),
-    (buffer.main, ["--num_experts", "1e12"], "argument --num_experts: expected at least 1, not '1e12'"),
+    (distill.main, ["--ipc", "2000000000"], "--ipc 2000000000's synthetic set needs"),
+    (distill.main, ["--texture", "--canvas_size", "99999"], "--ipc 1's synthetic set of --canvas_size 99999 canvases "
+                                                             "needs"),
+    (buffer.main, ["--num_experts", "2000000000"], "2000000000 experts of 2 snapshots needs"),
+    (buffer.main, ["--num_experts", "1e12"],
+     "argument --num_experts: expected an integer from 1 to 2^31-1, not '1e12'"),
     (distill.main, ["--model", "ConvNetD8"], "--model ConvNetD8 does not fit FashionMNIST-mini's 28x28 images"),
     (eval_script.main, ["--model", "ConvNetD8", "--baseline", "full"], "--model ConvNetD8 does not fit"),
 ])
 def test_impossible_sizes_are_one_line_before_any_folder(tmp_path, script, flags, said):
+    """Each names the flag that is the cause."""
     argv = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--train_epochs", "1"] if script is buffer.main \
         else (["--dataset", "FashionMNIST-mini"] if script is eval_script.main else list(TINY))
     argv += ["--buffer_path", tmp_path / "b"] if script is not eval_script.main else []
     argv += ["--save_path", tmp_path / "run"] if script is distill.main else []
     assert said in one_line_error(script, argv + flags)
     assert list(tmp_path.iterdir()) == []
+
+
+HUGE = "99999999999999999999"
+RATE, SIZE, COUNT = ("a positive number up to 3.4e38 (float32's largest)",
+                     "a number from 0 to 3.4e38 (float32's largest)", "an integer from 1 to 2^31-1")
+
+
+@pytest.mark.parametrize("script,flags,said", [
+    (buffer.main, ["--lr_teacher", "1e308"], f"argument --lr_teacher: must be {RATE}, not 1e308"),
+    (buffer.main, ["--l2", "1e308"], f"argument --l2: must be {SIZE}, not 1e308"),
+    (buffer.main, ["--batch_train", HUGE], f"argument --batch_train: must be {COUNT}, not {HUGE}"),
+    (distill.main, ["--lr_img", "1e308"], f"argument --lr_img: must be {RATE}, not 1e308"),
+    (distill.main, ["--lr_lr", "1e308"], f"argument --lr_lr: must be {SIZE}, not 1e308"),
+    (distill.main, ["--lr_y", "1e308"], f"argument --lr_y: must be {RATE}, not 1e308"),
+    (distill.main, ["--step_timeout", "1e308"], "argument --step_timeout: must be a positive number of seconds up to"),
+    (distill.main, ["--batch_syn", HUGE], f"argument --batch_syn: must be {COUNT}, not {HUGE}"),
+    (distill.main, ["--texture", "--canvas_samples", HUGE], f"argument --canvas_samples: must be {COUNT}"),
+    (eval_script.main, ["--num_eval", HUGE], f"argument --num_eval: must be {COUNT}, not {HUGE}"),
+])
+def test_a_number_beyond_what_the_machine_represents_is_one_line_when_parsed(tmp_path, script, flags, said):
+    argv = FAST_BUFFER if script is buffer.main else (["--baseline", "full"] if script is eval_script.main else TINY)
+    assert said in one_line_error(script, argv + ["--buffer_path", tmp_path / "b", "--save_path", tmp_path / "run"]
+                                  * (script is distill.main) + flags)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_starts_at_once_with_a_huge_num_eval(monkeypatch):
+    """2^31-1 networks per row: the first trains at once (the jobs are ranges, not a list to build first)."""
+    def first_network(*args, **kwargs):
+        raise KeyboardInterrupt("the first network")
+
+    monkeypatch.setattr(evaluation, "evaluate_synset", first_network)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt, match="the first network"):
+        eval_script.main(["--dataset", "FashionMNIST-mini", "--baseline", "random", "--ipc", "1", "--num_eval",
+                          str(2**31 - 1), "--device", "cpu"])
+    assert time.monotonic() - start < 20
+
+
+def test_gsam_that_diverges_names_rho(tmp_path):
+    message = one_line_error(buffer.main, FAST_BUFFER + ["--buffer_path", tmp_path, "--rho_max", "3e38",
+                                                         "--rho_min", "3e38"])
+    assert "expert #0 diverged" in message and "--rho_max 3e+38, --rho_min 3e+38); lower them" in message
+
+
+def test_idx_labels_out_of_range_are_one_line_naming_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in IDX_FILES:
+        shape = (20, 28, 28) if "images" in name else (20,)
+        values = rng.integers(0, 10, shape, np.uint8) + (10 * (name == "t10k-labels-idx1-ubyte"))
+        header = bytes([0, 0, 8, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape)
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress(header + values.astype(np.uint8).tobytes()))
+    message = one_line_error(eval_script.main, ["--dataset", "FashionMNIST", "--data_path", tmp_path, "--baseline",
+                                                "random", "--ipc", "1"])
+    assert f"{tmp_path / 't10k-labels-idx1-ubyte.gz'} holds 20 labels up to 19 for 20 images of 10 classes" in message
+
+
+@pytest.mark.parametrize("script", ["buffer.py", "distill.py", "eval.py"])
+def test_ctrl_c_and_sigterm_while_torch_loads_are_one_line(script):
+    """Signalled once torch's libraries are being mapped (its import takes seconds): one line, status 130."""
+    for signum, said in ((signal.SIGINT, "stopped by Ctrl-C"), (signal.SIGTERM, "stopped by SIGTERM")):
+        process = subprocess.Popen([sys.executable, script, "--help"], cwd=utils.REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        maps = Path(f"/proc/{process.pid}/maps")
+        while process.poll() is None and "libtorch" not in maps.read_text():
+            time.sleep(0.01)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+        assert (process.returncode, err, out) == (130, f"{said}: nothing was written\n", "")
+
+
+def test_a_read_only_run_folder_is_one_line(buffers, tmp_path, monkeypatch):
+    run_distill(buffers, tmp_path, "--Iteration", "1")
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(utils, "open", read_only, raising=False)
+    assert distill_error(buffers, tmp_path, "--Iteration", "2", "--resume") == (
+        f"error: {tmp_path} cannot be written (Read-only file system): a distill.py run needs to write there")
