@@ -421,7 +421,8 @@ def sha256(path):
 def export_pt(args):
     """The directory's experts as the original's files: --save_interval experts per
     replay_buffer_{n}.pt, each a list of snapshots, each a list of per-parameter CPU tensors."""
-    experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res))
+    experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res),
+                      zca=args.zca)
     shapes = [torch.Size(shape) for shape in experts.meta["param_shapes"]]
     folder = make_folder(args.export_pt, "--export_pt")
     with folder_lock(folder, "buffer.py --export_pt"):

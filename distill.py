@@ -24,7 +24,7 @@ own files load as they are).
 import math
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import mtt  # noqa: F401  before torch loads: Ctrl-C or SIGTERM while the script starts is one line
@@ -34,17 +34,18 @@ import torch
 
 from mtt import parallel, run_folder
 from mtt.data import DATASETS, draw_per_class, get_dataset, images_per_class
-from mtt.evaluation import EVAL_MODE_HELP, EVAL_MODES, EvalSet, eval_pool, evaluate_sets
+from mtt.evaluation import EvalSet, eval_pool, evaluate_sets
+from mtt.evaluation import add_flags as add_eval_flags
 from mtt.flags import (Parser, add_common_args, boolean, check_model, checked, folder_path, fraction,
                        non_negative_float, non_negative_int, parse, positive_float, positive_int, switch, take_defaults)
-from mtt.matching import BACKWARD, SyntheticSet, draw_schedule
+from mtt.matching import BACKWARD, SyntheticSet, draw_schedule, forecast
 from mtt.parallel import main_decides, one_verdict, run_script, stalls_are_one_line
 from mtt.progress import progress
 from mtt.training import INFERENCE_BATCH
-from mtt.trajectories import Experts, buffer_dir
-from networks import forward_flat, get_network
-from utils import (UsageError, check_fits, entry, folder_lock, installed, is_main, make_folder, run_info, run_seed,
-                   save_json, save_torch, say, set_seed)
+from mtt.trajectories import Experts, buffer_dir, fill_command
+from networks import flatten_params, forward_flat, get_network
+from utils import (UsageError, check_fits, entry, folder_lock, free_memory, installed, is_main, make_folder, run_info,
+                   run_seed, save_json, save_torch, say, set_seed)
 
 # DATM's flags and their defaults in DATM's code. They apply as a whole once any of them is given
 # with a value MTT does not have (DATM always learns its labels, from images an expert classifies
@@ -76,11 +77,9 @@ def parse_args(argv=None):
     add_common_args(parser)
     flag = parser.add_argument
     flag("--ipc", type=positive_int, default=1, help="synthetic images per class")
-    flag("--eval_mode", default="S", choices=EVAL_MODES, help=EVAL_MODE_HELP)
-    flag("--num_eval", type=positive_int, default=5, help="networks trained per model at each evaluation")
+    add_eval_flags(parser, "networks trained per model at each evaluation")
     flag("--eval_it", type=positive_int, default=100, help="evaluate every this many iterations (and at 0 and the end)")
     switch(parser, "--skip_first_eva", "no evaluation (nor checkpoint) at iteration 0 (DATM's flag)")
-    flag("--epoch_eval_train", type=positive_int, default=1000, help="epochs of each evaluation network")
     flag("--Iteration", type=non_negative_int, default=5000, help="distillation iterations")
     flag("--lr_img", type=positive_float, default=1000, help="learning rate of the pixels (SGD, momentum 0.5)")
     flag("--lr_lr", type=non_negative_float, default=1e-05, help="learning rate of syn_lr (SGD, momentum 0.5)")
@@ -112,7 +111,9 @@ def parse_args(argv=None):
          help="the first this many experts of each buffer file (default: all)")
     switch(parser, "--force_save", f"write the PNG grid even when ipc >= {GRID_MAX_IPC}")
     switch(parser, "--low_memory",
-           "the same gradient by reverse replay: memory of one student step plus the stored parameter vectors")
+           "the same gradient by reverse replay: memory of one student step plus the stored parameter vectors "
+           "(default: the full unroll where its forecast peak fits in the free memory, else the replay; "
+           "--low_memory False forces the unroll)", default=None)
     flag("--save_path", default=None, type=folder_path,
          help="output folder (default: logged_files/{dataset}/{run name})")
     switch(parser, "--resume", "continue the run in --save_path from its checkpoint (from iteration 0 if it has "
@@ -193,15 +194,16 @@ def check_args(args):
 
 
 class Diverged(UsageError):
-    """The loss, a gradient or a learnable tensor left the range where training means anything."""
+    """The loss, a gradient or a learnable tensor left the range where training means anything, or the
+    memory ran out: the line says what is kept and how to go on."""
 
-    def __init__(self, what, args, learned=True):
+    def __init__(self, what, args, learned=True, fix="lower --lr_img, --lr_lr or --lr_y"):
         """learned: whether a learned value can be the cause; the loss and gradients of iteration 0
         come from the initial set at syn_lr = --lr_teacher, before anything is learned."""
         kept = run_folder.last_iteration(args.save_path)
         where = ("nothing was saved yet" if kept is None else
-                 f"the checkpoint and sets of iteration {kept} are in {args.save_path}: lower --lr_img, --lr_lr or "
-                 f"--lr_y and --resume (the new rates apply), or start again")
+                 f"the checkpoint and sets of iteration {kept} are in {args.save_path}: {fix} and --resume (the new "
+                 f"flags apply), or start again")
         if not learned:
             where = (f"nothing is learned at iteration 0, so the student diverged at its first syn_lr, --lr_teacher "
                      f"{args.lr_teacher:g}: lower it and start again in a new --save_path")
@@ -216,11 +218,11 @@ def distill(args, device):
         state, changes, log_rows = main_decides(lambda: open_run(save_path, args, run_lock))
         with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
             set_seed(args.seed)
-            data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)
-            experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset,
-                                         args.res), args.max_files, args.max_experts, args.load_all, args.seed)
+            directory = buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+            experts = Experts(directory, args.max_files, args.max_experts, args.load_all, args.seed, args.zca)
+            check_experts(args, experts, directory, check_model(args.model, args.dataset, args.res))
+            data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)  # the cache: last
             net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
-            check_experts(args, experts, sum(p.numel() for p in net.parameters()))
             held_out, pool = validation_split(data, args.val_per_class, args.seed)
             synset = initial_set(args, data, experts, net, pool, device)
             optimizers = {name: torch.optim.SGD([tensor], *OPTIMIZERS[name](args))
@@ -229,12 +231,24 @@ def distill(args, device):
                       for name in ("images", "label_logits") if name in synset.tensors}
             ema = ImageEMA(synset.images, args.ema_decay) if args.ema_decay is not None else None
             best, start_it = restore(state, synset, optimizers, ema, args, device) if state is not None else ({}, 0)
+            batch_syn = args.batch_syn or len(synset.labels)
+            augmentation = None if args.no_aug else args.augmentation
+            texture = (data.im_size, args.canvas_samples) if args.texture else None
+            peak = forecast(net, flatten_params(net).to(device), synset, args.syn_steps, augmentation, texture)
+            low_memory = choose_backward(args, peak, batch_syn, free_memory(device))
+        low_memory = any(parallel.gather_objects(low_memory))  # the ranks run one backward: the replay if any needs it
+        if low_memory and not args.low_memory:
+            say(f"the full unroll would need about {gigabytes(peak(False, batch_syn, args.chunk_syn))}, more than the "
+                f"{gigabytes(free_memory(device))} free: running the low-memory replay instead (the same gradient), "
+                f"about {gigabytes(peak(True, batch_syn, args.chunk_syn))}")
         main_decides(lambda: describe_run_folder(save_path, args, data, device, run_lock))
         if state is not None:
             say(f"resumed {save_path} at iteration {start_it}" + "".join(
                 f"; --{k} {old} -> {new}" for k, (old, new) in changes.items()))
         elif args.resume:
             say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
+        else:
+            say(f"distilling into {save_path}")
         parallel.broadcast_([*synset.tensors.values()] + ([ema.images] if ema else []))
         log = run_folder.Log(save_path, log_rows, is_main(), args.tensorboard)
         if changes:
@@ -243,11 +257,9 @@ def distill(args, device):
         test = (data.images_test.to(device), data.labels_test.to(device))
         validation = (data.images_train[held_out].to(device), data.labels_train[held_out].to(device)) \
             if args.val_per_class else None
-        batch_syn = args.batch_syn or len(synset.labels)
-        augmentation = None if args.no_aug else args.augmentation
-        texture = (data.im_size, args.canvas_samples) if args.texture else None
-        backward = BACKWARD[args.low_memory]
+        backward = BACKWARD[low_memory]
 
+        skips = 0  # DATM's gate: updates skipped in this run
         with log, progress(total=args.Iteration, initial=start_it, desc="distill", unit="it") as bar:
             for it in range(start_it, args.Iteration + 1):
                 # ---- Evaluate and save (at 0, every eval_it and at the end; a resume has its own already)
@@ -277,7 +289,7 @@ def distill(args, device):
                 theta0, target, expert, start_epoch = draw_segment(experts, start_epoch_window(args, it),
                                                                    args.expert_epochs, device)
                 schedule = draw_schedule(synset.images, args.syn_steps, batch_syn, augmentation, texture)
-                with stalls_are_one_line():
+                with stalls_are_one_line(), out_of_memory_is_one_line(args):
                     loss = backward(net, synset, theta0, target, schedule, args.chunk_syn).item()
                 skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
                 for optimizer in optimizers.values():
@@ -292,10 +304,12 @@ def distill(args, device):
                 lr = synset.syn_lr.item()
                 log.write(type="iteration", it=it, loss=loss, syn_lr=lr, expert=expert, start_epoch=start_epoch,
                           seconds=time.time() - step_start, **({"skipped": True} if skipped else {}))
-                bar.set_postfix_str(f"loss {loss:.4f} syn_lr {lr:.5f}", refresh=False)
+                skips += skipped
+                gate = f" skipped {skips} (loss over --threshold {args.threshold:g})" if args.threshold else ""
+                bar.set_postfix_str(f"loss {loss:.4f} syn_lr {lr:.5f}{gate}", refresh=False)
                 bar.update()
                 if it % PRINT_EVERY == 0:
-                    say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f}")
+                    say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f}{gate}")
 
     # ---- The end
     for key, mark in best.items():
@@ -319,6 +333,43 @@ def open_run(save_path, args, run_lock):
     run_folder.finish_commit(save_path)
     state = run_folder.read_checkpoint(save_path)
     return state, resume_changes(state, args), run_folder.read_log(save_path / run_folder.LOG, state["iteration"])
+
+
+def gigabytes(n):
+    return f"{n / 2**30:.2f} GB"
+
+
+def choose_backward(args, peak, batch_syn, free):
+    """Whether to run the low-memory replay: --low_memory's answer, or, not given, the unroll where
+    its forecast peak fits in the free memory, else the replay (the same gradient). A forecast over
+    the free memory is one line naming the flags that would fit, before any work."""
+    chunk = args.chunk_syn
+    low_memory = args.low_memory if args.low_memory is not None else peak(False, batch_syn, chunk) > free
+    if peak(low_memory, batch_syn, chunk) <= free:
+        return low_memory
+    largest = lambda fits, n: max((k for k in range(1, n + 1) if fits(k)), default=None)
+    chunk_fits = largest(lambda k: peak(True, batch_syn, k) <= free, min(chunk or batch_syn, batch_syn))
+    batch_fits = largest(lambda k: peak(low_memory, k, chunk) <= free, batch_syn)
+    replay_fits = not low_memory and peak(True, batch_syn, chunk) <= free
+    fits = (["--low_memory"] if replay_fits else [f"--low_memory --chunk_syn {chunk_fits}"] if chunk_fits else []) \
+        + ([f"--batch_syn {batch_fits}"] if batch_fits else [])
+    raise UsageError(f"one iteration with {'the low-memory replay' if low_memory else 'the full unroll'} needs about "
+                     f"{gigabytes(peak(low_memory, batch_syn, chunk))}, more than the {gigabytes(free)} free; "
+                     + (f"these would fit: {', or '.join(fits)}" if fits else
+                        "nothing fits, not even --low_memory --chunk_syn 1: lower --syn_steps"))
+
+
+@contextmanager
+def out_of_memory_is_one_line(args):
+    """An allocation that fails in spite of the forecast (a GPU shared with others, RAM taken
+    meanwhile): one line with what lowers the peak; the last checkpoint is kept."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.OutOfMemoryError on a GPU; the CPU allocator's RuntimeError
+        if not any(said in str(err) for said in ("out of memory", "can't allocate memory")):
+            raise
+        raise Diverged(f"out of memory ({str(err).splitlines()[0][:120]})", args, fix="lower the peak with "
+                       "--low_memory, --chunk_syn N or --batch_syn N") from None
 
 
 def describe_run_folder(save_path, args, data, device, run_lock):
@@ -472,13 +523,15 @@ def draw_segment(experts, window, expert_epochs, device):
     return theta0, target, expert, start
 
 
-def check_experts(args, experts, num_params):
+def check_experts(args, experts, directory, num_params):
     meta, length = experts.meta, experts.num_snapshots
     expected = {"model": args.model, "dataset": args.dataset, "zca": args.zca, "num_params": num_params}
     for key, value in expected.items():
         if meta.get(key) != value:
-            raise UsageError(f"the buffers hold {key} {meta.get(key)!r} but this run needs {value!r}: "
-                             f"train matching experts with buffer.py")
+            elsewhere = buffer_dir("BUFFERS", args.dataset, args.model, args.zca, args.subset, args.res)
+            raise UsageError(f"{directory} holds experts with {key} {meta.get(key)!r} but this run needs {value!r}: "
+                             f"train matching ones into another folder, {fill_command(elsewhere, args.zca)}, and "
+                             f"distill with --buffer_path BUFFERS")
     if args.max_start_epoch + args.expert_epochs > length:
         raise UsageError(f"--max_start_epoch {args.max_start_epoch} + --expert_epochs {args.expert_epochs} "
                          f"goes beyond the experts' {length} snapshots (epochs 0..{length - 1})")
@@ -518,7 +571,7 @@ def evaluate(variants, synset, data, test, validation, args, it, device):
              for prefix, images in variants.items() for model in eval_pool(args.eval_mode, args.model)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate_sets(pairs, data, args.num_eval, run_seed(args.seed, it), args.batch_train,
-                             args.augmentation, device)
+                             args.augmentation, device, args.verbose)
 
 
 def record(rows, best, it, log):

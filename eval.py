@@ -22,7 +22,8 @@ from pathlib import Path
 import mtt  # noqa: F401  before torch loads: Ctrl-C or SIGTERM while the script starts is one line
 from mtt import parallel
 from mtt.data import draw_per_class, get_dataset, images_per_class
-from mtt.evaluation import EVAL_MODE_HELP, EVAL_MODES, EvalSet, eval_pool, evaluate_sets
+from mtt.evaluation import EvalSet, eval_pool, evaluate_sets
+from mtt.evaluation import add_flags as add_eval_flags
 from mtt.flags import Parser, add_common_args, check_model, folder_path, parse, positive_float, positive_int, switch
 from mtt.parallel import run_script
 from mtt.run_folder import load_saved_set
@@ -31,7 +32,7 @@ from utils import UsageError, entry, is_main, run_info, save_json
 
 def parse_args(argv=None):
     parser = Parser(__doc__)
-    add_common_args(parser, model_default=None)
+    add_common_args(parser, from_set=True)
     flag = parser.add_argument
     flag("--syn_path", type=folder_path, help="a distill.py run folder, or an images .pt file")
     flag("--iteration", help="in a run folder, evaluate images_{ITERATION}.pt (default: best)")
@@ -45,9 +46,7 @@ def parse_args(argv=None):
     flag("--ipc", type=positive_int, help="real images per class for --baseline random, drawn with --seed")
     flag("--epochs_full", type=positive_int, default=50,
          help="epochs for --baseline full (same SGD, lr decay and DSA as the other rows)")
-    flag("--eval_mode", default="S", choices=EVAL_MODES, help=EVAL_MODE_HELP)
-    flag("--num_eval", type=positive_int, default=5, help="networks trained per set and model")
-    flag("--epoch_eval_train", type=positive_int, default=1000, help="epochs on a distilled or random set")
+    add_eval_flags(parser, "networks trained per set and model")
     flag("--lr", type=positive_float, default=0.01, help="learning rate for sets without a learned one")
     flag("--out", type=folder_path, help="also write the rows to this JSON file")
     args = parse(parser, argv)
@@ -68,12 +67,27 @@ def main(argv=None):
     return run_script(parse_args, evaluate_all, argv)
 
 
+RECORDED = {"dataset": "CIFAR10", "subset": "imagenette", "res": 128, "zca": None, "model": "ConvNet"}
+
+
+def take_from_run(args, meta):
+    """The flags that describe the set, where not given, from its run.json (else the defaults); a
+    given one that contradicts it is refused. --model may differ: evaluating on other networks is
+    the cross-architecture protocol. The original's files have no run.json: defaults, and no ZCA
+    unless --zca."""
+    for key, default in RECORDED.items():
+        recorded, given = meta.get(key), getattr(args, key)
+        if given is None:
+            setattr(args, key, default if recorded is None else recorded)
+        elif recorded is not None and given != recorded and key != "model" \
+                and (key in ("dataset", "zca") or meta.get("dataset") == "ImageNet"):
+            raise UsageError(f"--{key} {given} contradicts the set's run.json, which says {key} {recorded}: drop "
+                             f"--{key}, or evaluate another set")
+
+
 def check_saved_set(saved, data, args):
     """Refuse a set that cannot be trained on this dataset's networks, before any training starts."""
     meta, images, labels = saved.meta, saved.images, saved.labels
-    for key in ("dataset", "subset", "res") if args.dataset == "ImageNet" else ("dataset",):
-        if key in meta and meta[key] != getattr(args, key):
-            raise UsageError(f"{saved.name} was distilled with --{key} {meta[key]}, not {getattr(args, key)}")
     if images.ndim != 4 or not images.is_floating_point():
         raise UsageError(f"{saved.name}: expected float images N x C x H x W, got {images.dtype} "
                          f"of shape {tuple(images.shape)}")
@@ -97,24 +111,6 @@ def check_saved_set(saved, data, args):
                          f"images have {features}; delete zca.pt and pass --zca to refit the whitening")
 
 
-def set_whitening(saved, user_zca, refit):
-    """The ZCA the set was distilled under, or None. A ZCA set trained against plain test images
-    (or a plain one against whitened images) scores chance with no other sign, so refuse it."""
-    distilled_with_zca = saved.meta.get("zca", user_zca)  # the original's files say nothing: trust --zca
-    if user_zca and not distilled_with_zca:
-        raise UsageError(f"--zca given, but {saved.name} was distilled without ZCA (run.json): whitening the "
-                         f"test set would silently give chance-level accuracy; drop --zca")
-    if not distilled_with_zca:
-        return None
-    if saved.zca is not None:
-        return saved.zca
-    if not user_zca:
-        raise UsageError(f"{saved.name} was distilled with ZCA but has no zca.pt beside it: on plain test "
-                         f"images it would silently give chance-level accuracy; pass --zca to refit the "
-                         f"whitening on the training set")
-    return refit()
-
-
 def in_space(images, data, whitening):
     return images if whitening is None else whitening(data.to_pixels(images))
 
@@ -134,7 +130,8 @@ def build_sets(args, data, saved, device):
     sets = []
     if saved is not None:
         check_saved_set(saved, data, args)
-        whitening = set_whitening(saved, args.zca, refit)
+        # the set's own transform; the original's files carry none: the refitted one, as the original does
+        whitening = (saved.zca or refit()) if args.zca else None
         texture = (data.im_size, saved.meta["canvas_samples"]) if saved.meta.get("texture") else None
         sets.append(EvalSet(saved.name, saved.images.float(), saved.labels,
                             saved.lr if saved.lr is not None else args.lr, args.epoch_eval_train,
@@ -168,14 +165,14 @@ def evaluate_all(args, device):
     """Every set and baseline the command names, num_eval networks per model each: the table's rows."""
     saved = load_saved_set(args.syn_path, args.iteration, args.labels_path, args.lr_path, args.ema) \
         if args.syn_path else None
-    distilled_with = saved.meta.get("model") if saved else None
-    models = eval_pool(args.eval_mode, args.model or distilled_with or "ConvNet")
+    take_from_run(args, saved.meta if saved else {})
+    models = eval_pool(args.eval_mode, args.model)
     for model in models:
         check_model(model, args.dataset, args.res)
     data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res, device=device)
     sets = build_sets(args, data, saved, device)
     rows = evaluate_sets([(eval_set, model) for eval_set in sets for model in models], data, args.num_eval,
-                         args.seed, args.batch_train, args.augmentation, device)
+                         args.seed, args.batch_train, args.augmentation, device, args.verbose)
     if is_main():
         print(format_table(rows))
         if args.out:

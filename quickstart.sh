@@ -2,7 +2,7 @@
 # The whole pipeline on the Fashion-MNIST subset shipped in assets/ (no download), sized for a
 # 2-core CPU (about 5 minutes): train experts, distill one image per class, then evaluate the
 # distilled set beside one random real image per class. Everything lands in $OUT (default
-# quickstart/), which is started afresh. The sizes below can be overridden from the environment.
+# quickstart/), started afresh. The sizes below can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-.venv/bin/python}
@@ -13,7 +13,13 @@ train_epochs=${TRAIN_EPOCHS:-8}
 iterations=${ITERATIONS:-200}
 eval_epochs=${EVAL_EPOCHS:-300}
 
-rm -rf "$out"
+# Start afresh, deleting only what an earlier quickstart made: OUT is marked as ours when created.
+if [ -e "$out" ] && [ ! -e "$out/.quickstart" ]; then
+    echo "error: OUT=$out exists and was not made by quickstart.sh; give a new folder" >&2
+    exit 1
+fi
+rm -rf "$out/buffers" "$out/distilled" "$out/results.json"
+mkdir -p "$out" && touch "$out/.quickstart"
 data=(--dataset FashionMNIST-mini --model "$model")
 "$python" buffer.py "${data[@]}" --buffer_path "$out/buffers" --num_experts "$experts" --train_epochs "$train_epochs"
 "$python" distill.py "${data[@]}" --buffer_path "$out/buffers" --save_path "$out/distilled" --ipc 1 \

@@ -51,6 +51,16 @@ def check_fits(needed, what, folder=None):
         raise UsageError(f"{what} needs {needed / 2**30:.3g} GB, more than the {have / 2**30:.3g} GB of {where}")
 
 
+def free_memory(device):
+    """Bytes this device can still give: the GPU's free memory, or the RAM the kernel can hand out
+    without swapping (MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
 def is_main():
     """Whether this is the process that prints and writes: the only one, or torchrun's rank 0."""
     return os.environ.get("RANK", "0") == "0"

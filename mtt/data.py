@@ -11,6 +11,7 @@ later starts, every fitted ZCA, and the images it whitens (float32 .npy files, m
 import gzip
 import multiprocessing
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -113,12 +114,16 @@ def _nchw(images):
 def _load_torchvision(name, data_path, subset, res):
     import torchvision  # here, not at the top: importing it takes a second, which the other datasets need not pay
     cls = getattr(torchvision.datasets, name)
+    missing = [folder for folder in (Path(data_path).absolute(), *Path(data_path).absolute().parents)
+               if not folder.exists()]
     try:
         if name == "SVHN":
             train, test = (cls(data_path, split=s, download=True) for s in ("train", "test"))
         else:
             train, test = (cls(data_path, train=t, download=True) for t in (True, False))
     except Exception as err:
+        if missing:  # the folders torchvision made to download into, and what it left there
+            shutil.rmtree(missing[-1], ignore_errors=True)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"{name} is not in {data_path!r} and could not be downloaded ({reason}); "
                          f"check the network or put torchvision's {name} files under --data_path") from err

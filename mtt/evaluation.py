@@ -8,6 +8,7 @@ import torch
 
 from mtt import parallel
 from mtt.augment import DSA_STRATEGY
+from mtt.flags import positive_int, switch
 from mtt.progress import progress
 from mtt.training import accuracy, decay_epoch, train_epoch
 from networks import get_network
@@ -25,6 +26,15 @@ EVAL_MODES = ["S", "C", *EVAL_POOLS]
 EVAL_MODE_HELP = ("models each evaluation trains: S = the distillation model (BN -> instance norm), C = it and "
                   "ConvNet, M = ConvNet AlexNet VGG11 ResNet18_AP ResNet18, W = widths, D = depths, "
                   "A = activations, P = poolings, N = norms")
+
+
+def add_flags(parser, networks_help):
+    """The evaluation's flags, distill.py's and eval.py's alike (the original's names and defaults)."""
+    parser.add_argument("--eval_mode", default="S", choices=EVAL_MODES, help=EVAL_MODE_HELP)
+    parser.add_argument("--num_eval", type=positive_int, default=5, help=networks_help)
+    parser.add_argument("--epoch_eval_train", type=positive_int, default=1000, help="epochs of each evaluation network")
+    switch(parser, "--verbose", "also print each evaluation network's training accuracy at every tenth of its epochs "
+                                "(default: one line per network, and the bar)")
 
 
 def eval_pool(eval_mode, model):
@@ -75,11 +85,13 @@ class EvalSet:
     lr_from: str = "--lr"  # where lr came from, for the report
 
 
-def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA_STRATEGY, device="cpu"):
+def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA_STRATEGY, device="cpu",
+                  verbose=False):
     """Train num_eval fresh networks for each (EvalSet, model) pair and test each; one row of the
-    table per pair. Network r of a pair is seeded by (seed, r) alone, so a row repeats whatever
-    else the command evaluates, and under torchrun the networks spread over the ranks (network k
-    of the list on rank k mod ranks) with the same results as one process."""
+    table per pair, and a line per network (verbose: its epochs too). Network r of a pair is seeded
+    by (seed, r) alone, so a row repeats whatever else the command evaluates, and under torchrun the
+    networks spread over the ranks (network k of the list on rank k mod ranks) with the same results
+    as one process."""
     rank, ranks = parallel.rank(), parallel.world()
     # network k is run k % num_eval of pair k // num_eval, on rank k % ranks; ranges, not lists, so that
     # a huge --num_eval starts at once. The bar counts images trained on: a full-data network weighs its cost.
@@ -94,16 +106,15 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
             set_seed(run_seed(seed, run))
             net = get_network(model, data.channel, data.num_classes, data.im_size).to(device)
             tag = f"[{eval_set.name} {model} run {run + 1}/{num_eval}]"
-            say(f"{tag} training on {len(eval_set.images)} images for {eval_set.epochs} + 1 epochs (as the "
-                f"original), lr {eval_set.lr:.4g}")
+            bar.set_postfix_str(tag[1:-1])
             _, test_acc = evaluate_synset(net, eval_set.images, eval_set.labels, *eval_set.test, eval_set.lr,
                                           eval_set.epochs, batch_train, dsa_strategy, eval_set.texture,
-                                          say=lambda line: say(tag + line),
+                                          say=(lambda line: say(tag + line)) if verbose else None,
                                           on_epoch=lambda: bar.update(len(eval_set.images)))
             val_acc = accuracy(net, *(t.to(device) for t in eval_set.validation)) if eval_set.validation else None
             validation = "" if val_acc is None else f", validation {100 * val_acc:.2f}%"
-            say(f"{tag} test acc {100 * test_acc:.2f}%{validation}")
-            bar.set_postfix_str(f"last: {eval_set.name} {model} {100 * test_acc:.2f}%", refresh=False)
+            say(f"{tag} {len(eval_set.images)} images, {eval_set.epochs} + 1 epochs (as the original), lr "
+                f"{eval_set.lr:.4g}: test acc {100 * test_acc:.2f}%{validation}")
             results[pair, run] = (test_acc, val_acc)
     for found in parallel.gather_objects(results):
         results.update(found)

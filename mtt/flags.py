@@ -93,20 +93,23 @@ def switch(parser, name, help, default=False):
     parser.add_argument(name, nargs="?", const=True, default=default, type=boolean, metavar="{True,False}", help=help)
 
 
-def add_common_args(parser, model_default="ConvNet"):
-    """The flags buffer.py, distill.py and eval.py share, with the original's names and defaults
-    (eval.py's --model defaults to the set's own)."""
-    parser.add_argument("--dataset", default="CIFAR10", choices=list(DATASETS),
-                        help="MNIST to CIFAR100 are downloaded into --data_path; Tiny and ImageNet are read from it")
-    parser.add_argument("--subset", default="imagenette", choices=list(IMAGENET_SUBSETS),
-                        help="ImageNet subset (with --dataset ImageNet)")
-    parser.add_argument("--model", default=model_default, choices=list(MODELS), metavar="MODEL",
-                        help=f"network: {', '.join(MODELS)}" + ("" if model_default else
-                                                               " (default: the set's run.json model, else ConvNet)"))
-    parser.add_argument("--res", type=positive_int, default=128,
-                        help="image side of ImageNet subsets, squashed to res x res as the original does")
+def add_common_args(parser, from_set=False):
+    """The flags buffer.py, distill.py and eval.py share, with the original's names and defaults;
+    from_set (eval.py): those that describe the set default to its run.json's (None until read)."""
+    default = lambda value: None if from_set else value
+    of_set = " (default: the set's run.json, else {})".format if from_set else lambda value: ""
+    parser.add_argument("--dataset", default=default("CIFAR10"), choices=list(DATASETS),
+                        help="MNIST to CIFAR100 are downloaded into --data_path; Tiny and ImageNet are read from it"
+                        + of_set("CIFAR10"))
+    parser.add_argument("--subset", default=default("imagenette"), choices=list(IMAGENET_SUBSETS),
+                        help="ImageNet subset (with --dataset ImageNet)" + of_set("imagenette"))
+    parser.add_argument("--model", default=default("ConvNet"), choices=list(MODELS), metavar="MODEL",
+                        help=f"network: {', '.join(MODELS)}" + of_set("ConvNet"))
+    parser.add_argument("--res", type=positive_int, default=default(128),
+                        help="image side of ImageNet subsets, squashed to res x res as the original does" + of_set(128))
     parser.add_argument("--data_path", default="data", type=folder_path, help="where datasets are found or downloaded")
-    switch(parser, "--zca", "ZCA-whiten the data (eps 0.1, fitted on the training set)")
+    switch(parser, "--zca", "ZCA-whiten the data (eps 0.1, fitted on the training set)" + of_set(False),
+           default=default(False))
     switch(parser, "--dsa", "differentiable Siamese augmentation on every batch", default=True)
     parser.add_argument("--dsa_strategy", default=DSA_STRATEGY, type=dsa_strategy,
                         help=f"DSA groups joined by _, one drawn per batch (from {', '.join(DSA_GROUPS)})")

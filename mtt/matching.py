@@ -178,16 +178,19 @@ def replay_backward(net, synset, theta0, target, schedule, chunk_syn=None):
     dL/dtheta_i = lam + (d update_i / d theta_i)^T lam. The update is a sum over chunks, and so is
     its VJP: both passes hold one chunk's graph at a time. Fills the .grad of every learnable tensor."""
     learnables, frozen = list(synset.tensors.values()), synset.detached()
-    thetas = [theta0.detach()]
-    for step in schedule:
-        theta, update = thetas[-1].detach().requires_grad_(), torch.zeros_like(thetas[-1])
+    # theta_0..theta_N in one block allocated up front: one vector appended after each step's freed
+    # activations pinned the heap, which grew by 0.4 MB a step (ConvNetW8, 100 images)
+    thetas = theta0.new_empty(len(schedule) + 1, len(theta0))
+    thetas[0] = theta0.detach()
+    for i, step in enumerate(schedule):
+        theta, update = thetas[i].detach().requires_grad_(), torch.zeros_like(theta0)
         for chunk in step.chunks(chunk_syn):
             # the unroll's update, graph and all: the same backward kernels, so theta_0..theta_N equal the unroll's bit
             # for bit (the plain backward's conv kernels on AVX-512 CPUs round differently, to 8e-5 in the golden case)
             update += chunk_update(net, theta, frozen, chunk, step.batch).detach()
         parallel.sum_([update])
-        thetas.append(thetas[-1] + update)
-    theta_n = thetas[-1].requires_grad_()
+        torch.add(thetas[i], update, out=thetas[i + 1])
+    theta_n = thetas[-1].detach().requires_grad_()
     loss = matching_loss(theta_n, theta0, target)
     lam = torch.autograd.grad(loss, theta_n)[0]
     grads = [torch.zeros_like(t) for t in learnables]
@@ -202,9 +205,50 @@ def replay_backward(net, synset, theta0, target, schedule, chunk_syn=None):
                 if part is not None:
                     grad += part
         parallel.sum_([through_theta])
-        lam = lam + through_theta
+        lam += through_theta  # in place, as theta_0..theta_N: no vector left behind a step's freed activations
     accumulate(learnables, grads)
     return loss.detach()
 
 
 BACKWARD = {False: unroll_backward, True: replay_backward}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: the peak of either backward, forecast before the first iteration
+
+# A backward through one chunk's double graph holds about this many times the graph's own saved
+# tensors at its peak (its gradients, and the grad-of-grad's temporaries): measured 3.9-4.8 for
+# ConvNets on the CPU (tools/bench.py --forecast, BENCHMARKS.md section 10).
+BACKWARD_WORK = 4.5
+
+
+def saved_bytes(net, theta, synset, step):
+    """The bytes of the tensors autograd keeps for one chunk_update of `step`: what the unroll
+    holds for every student step, and the replay for one chunk at a time."""
+    storages = {}
+
+    def keep(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        chunk_update(net, theta.detach().requires_grad_(), synset, step, len(step.rows))
+    return sum(storages.values())
+
+
+def forecast(net, theta0, synset, syn_steps, augmentation=None, texture=None):
+    """peak(low_memory, batch_syn, chunk_syn): the bytes one iteration adds at its peak, with the
+    unroll (low_memory False) or the replay, from the graph of one student step measured on one and
+    two of the set's items and extended linearly to this process's share of a minibatch. It draws
+    from a forked random stream: the run's own is untouched."""
+    with torch.random.fork_rng(devices=[theta0.device] if theta0.device.type == "cuda" else []):
+        one, two = (draw_schedule(synset.images[:k], 1, k, augmentation, texture)[0] for k in (1, 2))
+        first, second = (saved_bytes(net, theta0, synset, step) for step in (one, two))
+    crops = len(one.rows)  # inputs per item: 1, or with texture its crops
+    graph = lambda inputs: first + (second - first) / crops * (inputs - crops)
+
+    def peak(low_memory, batch_syn, chunk_syn=None):
+        share = -(-batch_syn * crops // parallel.world())
+        work = BACKWARD_WORK * graph(min(chunk_syn or share, share)) + 2 * synset.images.nbytes  # + grad, momentum
+        return work + ((syn_steps + 1) * theta0.nbytes if low_memory else syn_steps * graph(share))
+    return peak

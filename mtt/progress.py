@@ -21,7 +21,6 @@ from utils import is_main
 
 try:
     from tqdm import tqdm
-    from tqdm.contrib import DummyTqdmFile
 except ImportError:  # optional: without it, progress comes as lines on a terminal too
     tqdm = None
 
@@ -77,15 +76,41 @@ class Lines:
             self.file.flush()
 
 
+class Above:
+    """stdout while a bar is drawn: each whole line is written with every bar cleared first and
+    redrawn after it, so that it lands above the bars, never inside one (tqdm.write misses bars on
+    stderr while stdout is redirected, and a printed line then ran into the bar's)."""
+
+    def __init__(self, stream):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text):
+        self.pending += text
+        if "\n" in self.pending:
+            lines, self.pending = self.pending.rsplit("\n", 1)
+            with tqdm.get_lock():
+                bars = [bar for bar in tqdm._instances if not bar.disable]
+                for bar in bars:
+                    bar.clear(nolock=True)
+                self.stream.write(lines + "\n")
+                self.stream.flush()
+                for bar in bars:
+                    bar.refresh(nolock=True)
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
 if tqdm is not None:
     class Terminal(tqdm):
-        """A bar drawn in place; what the loop prints meanwhile goes above it, not through it."""
+        """A bar drawn in place; what the loop prints meanwhile goes above it (Above)."""
         monitor_interval = 0  # no monitor thread: mtt/data.py forks its decoding workers while a bar is open
 
         def __enter__(self):
             self.printing_above = contextlib.ExitStack()
-            if not self.disable and not isinstance(sys.stdout, DummyTqdmFile):
-                self.printing_above.enter_context(contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)))
+            if not self.disable and not isinstance(sys.stdout, Above):
+                self.printing_above.enter_context(contextlib.redirect_stdout(Above(sys.stdout)))
             return super().__enter__()
 
         def __exit__(self, *exc):
@@ -101,4 +126,4 @@ def progress(total, desc, unit="it", initial=0, file=None):
     if tqdm is None or not getattr(file, "isatty", lambda: False)():
         return Lines(total, desc, unit, initial, file, disable=not is_main())
     return Terminal(total=total, desc=desc, unit=unit, initial=initial, file=file, smoothing=0,
-                    disable=not is_main(), dynamic_ncols=True)
+                    disable=not is_main(), dynamic_ncols=True, leave=not tqdm._instances)  # a bar within a bar goes

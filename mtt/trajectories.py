@@ -45,8 +45,9 @@ def buffer_dir(buffer_path, dataset, model, zca, subset="imagenette", res=128):
     return os.path.join(path, model)
 
 
-def fill_command(directory):
-    """The buffer.py command that trains experts into `directory` (buffer_dir inverted)."""
+def fill_command(directory, zca=False):
+    """The buffer.py command that trains experts into `directory` (buffer_dir inverted; --zca is in
+    the name of CIFAR's directories only, the original's layout, so the reader's own --zca is given)."""
     parts = Path(directory).parts
     if len(parts) < 2:
         return "python buffer.py --dataset DATASET --model MODEL --buffer_path BUFFER_PATH"
@@ -56,8 +57,8 @@ def fill_command(directory):
         flags = f"--dataset ImageNet --subset {subset} --res {name}"
     else:
         dataset = name.removesuffix("_NO_ZCA")
-        zca = " --zca" if dataset in ("CIFAR10", "CIFAR100") and dataset == name else ""
-        flags = f"--dataset {dataset}{zca}"
+        zca = zca or dataset in ("CIFAR10", "CIFAR100") and dataset == name
+        flags = f"--dataset {dataset}" + " --zca" * zca
     return f"python buffer.py {flags} --model {model} --buffer_path {os.path.join(*root) if root else '.'}"
 
 
@@ -97,14 +98,14 @@ def sidecar_problem(meta):
     return problem
 
 
-def read_sidecar(directory):
+def read_sidecar(directory, zca=False):
     """The sidecar of a buffer directory, or a UsageError saying how to fill the directory."""
     path = Path(directory) / SIDECAR
     if not path.exists():
         if numbered_files(directory, "pt"):
             raise UsageError(f"{directory} holds the original's .pt buffers: convert them with "
-                             f"{fill_command(directory)} --import_pt {directory}")
-        raise UsageError(f"no expert trajectories in {directory}: train them with {fill_command(directory)}")
+                             f"{fill_command(directory, zca)} --import_pt {directory}")
+        raise UsageError(f"no expert trajectories in {directory}: train them with {fill_command(directory, zca)}")
     meta = load_json(path, "a buffer.py sidecar")
     problem = sidecar_problem(meta)
     if problem:
@@ -164,11 +165,11 @@ class Experts:
     the global RNG stream is untouched; max_experts: the first that many experts of each file.
     Experts are numbered by file number, then row."""
 
-    def __init__(self, directory, max_files=None, max_experts=None, load_all=False, seed=0):
-        self.meta = read_sidecar(directory)
+    def __init__(self, directory, max_files=None, max_experts=None, load_all=False, seed=0, zca=False):
+        self.meta = read_sidecar(directory, zca)
         if not self.meta["experts"]:
             raise UsageError(f"{Path(directory) / SIDECAR} lists no experts: train them with "
-                             f"{fill_command(directory)}")
+                             f"{fill_command(directory, zca)}")
         self.num_snapshots = self.meta["train_epochs"] + 1
         rows = {}
         for entry in self.meta["experts"]:

@@ -317,15 +317,33 @@ def test_the_readme_s_published_tables_are_generated_from_configs():
     assert generated == "\n".join(published.tables()), "run: python published.py --readme"
 
 
-def test_published_vs_ours_finds_the_row_of_an_evaluated_run(tmp_path):
-    run = tmp_path / "run"
+def evaluated_run(tmp_path, name, distill_flags, eval_flags):
+    """A run folder whose run.json holds distill.py's parsed flags, and an eval.py --out file of it."""
+    cfg = REPO / "configs/mtt/cifar10_ipc10.yaml"
+    run = tmp_path / name
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"args": {"cfg": "../mtt-repo/configs/mtt/cifar10_ipc10.yaml"}}))
-    rows = [{"set": "run/images_best.pt", "model": "ConvNet", "test_acc_mean": 0.6, "test_acc_std": 0.01, "n": 5},
-            {"set": "random", "model": "ConvNet", "test_acc_mean": 0.3, "test_acc_std": 0.01, "n": 5}]
-    (tmp_path / "out.json").write_text(json.dumps({"args": {"syn_path": str(run)}, "rows": rows}))
-    assert published.compare([tmp_path / "out.json"])[2:] == [
-        "| configs/mtt/cifar10_ipc10.yaml | run/images_best.pt | ConvNet | 65.3 ± 0.7 | 60.00 ± 1.00 (n=5) | -5.30 |"]
+    run_args = vars(distill.parse_args(["--cfg", str(cfg), "--save_path", str(run), *distill_flags]))
+    (run / "run.json").write_text(json.dumps({"args": run_args}))
+    eval_args = eval_script.parse_args(["--syn_path", str(run), *eval_flags])
+    eval_args.model = eval_args.model or run_args["model"]  # as eval.py takes it from run.json
+    rows = [{"set": f"{name}/images_best.pt", "model": eval_args.model, "test_acc_mean": 0.6, "test_acc_std": 0.01,
+             "n": 5}, {"set": "random", "model": "ConvNet", "test_acc_mean": 0.3, "test_acc_std": 0.01, "n": 5}]
+    (tmp_path / f"{name}.json").write_text(json.dumps({"args": vars(eval_args), "rows": rows}))
+    return tmp_path / f"{name}.json"
+
+
+def test_published_vs_ours_compares_only_a_run_of_the_row(tmp_path):
+    """A run started from the row's file, its buffers and folders elsewhere, evaluated by the protocol:
+    compared. One started from it with another dataset, model and length, evaluated for 10 epochs:
+    printed without a difference, naming what differs (it was reported as that row, +1.30)."""
+    same = evaluated_run(tmp_path, "same", ["--buffer_path", "elsewhere", "--low_memory"], [])
+    other = evaluated_run(tmp_path, "other", ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW32",
+                                              "--Iteration", "2"], ["--epoch_eval_train", "10"])
+    assert published.compare([same, other])[2:] == [
+        "| configs/mtt/cifar10_ipc10.yaml | same/images_best.pt | ConvNet | 65.3 ± 0.7 | 60.00 ± 1.00 (n=5) | -5.30 |",
+        "| configs/mtt/cifar10_ipc10.yaml | other/images_best.pt | ConvNetW32 | 65.3 ± 0.7 | 60.00 ± 1.00 (n=5) | "
+        "not the row's: --dataset FashionMNIST-mini (row: CIFAR10), --model ConvNetW32 (row: ConvNet), --Iteration 2 "
+        "(row: 5000), eval.py --model ConvNetW32 (row: ConvNet), eval.py --epoch_eval_train 10 (row: 1000) |"]
 
 
 @pytest.mark.parametrize("script", [buffer, distill, eval_script], ids=lambda script: script.__name__)

@@ -1,6 +1,7 @@
 """DATM's soft labels, image choice, loss gate and difficulty window; FTD's image EMA; the
 validation-picked "best"."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -240,3 +241,10 @@ def test_the_datm_defaults_a_run_takes_are_kept_in_run_json(buffers, tmp_path):
                                        "min_start_epoch": 0, "current_max_start_epoch": 20,
                                        "expansion_end_epoch": 3000, "Sequential_Generation": True}
     assert load(tmp_path / "labels_0.pt").shape == (10, 10)  # the soft labels were on
+
+
+def test_skipped_updates_are_counted_on_the_bar_and_in_the_printed_lines(buffers, tmp_path, capsys):
+    run_distill(buffers, tmp_path, "--Iteration", "2", "--threshold", "1e-6")
+    captured = capsys.readouterr()
+    assert "it 00000/2 loss " in captured.out and " skipped 1 (loss over --threshold 1e-06)" in captured.out
+    assert re.search(r"^distill: 100% 2/2 \[.* skipped 2 \(loss over --threshold 1e-06\)\]$", captured.err, re.M)

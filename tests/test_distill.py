@@ -3,6 +3,7 @@ divergence, bad input, and the images it gave before the learnable-state refacto
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -190,7 +191,7 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(buffers, tmp_p
 
     monkeypatch.setitem(matching.BACKWARD, False, nan_at_the_second_iteration)
     message = error_of(buffers, tmp_path, "--Iteration", "5", "--eval_it", "1")
-    assert "matching loss became nan at iteration 1" in message and "--resume (the new rates apply)" in message
+    assert "matching loss became nan at iteration 1" in message and "--resume (the new flags apply)" in message
     assert f"the checkpoint and sets of iteration 1 are in {tmp_path}" in message
     assert load(tmp_path / "checkpoint.pt")["iteration"] == 1 and (tmp_path / "images_0.pt").exists()
 
@@ -352,7 +353,7 @@ def test_missing_or_mismatched_buffers_are_refused(buffers, tmp_path):
     copied = tmp_path / "copied"
     shutil.copytree(buffer_dir(str(buffers), "FashionMNIST-mini", "ConvNetW16", False),
                     buffer_dir(str(copied), "FashionMNIST-mini", "ConvNetW32", False))
-    with pytest.raises(SystemExit, match="the buffers hold model 'ConvNetW16' but this run needs 'ConvNetW32'"):
+    with pytest.raises(SystemExit, match="holds experts with model 'ConvNetW16' but this run needs 'ConvNetW32'"):
         distill.main(TINY[:2] + ["--model", "ConvNetW32"] + TINY[4:] + ["--buffer_path", str(copied),
                                                                        "--save_path", str(tmp_path / "run2")])
 
@@ -496,3 +497,52 @@ def test_tensorboard_gets_the_logged_scalars_and_grids_or_one_line_without_it(bu
                          ("scalar", "best test accuracy/images ConvNetW16", row["best_test_acc_mean"], row["it"]),
                          ("image", "images", (116, 1142, 3), row["it"], "HWC")]  # 28 px x4 and borders
     assert FakeBoard.calls == expected + [("close",)]  # the writer's thread flushes on close
+
+
+def forced_free_memory(monkeypatch, fraction_of_the_unroll):
+    """distill.py sees this fraction of the unroll's forecast peak free, whatever the machine has."""
+    real = distill.choose_backward
+
+    def choose(args, peak, batch_syn, free):
+        return real(args, peak, batch_syn, fraction_of_the_unroll * peak(False, batch_syn, args.chunk_syn))
+
+    monkeypatch.setattr(distill, "choose_backward", choose)
+
+
+def test_the_replay_runs_where_the_unroll_would_not_fit(buffers, tmp_path, monkeypatch, capsys):
+    forced_free_memory(monkeypatch, 0.5)
+    run_distill(buffers, tmp_path / "auto", "--Iteration", "2", "--syn_steps", "20")
+    out = capsys.readouterr().out
+    assert re.search(r"^the full unroll would need about [\d.]+ GB, more than the [\d.]+ GB free: running the "
+                     r"low-memory replay instead \(the same gradient\), about [\d.]+ GB$", out, re.M)
+    monkeypatch.undo()
+    run_distill(buffers, tmp_path / "replay", "--Iteration", "2", "--syn_steps", "20", "--low_memory")
+    assert torch.equal(load(tmp_path / "auto" / "images_2.pt"), load(tmp_path / "replay" / "images_2.pt"))
+
+
+def test_a_forced_unroll_that_would_not_fit_stops_before_any_work(buffers, tmp_path, monkeypatch):
+    forced_free_memory(monkeypatch, 0.5)
+    message = error_of(buffers, tmp_path / "run", "--Iteration", "2", "--syn_steps", "20", "--low_memory", "False")
+    assert re.fullmatch(r"error: one iteration with the full unroll needs about [\d.]+ GB, more than the [\d.]+ GB "
+                        r"free; these would fit: --low_memory, or --batch_syn \d+", message), message
+    assert not (tmp_path / "run").exists()
+
+
+def test_when_nothing_fits_the_line_says_so(buffers, tmp_path, monkeypatch):
+    forced_free_memory(monkeypatch, 0.001)
+    message = error_of(buffers, tmp_path / "run", "--Iteration", "2", "--syn_steps", "20")
+    assert "nothing fits, not even --low_memory --chunk_syn 1: lower --syn_steps" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_of_memory_error_that_still_happens_is_one_line_and_keeps_the_checkpoint(buffers, tmp_path,
+                                                                                         monkeypatch):
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(matching.BACKWARD, False, out_of_memory)
+    message = error_of(buffers, tmp_path, "--Iteration", "2")
+    assert message.startswith("error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); stopped: the "
+                              f"checkpoint and sets of iteration 0 are in {tmp_path}: lower the peak with "
+                              "--low_memory, --chunk_syn N or --batch_syn N and --resume"), message
+    assert load(tmp_path / "checkpoint.pt")["iteration"] == 0

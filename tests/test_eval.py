@@ -1,17 +1,20 @@
 import inspect
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import one_line_error
+from helpers import one_line_error, run_distill
 
 import eval as eval_script
 from mtt import evaluation, run_folder
 from mtt.augment import DSA_STRATEGY
 from mtt.data import MINI_PATH, ZCA, get_dataset, images_per_class
+from mtt.trajectories import buffer_dir
 from networks import ConvNet
 from utils import torch_bytes
 
@@ -153,17 +156,37 @@ def test_plain_sets_and_baselines_use_normalised_test_images(tmp_path, calls, mi
 
 
 @pytest.mark.parametrize("meta, flags, message", [
-    ({"zca": True}, [], "distilled with ZCA but has no zca.pt beside it: on plain test images it would silently "
-                        "give chance-level accuracy; pass --zca"),
-    ({"zca": False}, ["--zca"], "was distilled without ZCA (run.json): whitening the test set would silently give "
-                                "chance-level accuracy; drop --zca"),
-], ids=["zca-set-plain-test", "plain-set-zca-test"])
-def test_zca_mismatch_is_refused(tmp_path, calls, meta, flags, message):
+    ({"zca": True}, ["--zca", "False"], "--zca False contradicts the set's run.json, which says zca True"),
+    ({"zca": False}, ["--zca"], "--zca True contradicts the set's run.json, which says zca False"),
+    ({"dataset": "CIFAR10"}, ["--dataset", "FashionMNIST-mini"],
+     "--dataset FashionMNIST-mini contradicts the set's run.json, which says dataset CIFAR10"),
+], ids=["zca-set-plain-test", "plain-set-zca-test", "other-dataset"])
+def test_a_flag_that_contradicts_run_json_is_refused(tmp_path, calls, meta, flags, message):
+    """A ZCA set trained against plain test images (or a plain one against whitened ones) would score
+    chance with no other sign."""
     run = write_run(tmp_path / "run", *one_per_class(), meta=meta)
     with pytest.raises(SystemExit) as exit:
-        eval_script.main(FAST + ["--syn_path", str(run)] + flags)
+        eval_script.main(["--model", "ConvNetW8", "--syn_path", str(run)] + flags)
     assert str(exit.value.code).startswith("error: ") and message in str(exit.value.code)
     assert calls == []
+
+
+def test_a_run_folder_evaluates_without_any_flag_of_its_run(buffers, tmp_path, calls):
+    """distill.py's run on FashionMNIST-mini (ConvNetW16, ZCA): eval.py --syn_path RUN alone takes the
+    dataset, model and whitening from run.json (without them it looked for CIFAR10)."""
+    zca_buffers = tmp_path / "zca_buffers"
+    source = buffer_dir(str(buffers), "FashionMNIST-mini", "ConvNetW16", zca=False)
+    shutil.copytree(source, buffer_dir(str(zca_buffers), "FashionMNIST-mini", "ConvNetW16", zca=True))
+    sidecar = Path(buffer_dir(str(zca_buffers), "FashionMNIST-mini", "ConvNetW16", zca=True)) / "buffer.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "zca": True}))
+    run_distill(zca_buffers, tmp_path / "run", "--Iteration", "1", "--zca", "--data_path", str(tmp_path / "data"))
+    calls.clear()  # the run's own evaluations
+    (row,) = eval_script.main(["--syn_path", str(tmp_path / "run"), "--num_eval", "1", "--data_path",
+                               str(tmp_path / "data"), "--device", "cpu"])
+    (call,) = calls
+    assert (row["model"], call["epochs"], type(call["net"]).__name__) == ("ConvNetW16", 1000, "ConvNet")
+    whitened = get_dataset("FashionMNIST-mini", str(tmp_path / "data"), zca=True)
+    assert torch.allclose(call["test_images"], whitened.images_test, atol=1e-4)
 
 
 def test_texture_set_trains_on_crops_with_its_learned_lr_and_model(tmp_path, calls, capsys):
@@ -273,7 +296,6 @@ BAD_INPUTS = {
                      "argument --dsa_strategy: unknown DSA op(s) blur"),
     "gpu": (lambda tmp: bad_set(tmp) + ["--device", "gpu"], "unknown --device 'gpu'"),
     "viewing copy": (lambda tmp: bad_set(tmp, name="images_zca_best.pt"), "the de-whitened copy saved for viewing"),
-    "other dataset": (lambda tmp: bad_set(tmp, meta={"dataset": "CIFAR10"}), "distilled with --dataset CIFAR10"),
     "random without ipc": (lambda tmp: ["--baseline", "random"], "--baseline random needs --ipc"),
     "ipc too large": (lambda tmp: ["--baseline", "random", "--ipc", "501"],
                       "--ipc 501: the random baseline needs 1 to 500 images per class"),
@@ -355,3 +377,13 @@ def test_ftd_s_ema_folder_is_evaluated_by_itself_and_ema_picks_the_ema_set(tmp_p
     assert torch.equal(calls[2]["images"], images + 1) and ema["lr"] == pytest.approx(0.04)
     assert one_line_error(eval_script.main, FAST + ["--syn_path", run / "images_best.pt", "--ema"]) == \
         "error: --ema picks a file in a run folder, but --syn_path is a file"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_per_epoch_lines_come_with_verbose_only(capsys, verbose):
+    eval_script.main(FAST + ["--baseline", "random", "--ipc", "1", "--num_eval", "1", "--epoch_eval_train", "9",
+                             "--device", "cpu"] + ["--verbose"] * verbose)
+    out = capsys.readouterr().out
+    assert ("[random ConvNetW8 run 1/1]  epoch 10/10 train acc" in out) == verbose
+    assert re.search(r"^\[random ConvNetW8 run 1/1\] 10 images, 9 \+ 1 epochs \(as the original\), lr 0\.01: test acc",
+                     out, re.M)

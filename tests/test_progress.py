@@ -1,18 +1,76 @@
 """Progress: a bar on a terminal with what the loop prints above it, whole lines in a file,
 nothing on ranks other than 0."""
+import fcntl
 import io
+import os
+import pty
+import re
+import struct
+import subprocess
 import sys
+import termios
+from pathlib import Path
 
 import pytest
-from tqdm.contrib import DummyTqdmFile
+from helpers import TINY
 
 from mtt import progress
+
+REPO = Path(__file__).resolve().parent.parent
+BAR = re.compile(r"[\w ]+: +\d+%\|[^|]*\| *\d+/\d+ \[[^\]]*\]")  # a bar line, and nothing else
 
 
 class Terminal(io.StringIO):
     def isatty(self):
         return True
 
+
+def screen(text):
+    """The lines a terminal shows after `text`: carriage returns, newlines and cursor-up (ESC [ A)
+    are followed, characters overwrite what was there, other escapes are dropped."""
+    lines, row, col = [[]], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;]*[A-Za-z]|\r|\n|[^\x1b\r\n]", text):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+            lines += [[]] * (row == len(lines))
+        elif token == "\x1b[A":
+            row = max(row - 1, 0)
+        elif not token.startswith("\x1b"):
+            lines[row] = lines[row] + [" "] * (col + 1 - len(lines[row]))
+            lines[row][col] = token
+            col += 1
+    return ["".join(line).rstrip() for line in lines]
+
+
+def test_on_a_real_terminal_every_printed_line_is_above_the_bars(buffers, tmp_path):
+    """distill.py in a pseudo-terminal of 120 columns, with an evaluation's bar inside the run's:
+    every line the screen ends with is either a bar alone or a printed line alone (a line printed
+    without clearing the bars landed on the bar's line: `distill:  52%|...| 21/40 [...]it 00020/40`)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen([sys.executable, "distill.py", *TINY, "--buffer_path", str(buffers), "--save_path",
+                                str(tmp_path / "run"), "--Iteration", "4", "--eval_it", "2", "--num_eval", "2",
+                                "--epoch_eval_train", "3"], cwd=REPO, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert process.wait(timeout=120) == 0
+    lines = [line for line in screen(output.decode()) if line]
+    assert any(BAR.fullmatch(line) for line in lines)
+    mixed = [line for line in lines if "%|" in line and not BAR.fullmatch(line)]
+    assert mixed == []
+    assert sum(line.startswith("[images ConvNetW16 run ") for line in lines) == 6  # 3 evaluations x 2 networks
+    assert any(line.startswith("it 00000/4 loss ") for line in lines)
 
 
 
@@ -49,7 +107,7 @@ def test_progress_is_silent_on_other_ranks(capsys, monkeypatch, file):
 def test_on_a_terminal_what_the_loop_prints_goes_above_the_bar(capsys):
     screen, stdout = Terminal(), sys.stdout
     with progress.progress(total=3, desc="work", file=screen) as bar:
-        assert isinstance(sys.stdout, DummyTqdmFile)  # print clears the bar, writes, and redraws it
+        assert isinstance(sys.stdout, progress.Above)  # print clears the bar, writes, and redraws it
         for step in range(3):
             print(f"line {step}")
             bar.update()

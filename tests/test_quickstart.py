@@ -47,9 +47,12 @@ def test_quickstart_runs_the_whole_pipeline_and_prints_both_accuracies(tmp_path)
     syn_lr = torch.load(out / "distilled/syn_lr_2.pt").item()
     assert 0 < syn_lr != pytest.approx(0.01)  # learned away from --lr_teacher
 
-    # EVAL_EPOCHS 2 trains 3 epochs, as the original's range(Epoch + 1): the lines say both
-    assert "[random ConvNetW8 run 5/5] training on 10 images for 2 + 1 epochs (as the original)" in result.stdout
-    assert "[random ConvNetW8 run 5/5]  epoch 3/3 train acc" in result.stdout
+    # one line per evaluation network, none per epoch (those come with --verbose); EVAL_EPOCHS 2 trains 3
+    # epochs, as the original's range(Epoch + 1): the line says both
+    networks = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert len(networks) == 2 + 2 + 5 + 5  # distill.py's evaluations at 0 and 2, eval.py's two rows
+    assert re.fullmatch(r"\[random ConvNetW8 run 5/5\] 10 images, 2 \+ 1 epochs \(as the original\), lr 0\.01: "
+                        r"test acc \d+\.\d\d%", networks[-1])
 
     table_row = r"^(\S+)\s+ConvNetW8\s+1\s.*\s(\d+\.\d+) \+- (\d+\.\d+)\s+5$"  # set, model, ipc, ..., acc, n
     printed = re.findall(table_row, result.stdout, re.MULTILINE)
@@ -128,3 +131,37 @@ def test_the_scripts_need_only_torch_torchvision_and_numpy(tmp_path):
     assert re.search(r"^distill: 100% 2/2 \[", result.stderr, re.MULTILINE)  # progress as lines, without tqdm
     assert (out / "distilled" / "images_2.pt").exists() and not (out / "distilled" / "curves.png").exists()
     assert "rows written" not in result.stdout and re.search(r"^random\s+ConvNetW8\s+1\s", result.stdout, re.M)
+
+
+def test_quickstart_deletes_only_what_it_made(tmp_path):
+    """OUT is a folder of the user's: quickstart.sh refuses it, and everything in it stays."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("draft")
+    result = subprocess.run(["bash", str(REPO / "quickstart.sh")], env={**os.environ, "OUT": str(tmp_path / "mine")},
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (1, f"error: OUT={tmp_path / 'mine'} exists and was not made by "
+                                                     f"quickstart.sh; give a new folder\n")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+
+
+SMALL = {"--model": "ConvNetW8", "--num_experts": "1", "--train_epochs": "2", "--syn_steps": "2",
+         "--expert_epochs": "1", "--max_start_epoch": "1", "--Iteration": "2", "--eval_it": "1", "--num_eval": "1",
+         "--epoch_eval_train": "1", "--iteration": "2"}
+
+
+def test_the_readmes_quickstart_commands_run_as_printed_in_order(tmp_path):
+    """The README's 'What the quickstart does' block, at the sizes of SMALL (every other word as
+    printed), run one after the other in an empty folder: each finds what the one before wrote."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## What the quickstart does", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].split() for line in block.replace("\\\n", " ").splitlines()]
+    assert commands[0] == ["source", ".venv/bin/activate"] and "python3 -m venv .venv" in readme.split("\n", 5)[3]
+    for words in commands[1:]:
+        assert words[0] == "python"
+        argv = [SMALL.get(before, word) for before, word in zip([""] + words, words)]
+        result = subprocess.run([sys.executable, str(REPO / argv[1]), *argv[2:], "--device", "cpu"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (argv, result.stderr[-2000:])
+    rows = json.loads((tmp_path / "quickstart" / "results.json").read_text())["rows"]
+    assert [(row["set"], row["model"]) for row in rows] == [("distilled/images_2.pt", "ConvNetW8"),
+                                                            ("random", "ConvNetW8")]

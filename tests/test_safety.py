@@ -543,3 +543,26 @@ def test_a_read_only_run_folder_is_one_line(buffers, tmp_path, monkeypatch):
     monkeypatch.setattr(utils, "open", read_only, raising=False)
     assert distill_error(buffers, tmp_path, "--Iteration", "2", "--resume") == (
         f"error: {tmp_path} cannot be written (Read-only file system): a distill.py run needs to write there")
+
+
+def test_a_download_that_fails_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(root, train, download):
+        Path(root, "cifar-10-batches-py").mkdir(parents=True)  # as torchvision makes its folder, then downloads
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    message = one_line_error(eval_script.main, ["--dataset", "CIFAR10", "--data_path", tmp_path / "new" / "data",
+                                                "--baseline", "random", "--ipc", "1"])
+    assert "CIFAR10 is not in" in message and list(tmp_path.iterdir()) == []
+
+
+def test_missing_experts_are_found_before_the_data_is_cached(tmp_path):
+    """The hint names every flag the run needs (--zca too, which a FashionMNIST directory's name does
+    not carry), and nothing is made: no cache in --data_path, no run folder."""
+    message = one_line_error(distill.main, TINY + ["--zca", "--data_path", tmp_path / "data", "--buffer_path",
+                                                   tmp_path / "b", "--save_path", tmp_path / "run"])
+    assert message.endswith(f"train them with python buffer.py --dataset FashionMNIST-mini --zca --model ConvNetW16 "
+                            f"--buffer_path {tmp_path / 'b'}")
+    assert list(tmp_path.iterdir()) == []

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from mtt import parallel  # noqa: E402
 from mtt.augment import DSA_STRATEGY  # noqa: E402
 from mtt.flags import positive_int  # noqa: E402
-from mtt.matching import BACKWARD, SyntheticSet, draw_schedule  # noqa: E402
+from mtt.matching import BACKWARD, SyntheticSet, draw_schedule, forecast  # noqa: E402
 from networks import flatten_params, get_network  # noqa: E402
 from utils import REPO, is_main, keep_freed_memory, pick_device  # noqa: E402
 
@@ -52,6 +52,7 @@ DEFAULTS = {  # each mode's grid, where --model, --ipc or --syn_steps is not giv
     "chunks": {"model": "ConvNetW32", "ipc": [10, 50], "syn_steps": [20]},
 }
 BACKWARD_NAMES = {False: "unroll", True: "low-memory"}
+SIDES = {3: 32, 1: 28}  # image side by channels: CIFAR's, Fashion-MNIST's
 MINI_TRAIN_IMAGES = 5000  # FashionMNIST-mini: 500 training images per class
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
 
@@ -71,16 +72,19 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure(model, ipc, syn_steps, low_memory, chunk_syn, iterations, device):
-    """(median seconds of the timed iterations, peak MB above the set-up) of this process; under
-    torchrun every rank builds the same problem and draws the same minibatches (one seed), and
-    matching.BACKWARD computes this rank's share of each."""
+def measure(model, ipc, syn_steps, low_memory, chunk_syn, iterations, device, channels=3):
+    """(median seconds of the timed iterations, peak MB above the set-up, distill.py's forecast of it
+    in MB) of this process; under torchrun every rank builds the same problem and draws the same
+    minibatches (one seed), and matching.BACKWARD computes this rank's share of each. Images are
+    3x32x32 (CIFAR's), or with one channel 1x28x28 (Fashion-MNIST's)."""
     torch.manual_seed(0)
-    net = get_network(model, 3, 10, (32, 32)).to(device)
+    side = SIDES[channels]
+    net = get_network(model, channels, 10, (side, side)).to(device)
     theta0 = flatten_params(net)
     target = theta0 + 0.01 * torch.randn_like(theta0)
-    synset = SyntheticSet(torch.randn(10 * ipc, 3, 32, 32, device=device),
+    synset = SyntheticSet(torch.randn(10 * ipc, channels, side, side, device=device),
                           torch.arange(10, device=device).repeat_interleave(ipc), torch.tensor(0.01, device=device))
+    forecast_mb = forecast(net, theta0, synset, syn_steps, DSA_STRATEGY)(low_memory, 10 * ipc, chunk_syn) / 2**20
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = peak_mb(device)
@@ -96,7 +100,7 @@ def measure(model, ipc, syn_steps, low_memory, chunk_syn, iterations, device):
             tensor.grad = None
         synchronize(device)
         seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds[1:]), peak_mb(device) - base
+    return statistics.median(seconds[1:]), peak_mb(device) - base, forecast_mb
 
 
 def chunk_size(text):
@@ -108,11 +112,11 @@ def worker(args):
     device = parallel.setup(pick_device(args.device))
     if device.type == "cpu" and not args.glibc_default:
         keep_freed_memory()  # as distill.py does
-    seconds, peak = measure(args.model, *args.one, args.low_memory, args.chunk_syn, args.iterations, device)
-    ranks = parallel.gather_objects((seconds, peak))
+    found = measure(args.model, *args.one, args.low_memory, args.chunk_syn, args.iterations, device, args.channels)
+    ranks = parallel.gather_objects(found)
     if is_main():
-        print(json.dumps({"threads": torch.get_num_threads(), "seconds": [s for s, _ in ranks],
-                          "peak_mb": [m for _, m in ranks]}))
+        print(json.dumps({"threads": torch.get_num_threads(), "seconds": [s for s, _, _ in ranks],
+                          "peak_mb": [m for _, m, _ in ranks], "forecast_mb": [f for _, _, f in ranks]}))
     parallel.teardown()
 
 
@@ -143,6 +147,7 @@ class Setting:
     threads: int = None
     chunk_syn: int = None
     glibc_default: bool = False
+    channels: int = 3
 
 
 def iteration(args, ipc, syn_steps, low_memory, setting=Setting()):
@@ -152,11 +157,12 @@ def iteration(args, ipc, syn_steps, low_memory, setting=Setting()):
                                              "--device", args.device, "--iterations", str(args.iterations)]
     command += ["--low_memory"] * low_memory + ["--glibc_default"] * setting.glibc_default
     command += ["--chunk_syn", str(setting.chunk_syn)] if setting.chunk_syn else []
+    command += ["--channels", str(setting.channels)]
     threads = setting.threads
     found = json.loads(run(command, threads).splitlines()[-1])
     if threads and found["threads"] != threads:
         sys.exit(f"error: {shlex.join(command)} ran {found['threads']} threads, not {threads}")
-    return {"seconds": max(found["seconds"]), "peak_mb": found["peak_mb"]}
+    return {"seconds": max(found["seconds"]), "peak_mb": found["peak_mb"], "forecast_mb": found["forecast_mb"]}
 
 
 def buffer_run(args, processes):
@@ -284,6 +290,27 @@ def describe(args, device):
             f"alternated rounds; peak MB = growth of the {memory} over the set-up.")
 
 
+def forecast_mode(args):
+    """Mode 4: for 1 and 3 channels, each --ipc and both backwards, the forecast (matching.forecast,
+    what distill.py compares with the free memory) against the measured peak, one fresh process each."""
+    device = pick_device(args.device)
+    model, steps = args.model or "ConvNetW32", (args.syn_steps or [20])[0]
+    rows = []
+    for channels in (1, 3):
+        for ipc in args.ipc or [1, 10, 50]:
+            for low_memory, backward in BACKWARD_NAMES.items():
+                found = iteration(argparse.Namespace(**{**vars(args), "model": model, "device": device.type}), ipc,
+                                  steps, low_memory, Setting(channels=channels))
+                measured, forecast_mb = found["peak_mb"][0], found["forecast_mb"][0]
+                print(f"{channels} {ipc} {backward}: {found}", file=sys.stderr, flush=True)
+                rows.append([f"{channels}x{SIDES[channels]}x{SIDES[channels]}", ipc, backward, f"{measured:.0f}",
+                             f"{forecast_mb:.0f}", f"{forecast_mb / measured:.2f}"])
+    print(f"{model}, syn_steps {steps}, batch_syn = all, DSA on; peak MB = growth of the "
+          f"{'max_memory_allocated' if device.type == 'cuda' else 'peak resident set'} over the set-up, one fresh "
+          f"process each, freed memory kept as distill.py keeps it\n")
+    print(markdown(["images", "ipc", "backward", "measured peak MB", "forecast MB", "forecast / measured"], rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="ConvNet in mode 1, ConvNetW32 in mode 2")
@@ -301,9 +328,14 @@ def main():
     parser.add_argument("--low_memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--chunk_syn", type=positive_int, help=argparse.SUPPRESS)
     parser.add_argument("--glibc_default", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--channels", type=int, default=3, choices=sorted(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--forecast", action="store_true",
+                        help="mode 4: distill.py's forecast of an iteration's peak memory against the measured peak")
     args = parser.parse_args()
     if args.one:
         return worker(args)
+    if args.forecast:
+        return forecast_mode(args)
     if args.repeats < 3 or args.iterations < 1:
         sys.exit("error: --repeats must be at least 3 (a median and a spread) and --iterations at least 1")
     if args.processes and args.chunks:

@@ -6,14 +6,20 @@ the buffer.py config of its experts and carrying the paper's accuracy.
     python tools/published.py results/*.json     # published vs ours, from eval.py --out files
 
 "Ours" is each distilled set's mean test accuracy in an eval.py --out file; the row it reproduces
-is the --cfg recorded in the run.json of the set's run folder.
+is the --cfg recorded in the run.json of the set's run folder. The difference is printed only when
+every flag that defines the result (the run's, and the evaluation's protocol) equals the row's;
+otherwise the line names the flags that differ.
 """
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: python tools/published.py
+import distill  # noqa: E402
 from mtt.flags import Parser, read_cfg  # noqa: E402
+from mtt.run_folder import read_run_json  # noqa: E402
 from utils import REPO, UsageError  # noqa: E402
 
 FAMILIES = {"mtt": "MTT (Cazenavette et al., CVPR 2022)", "ftd": "FTD (Du et al., CVPR 2023)",
@@ -77,23 +83,45 @@ def write_readme(path=REPO / "README.md"):
     Path(path).write_text(head + BEGIN + "\n" + "\n".join(tables()) + "\n" + END + rest.split(END, 1)[1])
 
 
-def row_of(run_folder):
-    """The configs/ row a run folder was distilled from (its run.json's --cfg), or None."""
-    run = Path(run_folder) / "run.json"
-    cfg = json.loads(run.read_text())["args"].get("cfg") if run.exists() else None
+def row_of(cfg):
+    """The configs/ row of a run's --cfg path (wherever the repository was), or None."""
     parts = Path(cfg).parts if cfg else ()
     starts = [i for i, part in enumerate(parts) if part == "configs"]
     return "/".join(parts[starts[-1]:]) if starts else None
 
 
+# distill.py's flags that leave the distilled set as it is: where it is read and written, how the same
+# gradient is computed, how often and how long it is looked at during the run. Every other flag defines
+# the result, and a run is compared with a row only where they all equal the row's.
+NOT_THE_RESULT = {"cfg", "save_path", "buffer_path", "data_path", "device", "deterministic", "resume", "tensorboard",
+                  "step_timeout", "low_memory", "chunk_syn", "load_all", "force_save", "eval_it", "eval_mode",
+                  "num_eval", "epoch_eval_train", "verbose", "skip_first_eva", "seed", "batch_real", "lr_init",
+                  "augmentation", "datm", "method_defaults"}
+PROTOCOL = ("model", "epoch_eval_train", "batch_train", "dsa", "dsa_strategy")  # eval.py's, as the row's
+
+
+def differences(row, run_args, eval_args):
+    """The flags of a run (run.json) and of its evaluation (eval.py --out) that differ from the row's."""
+    with contextlib.redirect_stdout(io.StringIO()):  # the --cfg file's notes
+        expected = vars(distill.parse_args(["--cfg", str(REPO / row)]))
+    found = [f"--{key} {run_args.get(key)} (row: {value})" for key, value in expected.items()
+             if key not in NOT_THE_RESULT and run_args.get(key) != value]
+    return found + [f"eval.py --{key} {eval_args.get(key)} (row: {expected[key]})" for key in PROTOCOL
+                    if eval_args.get(key) != expected[key]]
+
+
 def compare(result_files):
-    """published vs ours: a line per distilled set in the eval.py --out files."""
+    """published vs ours: a line per distilled set in the eval.py --out files, with the difference
+    only where the run and its evaluation are the row's; otherwise the flags that differ."""
     rows = {**read_configs("mtt"), **read_configs("ftd"), **read_configs("datm")}
     lines = ["| row | set | model | published % | ours % | ours - published |", "|---|---|---|---|---|---|"]
     for file in result_files:
         results = json.loads(Path(file).read_text())
         syn_path = Path(results["args"]["syn_path"] or ".")
-        name = row_of(syn_path if syn_path.is_dir() else syn_path.parent)
+        folder = syn_path if syn_path.is_dir() else syn_path.parent
+        meta = read_run_json(folder / "run.json") if (folder / "run.json").exists() else {}
+        name = row_of(meta.get("args", {}).get("cfg"))
+        differ = differences(name, meta["args"], results["args"]) if name else []
         for result in results["rows"]:
             if result["set"] in ("random", "full"):
                 continue
@@ -102,7 +130,7 @@ def compare(result_files):
             gap = f"{ours - published['accuracy']:+.2f}" if published.get("accuracy") is not None else "-"
             lines.append(f"| {name or 'not from configs/'} | {result['set']} | {result['model']} | "
                          f"{accuracy(published) if published else '-'} | {ours:.2f} ± {std:.2f} (n={result['n']}) | "
-                         f"{gap} |")
+                         + (f"not the row's: {', '.join(differ)} |" if differ else f"{gap} |"))
     return lines
 
 
