@@ -163,14 +163,15 @@ def format_table(rows):
 
 def evaluate_all(args, device):
     """Every set and baseline the command names, num_eval networks per model each: the table's rows."""
-    saved = load_saved_set(args.syn_path, args.iteration, args.labels_path, args.lr_path, args.ema) \
-        if args.syn_path else None
-    take_from_run(args, saved.meta if saved else {})
-    models = eval_pool(args.eval_mode, args.model)
-    for model in models:
-        check_model(model, args.dataset, args.res)
-    data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res, device=device)
-    sets = build_sets(args, data, saved, device)
+    with parallel.one_verdict():  # no collective inside: every rank checks the same input, rank 0 says what is wrong
+        saved = load_saved_set(args.syn_path, args.iteration, args.labels_path, args.lr_path, args.ema) \
+            if args.syn_path else None
+        take_from_run(args, saved.meta if saved else {})
+        models = eval_pool(args.eval_mode, args.model)
+        for model in models:
+            check_model(model, args.dataset, args.res)
+        data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res, device=device)
+        sets = build_sets(args, data, saved, device)
     rows = evaluate_sets([(eval_set, model) for eval_set in sets for model in models], data, args.num_eval,
                          args.seed, args.batch_train, args.augmentation, device, args.verbose)
     if is_main():

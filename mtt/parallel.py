@@ -88,19 +88,18 @@ def setup_device(args):
 def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was written"):
     """The three scripts' main(): parse and check the flags, set up the device, run. Bad input
     (a UsageError) ends the script with one line, `error: ...`, printed by one process: rank 0,
-    naming the rank it happened on, or the rank itself when the others cannot know. Ctrl-C and
-    SIGTERM become Interrupted with interrupted(args), the line saying what is kept."""
+    naming the rank it happened on when another. Ctrl-C and SIGTERM become Interrupted with
+    interrupted(args), the line saying what is kept."""
     args = None
     try:
         args = parse_args(argv)
         result = run(args, setup_device(args))
     except UsageError as err:
-        grouped = world() > 1  # before the process group, every rank parsed the same flags
-        here = rank() if grouped else int(os.environ.get("RANK", "0"))
-        if here != 0 and (err.rank is not None or not grouped):
-            sys.exit(1)  # a verdict every rank reached: rank 0 says it
-        where = here if err.rank is None else err.rank
-        sys.exit(f"error{f' (rank {where})' if where else ''}: {err}")
+        # Every rank reaches a verdict alike (the same flags and files, the replicated set), or one
+        # that only some reach is carried to all (one_verdict, main_decides): rank 0 says it
+        if not is_main():
+            sys.exit(1)
+        sys.exit(f"error{f' (rank {err.rank})' if err.rank else ''}: {err}")
     except KeyboardInterrupt as stop:
         said = interrupted(args) if args else "nothing was written"
         raise Interrupted(f"{str(stop) or 'stopped by Ctrl-C'}: {said}") from None

@@ -1,12 +1,16 @@
 """A torchrun job that fails ends with one line from one process, not with tracebacks or a hang:
-bad input that rank 0 finds, and a rank that stops answering in the middle of a training step."""
+bad input that rank 0 finds or every rank finds alike, and a rank that stops answering in the middle
+of a training step."""
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from helpers import TINY
+import pytest
+from helpers import TINY, one_line_error
+
+import eval as eval_script
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -30,6 +34,28 @@ def test_bad_input_rank_0_finds_is_one_line_from_rank_0(buffers, tmp_path):
     assert our_lines(result.stderr) == [f"error: --save_path {tmp_path / 'in_the_way'}: a file is in the way "
                                         f"(not a folder)"]
     assert "Connection closed by peer" not in result.stderr and "gloo" not in result.stderr.lower()
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_tensor", "ipc_too_large"])
+def test_bad_input_every_rank_finds_is_one_line_from_rank_0(tmp_path, case):
+    """eval.py reads its input on every rank: the verdict is said once, as one process says it."""
+    (tmp_path / "images_x.pt").write_text("not a torch file")
+    (tmp_path / "labels_x.pt").write_text("not a torch file")
+    flags = {"missing": ["--syn_path", tmp_path / "none"], "not_a_tensor": ["--syn_path", tmp_path / "images_x.pt"],
+             "ipc_too_large": ["--baseline", "random", "--ipc", "1000"]}[case]
+    argv = ["--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--device", "cpu", *flags]
+    result = torchrun("eval.py", *argv)
+    assert result.returncode != 0
+    assert our_lines(result.stderr) == [one_line_error(eval_script.main, argv)]
+
+
+def test_a_verdict_every_rank_reaches_in_a_step_is_one_line_from_rank_0(buffers, tmp_path):
+    """The set is replicated: a step that diverges stops every rank alike, and only rank 0 says so."""
+    result = torchrun("distill.py", *TINY, "--buffer_path", buffers, "--lr_img", "1e12", "--Iteration", "1",
+                      "--save_path", tmp_path / "run")
+    assert result.returncode != 0
+    lines = our_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: images reached"), lines
 
 
 def test_a_rank_that_stops_answering_ends_the_job_with_a_line_naming_it(buffers, tmp_path):
