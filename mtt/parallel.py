@@ -12,7 +12,7 @@ a share's contribution leaves through `sum_over_ranks` (summed forward, identity
 everything after it is replicated).
 """
 import os
-import re
+import signal
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
@@ -27,7 +27,7 @@ from utils import Interrupted, UsageError, is_main, keep_freed_memory, pick_devi
 TIMEOUT = timedelta(hours=2)
 # The training step's collectives come every few seconds: a rank silent for this long has stopped.
 STEP_TIMEOUT = timedelta(minutes=5)
-_groups = {}  # "step": the step's collectives, with STEP_TIMEOUT; "monitor": Gloo, to name a silent rank
+_groups = {}  # "step": the step's collectives, with STEP_TIMEOUT; "monitor": Gloo, to name a rank that stopped
 
 
 def launched():
@@ -49,15 +49,38 @@ def setup(picked, step_timeout=STEP_TIMEOUT):
     return picked
 
 
-def silent_ranks(seconds=5):
-    """The ranks that do not reach a barrier within `seconds` (Gloo's monitored barrier, asked by
-    rank 0; on the other ranks it only waits), or [] when all do."""
-    try:
-        dist.monitored_barrier(_groups["monitor"], timedelta(seconds=seconds), wait_all_ranks=True)
-    except RuntimeError as err:
-        found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(err))
-        return [int(r) for r in re.findall(r"\d+", found[1])] if found else [-1]
-    return []
+def stopped_ranks(seconds=5):
+    """{rank: why} of the ranks that stopped, asked on the way out of a failed collective: "closed"
+    when its connection closed (the process ended), "silent" when it did not answer in time (it
+    hangs or was stopped). Every rank sends rank 0 a token and waits for its answer, so rank 0
+    learns about them all, the others only about rank 0. Gloo's monitored barrier would not do: its
+    message names no rank once a connection closed, and on the other ranks it waits for rank 0 for
+    the group's whole timeout."""
+    # torchrun's agent SIGTERMs the others once a rank ended: that must not cut this answer short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    token = torch.zeros(1)
+
+    def fails(op, peer, wait):
+        try:
+            op(token, peer, group=_groups["monitor"]).wait(timedelta(seconds=wait))
+        except RuntimeError as err:
+            return "silent" if "timed out" in str(err).lower() else "closed"
+        return None
+
+    if rank() != 0:  # rank 0 asks the ranks in turn, `seconds` each at most
+        why = fails(dist.isend, 0, seconds * world()) or fails(dist.irecv, 0, seconds * world())
+        return {0: why} if why else {}
+    stopped = {}
+    for peer in range(1, world()):
+        stopped[peer] = fails(dist.irecv, peer, seconds)
+        if not stopped[peer]:
+            fails(dist.isend, peer, seconds)
+    return {peer: why for peer, why in stopped.items() if why}
+
+
+def named(ranks):
+    """"rank 1", "ranks 1, 2", or "another rank" when none is known."""
+    return f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, sorted(ranks)))}" if ranks else "another rank"
 
 
 def teardown():
@@ -93,7 +116,9 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
     args = None
     try:
         args = parse_args(argv)
-        result = run(args, setup_device(args))
+        with ended_ranks_are_one_line():
+            result = run(args, setup_device(args))
+            teardown()
     except UsageError as err:
         # Every rank reaches a verdict alike (the same flags and files, the replicated set), or one
         # that only some reach is carried to all (one_verdict, main_decides): rank 0 says it
@@ -103,24 +128,37 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
     except KeyboardInterrupt as stop:
         said = interrupted(args) if args else "nothing was written"
         raise Interrupted(f"{str(stop) or 'stopped by Ctrl-C'}: {said}") from None
-    teardown()
     return result
+
+
+@contextmanager
+def ended_ranks_are_one_line():
+    """A rank whose process ended (killed, out of memory) closes its connections: the others'
+    collectives fail ("Connection closed by peer", "Connection reset by peer") or, when torchrun's
+    agent saw it first, they get its SIGTERM. Either way rank 0 names it in one line, not in a
+    traceback or as "stopped by SIGTERM"."""
+    try:
+        yield
+    except (RuntimeError, KeyboardInterrupt) as err:
+        if not _groups or isinstance(err, RuntimeError) and "by peer" not in str(err):
+            raise
+        ended = [peer for peer, why in stopped_ranks().items() if why == "closed"]
+        if isinstance(err, KeyboardInterrupt) and not ended:
+            raise  # Ctrl-C or SIGTERM to the job, not one of its ranks ending
+        raise UsageError(f"{named(ended)} stopped (its connection closed): the job stops here") from None
 
 
 @contextmanager
 def stalls_are_one_line():
     """A training-step collective that timed out (torchrun: a rank stopped or hangs) becomes one
-    line naming the silent rank, found by a monitored barrier, instead of a wait of hours."""
+    line naming the silent rank (stopped_ranks) instead of a wait of hours."""
     try:
         yield
     except RuntimeError as err:
         if world() == 1 or "timed out" not in str(err).lower():
             raise
-        silent = silent_ranks()
-        who = f"rank {', '.join(map(str, silent))}" if silent and silent != [-1] else "another rank"
-        here = None if 0 in silent else rank()
-        raise UsageError(f"{who} stopped answering: a training step's collective waited for it past its timeout "
-                         f"(--step_timeout); the job stops here", rank=here) from None
+        raise UsageError(f"{named(stopped_ranks())} stopped answering: a training step's collective waited for it "
+                         f"past its timeout (--step_timeout); the job stops here") from None
 
 
 def main_decides(work):

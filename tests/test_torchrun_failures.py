@@ -58,27 +58,46 @@ def test_a_verdict_every_rank_reaches_in_a_step_is_one_line_from_rank_0(buffers,
     assert len(lines) == 1 and lines[0].startswith("error: images reached"), lines
 
 
+def in_second_step(tmp_path, rank, action):
+    """A script that runs distill.py, `rank` doing `action` (a line of Python) inside its second training step."""
+    wrapper = tmp_path / f"rank{rank}_in_step.py"
+    wrapper.write_text(
+        "import os, runpy, signal, sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from mtt import matching\n"
+        "real, calls = matching.BACKWARD[False], []\n"
+        "def step(*args):\n"
+        "    calls.append(1)\n"
+        f"    if os.environ['RANK'] == '{rank}' and len(calls) == 2:\n"
+        f"        {action}\n"
+        "    return real(*args)\n"
+        "matching.BACKWARD[False] = step\n"
+        f"runpy.run_path({str(REPO / 'distill.py')!r}, run_name='__main__')\n")
+    return wrapper
+
+
 def test_a_rank_that_stops_answering_ends_the_job_with_a_line_naming_it(buffers, tmp_path):
     """Rank 1 sleeps inside its second training step (as a stopped process would): with
     --step_timeout 3 rank 0 gives up on the step's collective, names rank 1, and the job ends in
     seconds, not after the hours evaluations may wait."""
-    wrapper = tmp_path / "rank1_stalls.py"
-    wrapper.write_text(
-        "import os, runpy, sys, time\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from mtt import matching\n"
-        "real, calls = matching.BACKWARD[False], []\n"
-        "def stalls(*args):\n"
-        "    calls.append(1)\n"
-        "    if os.environ['RANK'] == '1' and len(calls) == 2:\n"
-        "        time.sleep(600)\n"
-        "    return real(*args)\n"
-        "matching.BACKWARD[False] = stalls\n"
-        f"runpy.run_path({str(REPO / 'distill.py')!r}, run_name='__main__')\n")
     start = time.monotonic()
-    result = torchrun(wrapper, *TINY, "--buffer_path", buffers, "--Iteration", "4", "--step_timeout", "3",
-                      "--save_path", tmp_path / "run")
+    result = torchrun(in_second_step(tmp_path, 1, "time.sleep(600)"), *TINY, "--buffer_path", buffers,
+                      "--Iteration", "4", "--step_timeout", "3", "--save_path", tmp_path / "run")
     assert result.returncode != 0 and time.monotonic() - start < 120
     assert our_lines(result.stderr) == ["error: rank 1 stopped answering: a training step's collective waited for it "
                                         "past its timeout (--step_timeout); the job stops here"]
     assert (tmp_path / "run" / "checkpoint.pt").exists()  # iteration 0's evaluation was saved before
+
+
+def test_a_rank_that_is_killed_ends_the_job_with_a_line_naming_it(buffers, tmp_path):
+    """Rank 1 is killed (kill -9) inside its second training step: rank 0's collective fails
+    ("Connection reset by peer"), or torchrun's agent, seeing the death first, SIGTERMs it; either
+    way rank 0 names rank 1 in one line. The one traceback left is the launcher's report of the
+    exit (its ChildFailedError), not one of our ranks' (those would read "[rank0]: Traceback")."""
+    result = torchrun(in_second_step(tmp_path, 1, "os.kill(os.getpid(), signal.SIGKILL)"), *TINY,
+                      "--buffer_path", buffers, "--Iteration", "4", "--save_path", tmp_path / "run")
+    assert result.returncode != 0
+    assert our_lines(result.stderr) == ["error: rank 1 stopped (its connection closed): the job stops here"]
+    tracebacks = [line for line in result.stderr.splitlines() if "Traceback" in line]
+    assert tracebacks == ["Traceback (most recent call last):"] and "ChildFailedError" in result.stderr
+    assert "by peer" not in result.stderr and "KeyboardInterrupt" not in result.stderr
