@@ -30,6 +30,10 @@ STEP_TIMEOUT = timedelta(minutes=5)
 _groups = {}  # "step": the step's collectives, with STEP_TIMEOUT; "monitor": Gloo, to name a rank that stopped
 
 
+class RankZeroStopped(UsageError):
+    """Rank 0 stopped answering: rank 1 says so, since rank 0 cannot."""
+
+
 def launched():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -111,8 +115,8 @@ def setup_device(args):
 def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was written"):
     """The three scripts' main(): parse and check the flags, set up the device, run. Bad input
     (a UsageError) ends the script with one line, `error: ...`, printed by one process: rank 0,
-    naming the rank it happened on when another. Ctrl-C and SIGTERM become Interrupted with
-    interrupted(args), the line saying what is kept."""
+    naming the rank it happened on when another (rank 1 when rank 0 stopped answering). Ctrl-C and
+    SIGTERM become Interrupted with interrupted(args), the line saying what is kept."""
     args = None
     try:
         args = parse_args(argv)
@@ -121,8 +125,9 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
             teardown()
     except UsageError as err:
         # Every rank reaches a verdict alike (the same flags and files, the replicated set), or one
-        # that only some reach is carried to all (one_verdict, main_decides): rank 0 says it
-        if not is_main():
+        # that only some reach is carried to all (one_verdict, main_decides): rank 0 says it, or
+        # rank 1 that rank 0 stopped answering
+        if int(os.environ.get("RANK", "0")) != (1 if isinstance(err, RankZeroStopped) else 0):
             sys.exit(1)
         sys.exit(f"error{f' (rank {err.rank})' if err.rank else ''}: {err}")
     except KeyboardInterrupt as stop:
@@ -157,8 +162,11 @@ def stalls_are_one_line():
     except RuntimeError as err:
         if world() == 1 or "timed out" not in str(err).lower():
             raise
-        raise UsageError(f"{named(stopped_ranks())} stopped answering: a training step's collective waited for it "
-                         f"past its timeout (--step_timeout); the job stops here") from None
+        stopped = stopped_ranks()
+        # a rank 0 whose connection closed has ended: it said why, or torchrun's report names it
+        failure = RankZeroStopped if stopped.get(0) == "silent" else UsageError
+        raise failure(f"{named(stopped)} stopped answering: a training step's collective waited for it past its "
+                      f"timeout (--step_timeout); the job stops here") from None
 
 
 def main_decides(work):

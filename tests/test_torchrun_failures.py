@@ -1,10 +1,12 @@
 """A torchrun job that fails ends with one line from one process, not with tracebacks or a hang:
-bad input that rank 0 finds or every rank finds alike, and a rank that stops answering in the middle
-of a training step."""
+bad input that rank 0 finds or every rank finds alike, and a rank that is killed or stops answering
+in the middle of a training step."""
 import os
+import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -16,10 +18,12 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def command(*argv):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, argv)]
+
+
 def torchrun(*argv, timeout=180):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               *map(str, argv)]
-    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command(*argv), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def our_lines(stderr):
@@ -101,3 +105,27 @@ def test_a_rank_that_is_killed_ends_the_job_with_a_line_naming_it(buffers, tmp_p
     tracebacks = [line for line in result.stderr.splitlines() if "Traceback" in line]
     assert tracebacks == ["Traceback (most recent call last):"] and "ChildFailedError" in result.stderr
     assert "by peer" not in result.stderr and "KeyboardInterrupt" not in result.stderr
+
+
+def test_a_rank_0_that_stops_answering_is_named_by_rank_1(buffers, tmp_path):
+    """Rank 0 is stopped (SIGSTOP) inside its second training step, so it cannot say anything: after
+    --step_timeout rank 1 names it. torchrun's agent then SIGTERMs rank 0, which a stopped process
+    holds, and SIGKILLs it 30 s later; the test kills it as soon as the line is out."""
+    pid_file, log = tmp_path / "rank0.pid", tmp_path / "stderr"
+    stops = f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); os.kill(os.getpid(), signal.SIGSTOP)"
+    argv = [in_second_step(tmp_path, 0, stops), *TINY, "--buffer_path", buffers, "--Iteration", "4",
+            "--step_timeout", "3", "--save_path", tmp_path / "run"]
+    with open(log, "w") as stderr:
+        job = subprocess.Popen(command(*argv), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not our_lines(log.read_text()) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        if pid_file.exists():
+            with suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)  # a stopped process takes SIGKILL too
+        job.wait(60)
+    assert our_lines(log.read_text()) == ["error: rank 0 stopped answering: a training step's collective waited for "
+                                          "it past its timeout (--step_timeout); the job stops here"]
+    assert job.returncode != 0
