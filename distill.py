@@ -41,9 +41,9 @@ from mtt.flags import (Parser, add_common_args, boolean, check_model, checked, f
 from mtt.matching import BACKWARD, SyntheticSet, draw_schedule, forecast
 from mtt.parallel import main_decides, one_verdict, run_script, stalls_are_one_line
 from mtt.progress import progress
-from mtt.training import INFERENCE_BATCH
+from mtt.training import predict
 from mtt.trajectories import Experts, buffer_dir, fill_command
-from networks import flatten_params, forward_flat, get_network
+from networks import flatten_params, get_network
 from utils import (UsageError, check_fits, entry, folder_lock, free_memory, installed, is_main, make_folder, run_info,
                    run_seed, save_json, save_torch, say, set_seed)
 
@@ -454,12 +454,6 @@ def choose_real(data, pool, ipc, pix_init, expert_thetas, net):
                              f"images of class {label} ({data.class_names[label]}) correctly, fewer than --ipc {ipc}")
         chosen.append(order[picked.nonzero().flatten()])
     return torch.cat(chosen)
-
-
-def predict(net, theta, images):
-    """The logits of the network at theta for the images, in batches, without a graph."""
-    with torch.no_grad():
-        return torch.cat([forward_flat(net, theta, x) for x in images.split(INFERENCE_BATCH)])
 
 
 def init_label_logits(net, images, labels, expert_thetas, filtered):

@@ -16,17 +16,26 @@ else ConvNet; baselines use the same models, so the rows compare. Under torchrun
 (sets x models x num_eval) spread over the processes; the rows equal a one-process run's.
 """
 import os
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
 import mtt  # noqa: F401  before torch loads: Ctrl-C or SIGTERM while the script starts is one line
+
+import numpy as np
+import torch
+
 from mtt import parallel
 from mtt.data import draw_per_class, get_dataset, images_per_class
 from mtt.evaluation import EvalSet, eval_pool, evaluate_sets
 from mtt.evaluation import add_flags as add_eval_flags
-from mtt.flags import Parser, add_common_args, check_model, folder_path, parse, positive_float, positive_int, switch
+from mtt.flags import (Parser, add_common_args, check_model, checked, folder_path, parse, positive_float, positive_int,
+                       switch)
 from mtt.parallel import run_script
 from mtt.run_folder import load_saved_set
+from mtt.training import predict
+from mtt.trajectories import Experts, buffer_dir
+from networks import get_network
 from utils import UsageError, entry, is_main, run_info, save_json
 
 
@@ -49,7 +58,14 @@ def parse_args(argv=None):
     add_eval_flags(parser, "networks trained per set and model")
     flag("--lr", type=positive_float, default=0.01, help="learning rate for sets without a learned one")
     flag("--out", type=folder_path, help="also write the rows to this JSON file")
+    scores = parser.add_argument_group("DD-Ranking's scores (Li et al., 2025)").add_argument
+    switch(parser, "--scores", "also the label- and augmentation-robust scores HLR, IOR, LRS, ARS of the set, "
+                               "training the rows they need (README: Fair scores)")
+    scores("--lrs_lambda", type=unit, default=0.5, help="LRS's weight w of IOR (1 - w goes to HLR), DD-Ranking's")
+    scores("--ars_lambda", type=unit, default=0.5, help="ARS's weight g of the DSA terms (1 - g: without DSA)")
     args = parse(parser, argv)
+    if args.scores and not args.syn_path:
+        raise UsageError("--scores scores a distilled set: give --syn_path")
     if not args.syn_path and not args.baseline:
         raise UsageError("nothing to evaluate: give --syn_path and/or --baseline random --ipc N / --baseline full")
     if "random" in args.baseline and args.ipc is None:
@@ -61,6 +77,9 @@ def parse_args(argv=None):
         if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise UsageError(f"--out {out}: the folder {out.parent} does not exist or is not writable")
     return args
+
+
+unit = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def main(argv=None):
@@ -125,30 +144,100 @@ def random_subset(data, ipc, seed):
 
 
 def build_sets(args, data, saved, device):
-    """Every set the command asks for, checked before the first network trains."""
+    """Every set the command asks for, checked before the first network trains: (the sets, the terms
+    of --scores by name, {} without it)."""
     refit = cache(lambda: data.fitted_zca(device))
-    sets = []
-    if saved is not None:
-        check_saved_set(saved, data, args)
-        # the set's own transform; the original's files carry none: the refitted one, as the original does
-        whitening = (saved.zca or refit()) if args.zca else None
-        texture = (data.im_size, saved.meta["canvas_samples"]) if saved.meta.get("texture") else None
-        sets.append(EvalSet(saved.name, saved.images.float(), saved.labels,
-                            saved.lr if saved.lr is not None else args.lr, args.epoch_eval_train,
-                            saved.meta.get("ipc", len(saved.labels) // data.num_classes),
-                            (in_space(data.images_test, data, whitening), data.labels_test), texture,
-                            lr_from=saved.lr_from))
-    baselines = {
-        "random": lambda: (random_subset(data, args.ipc, args.seed), args.epoch_eval_train, args.ipc),
-        "full": lambda: (slice(None), args.epochs_full, None),  # a slice indexes without a copy
-    }
-    whitening = refit() if args.zca and args.baseline else None  # real images: whitened only if asked
+    whitening = refit() if args.zca and (args.baseline or args.scores) else None  # real images: the set's space
     test = (in_space(data.images_test, data, whitening), data.labels_test)
-    for name in dict.fromkeys(args.baseline):
-        chosen, epochs, ipc = baselines[name]()
-        sets.append(EvalSet(name, in_space(data.images_train[chosen], data, whitening), data.labels_train[chosen],
-                            args.lr, epochs, ipc, test))
-    return sets
+    real = lambda name, chosen, epochs, ipc: EvalSet(name, in_space(data.images_train[chosen], data, whitening),
+                                                     data.labels_train[chosen], args.lr, epochs, ipc, test)
+    baselines = {
+        "random": lambda ipc: real("random", random_subset(data, ipc, args.seed), args.epoch_eval_train, ipc),
+        "full": lambda ipc: real("full", slice(None), args.epochs_full, None),  # a slice indexes without a copy
+    }
+    sets = [baselines[name](args.ipc) for name in dict.fromkeys(args.baseline)]
+    if saved is None:
+        return sets, {}
+    check_saved_set(saved, data, args)
+    # the set's own transform; the original's files carry none: the refitted one, as the original does
+    own_whitening = (saved.zca or refit()) if args.zca else None
+    texture = (data.im_size, saved.meta["canvas_samples"]) if saved.meta.get("texture") else None
+    distilled = EvalSet(saved.name, saved.images.float(), saved.labels, saved.lr if saved.lr is not None else args.lr,
+                        args.epoch_eval_train, saved.meta.get("ipc", len(saved.labels) // data.num_classes),
+                        (in_space(data.images_test, data, own_whitening), data.labels_test), texture,
+                        lr_from=saved.lr_from)
+    if not args.scores:
+        return [distilled, *sets], {}
+    terms = score_terms(distilled, saved, sets, baselines, device)
+    return list({eval_set.name: eval_set for eval_set in (distilled, *sets, *terms.values())}.values()), terms
+
+
+def score_terms(distilled, saved, sets, baselines, device):
+    """The sets behind DD-Ranking's scores, by term: the distilled set with its own labels and the
+    evaluation's DSA (syn), with hard labels (a soft-label set's argmax; a hard-label set is its own),
+    without DSA; a random real subset of its size labelled as the set's method labels (class ids, or
+    for soft labels an expert's logits) with DSA and without; the full training set. A row the
+    command asks for anyway (--baseline random at the set's ipc, --baseline full) is reused."""
+    named = {eval_set.name: eval_set for eval_set in sets}
+    random = named.get("random") if getattr(named.get("random"), "ipc", None) == distilled.ipc else None
+    random = random or baselines["random"](distilled.ipc)
+    soft = distilled.labels.is_floating_point()
+    if soft:
+        labels, said = expert_logits(saved, random.images, distilled.labels.shape[1], device)
+        random = replace(random, name=f"random ({said})", labels=labels)
+    return {"syn": distilled,
+            "syn_hard": replace(distilled, name=f"{distilled.name} (hard labels)", labels=distilled.labels.argmax(1))
+            if soft else distilled,
+            "syn_no_aug": replace(distilled, name=f"{distilled.name} (no DSA)", augment=False),
+            "random": random, "random_no_aug": replace(random, name=f"{random.name} (no DSA)", augment=False),
+            "full": named.get("full") or baselines["full"](None)}
+
+
+def expert_logits(saved, images, num_classes, device):
+    """A soft-label run's labels for real images, as DATM makes them: the logits of an expert of its
+    buffer at the snapshot it labels with (--Label_Model_Timestamp); (logits, which expert)."""
+    run = saved.meta.get("args")
+    if run is None:
+        raise UsageError(f"--scores on {saved.name}, a soft-label set with no run.json: the random subset's labels "
+                         f"come from the experts of the run, which only a run.json names")
+    directory = buffer_dir(run["buffer_path"], run["dataset"], run["model"], run["zca"], run["subset"], run["res"])
+    experts, snapshot = Experts(directory, zca=run["zca"]), run["Label_Model_Timestamp"]
+    net = get_network(run["model"], images.shape[1], num_classes, images.shape[2:]).to(device)
+    theta = torch.from_numpy(np.array(experts.trajectory(0)[snapshot])).to(device)
+    return predict(net, theta, images.to(device)).cpu(), f"logits of expert 0 at snapshot {snapshot} of {directory}"
+
+
+def normalised(x):
+    """DD-Ranking's map of a score in [-1, 1] to [0, 1]: (e^x - e^-1) / (e - e^-1)."""
+    return (np.exp(x) - np.exp(-1)) / (np.e - np.exp(-1))
+
+
+def scores(rows, terms, model, w, g):
+    """DD-Ranking's scores of one model's rows, network by network (network r of every row is seeded
+    alike), from accuracies as fractions: HLR = full - syn with hard labels; IOR = syn - random, each
+    with its own labels; LRS = normalised(w IOR - (1 - w) HLR); ARS = normalised(g (syn - random) +
+    (1 - g) (syn - random, both without DSA)). Each as its mean, std and per-network values, with every
+    accuracy used."""
+    used = {term: next(row for row in rows if row["set"] == eval_set.name and row["model"] == model)
+            for term, eval_set in terms.items()}
+    acc = {term: np.array(row["test_accs"]) for term, row in used.items()}
+    values = {"hlr": acc["full"] - acc["syn_hard"], "ior": acc["syn"] - acc["random"]}
+    values["lrs"] = normalised(w * values["ior"] - (1 - w) * values["hlr"])
+    values["ars"] = normalised(g * (acc["syn"] - acc["random"]) + (1 - g) * (acc["syn_no_aug"] - acc["random_no_aug"]))
+    return {**{name: {"mean": float(v.mean()), "std": float(v.std()), "values": v.tolist()}
+               for name, v in values.items()},
+            "accuracies": {term: {"set": row["set"], "test_accs": row["test_accs"]} for term, row in used.items()}}
+
+
+def scores_table(found, num_eval):
+    cells = [("model", "HLR", "IOR", "LRS", "ARS")]
+    cells += [(model, *(f"{100 * s[name]['mean']:.2f} +- {100 * s[name]['std']:.2f}" for name in ("hlr", "ior", "lrs",
+                                                                                                "ars")))
+              for model, s in found.items()]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    return (f"DD-Ranking's scores x 100, mean +- std over {num_eval} networks (HLR, IOR: accuracy points; LRS, ARS: "
+            f"in [0, 100], higher is better):\n" + "\n".join("  ".join(cell.ljust(width) for cell, width in
+                                                                  zip(line, widths)).rstrip() for line in cells))
 
 
 def format_table(rows):
@@ -171,14 +260,17 @@ def evaluate_all(args, device):
         for model in models:
             check_model(model, args.dataset, args.res)
         data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res, device=device)
-        sets = build_sets(args, data, saved, device)
+        sets, terms = build_sets(args, data, saved, device)
     rows = evaluate_sets([(eval_set, model) for eval_set in sets for model in models], data, args.num_eval,
                          args.seed, args.batch_train, args.augmentation, device, args.verbose)
+    found = {model: scores(rows, terms, model, args.lrs_lambda, args.ars_lambda) for model in models} if terms else {}
     if is_main():
         print(format_table(rows))
+        if found:
+            print(scores_table(found, args.num_eval))
         if args.out:
-            save_json({"dataset": args.dataset, "rows": rows, "processes": parallel.world(), "args": vars(args),
-                       **run_info(device)}, args.out)
+            save_json({"dataset": args.dataset, "rows": rows, **({"scores": found} if found else {}),
+                       "processes": parallel.world(), "args": vars(args), **run_info(device)}, args.out)
             print(f"rows written to {args.out}")
     return rows
 

@@ -83,6 +83,7 @@ class EvalSet:
     texture: tuple | None = None  # (crop size, crops per canvas) for texture canvases
     validation: tuple | None = None  # (images, labels) of held-out real training images
     lr_from: str = "--lr"  # where lr came from, for the report
+    augment: bool = True  # DSA as the command says; False: none (DD-Ranking's ARS compares both)
 
 
 def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA_STRATEGY, device="cpu",
@@ -108,7 +109,8 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
             tag = f"[{eval_set.name} {model} run {run + 1}/{num_eval}]"
             bar.set_postfix_str(tag[1:-1])
             _, test_acc = evaluate_synset(net, eval_set.images, eval_set.labels, *eval_set.test, eval_set.lr,
-                                          eval_set.epochs, batch_train, dsa_strategy, eval_set.texture,
+                                          eval_set.epochs, batch_train, dsa_strategy if eval_set.augment else None,
+                                          eval_set.texture,
                                           say=(lambda line: say(tag + line)) if verbose else None,
                                           on_epoch=lambda: bar.update(len(eval_set.images)))
             val_acc = accuracy(net, *(t.to(device) for t in eval_set.validation)) if eval_set.validation else None
@@ -123,6 +125,7 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
         test_accs, val_accs = zip(*(results[pair, run] for run in range(num_eval)))
         row = {"set": eval_set.name, "model": model, "ipc": eval_set.ipc, "images": len(eval_set.images),
                "lr": eval_set.lr, "lr_from": eval_set.lr_from, "epochs": eval_set.epochs,
+               "dsa": bool(dsa_strategy) and eval_set.augment,
                "test_acc_mean": float(np.mean(test_accs)), "test_acc_std": float(np.std(test_accs)),
                "test_accs": list(test_accs), "n": num_eval}
         if eval_set.validation:

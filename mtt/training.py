@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mtt.augment import apply_augmentation, draw_augmentation, draw_texture_crops, texture_crops
+from networks import forward_flat
 
 INFERENCE_BATCH = 500  # images per forward pass when only predicting
 def decay_epoch(epochs):
@@ -25,6 +26,12 @@ def accuracy(net, images, labels):
     net.eval()
     batches = zip(images.split(INFERENCE_BATCH), labels.split(INFERENCE_BATCH))
     return sum((net(x).argmax(1) == y).sum().item() for x, y in batches) / len(labels)
+
+
+@torch.no_grad()
+def predict(net, theta, images):
+    """The logits of the network at the flat parameters theta for the images, in batches."""
+    return torch.cat([forward_flat(net, theta, x) for x in images.split(INFERENCE_BATCH)])
 
 
 def sgd_step(net, x, y, optimizer):

@@ -14,11 +14,11 @@ from distill import (
     draw_segment,
     init_label_logits,
     parse_args,
-    predict,
     start_epoch_window,
     validation_split,
 )
 from mtt import matching
+from mtt.training import predict
 from networks import ConvNet, flatten_params
 from utils import UsageError
 

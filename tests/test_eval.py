@@ -3,6 +3,7 @@ import json
 import math
 import re
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -387,3 +388,64 @@ def test_per_epoch_lines_come_with_verbose_only(capsys, verbose):
     assert ("[random ConvNetW8 run 1/1]  epoch 10/10 train acc" in out) == verbose
     assert re.search(r"^\[random ConvNetW8 run 1/1\] 10 images, 9 \+ 1 epochs \(as the original\), lr 0\.01: test acc",
                      out, re.M)
+
+
+# ---------------------------------------------------------------------------------------------
+# DD-Ranking's scores (--scores)
+
+
+def score_rows(accuracies):
+    """eval.py's rows of one model, from {term: per-network accuracies}, named by term."""
+    return [{"set": term, "model": "ConvNet", "test_accs": accs} for term, accs in accuracies.items()]
+
+
+def test_the_four_scores_are_dd_rankings_formulas_on_fractions():
+    """By hand, network 1: HLR = 0.80 - 0.50 = 0.30; IOR = 0.60 - 0.40 = 0.20; alpha = 0.5 * 0.20 - 0.5 *
+    0.30 = -0.05, LRS = (e^-0.05 - e^-1) / (e - e^-1) = 0.58335 / 2.35040 = 0.24819; beta = 0.5 * 0.20
+    + 0.5 * (0.55 - 0.45) = 0.15, ARS = (e^0.15 - e^-1) / (e - e^-1) = 0.33780. Network 2: HLR 0.28,
+    IOR 0.24, alpha -0.02, LRS 0.26052; beta 0.17, ARS 0.34778."""
+    accuracies = {"syn": [0.60, 0.64], "syn_hard": [0.50, 0.52], "syn_no_aug": [0.55, 0.58], "random": [0.40, 0.40],
+                  "random_no_aug": [0.45, 0.48], "full": [0.80, 0.80]}
+    terms = {term: types.SimpleNamespace(name=term) for term in accuracies}
+    found = eval_script.scores(score_rows(accuracies), terms, "ConvNet", 0.5, 0.5)
+    assert found["hlr"]["values"] == pytest.approx([0.30, 0.28])
+    assert found["ior"]["values"] == pytest.approx([0.20, 0.24])
+    assert found["lrs"]["values"] == pytest.approx([0.24819, 0.26052], abs=1e-5)
+    assert found["ars"]["values"] == pytest.approx([0.33780, 0.34778], abs=1e-5)
+    assert found["lrs"]["mean"] == pytest.approx(np.mean([0.24819, 0.26052]), abs=1e-5)
+    assert found["accuracies"]["random_no_aug"] == {"set": "random_no_aug", "test_accs": [0.45, 0.48]}
+    weighted = eval_script.scores(score_rows(accuracies), terms, "ConvNet", 1.0, 0.0)
+    assert weighted["lrs"]["values"][0] == pytest.approx(eval_script.normalised(0.20))  # w = 1: IOR alone
+    assert weighted["ars"]["values"][0] == pytest.approx(eval_script.normalised(0.10))  # g = 0: without DSA alone
+
+
+def test_a_hard_label_set_is_its_own_hard_label_row_and_the_json_holds_every_score(tmp_path, calls):
+    """Five rows of one network each: the set with and without DSA, the random subset (the one
+    --baseline random draws) with and without, the full data; the scores and their accuracies in --out."""
+    run = write_run(tmp_path / "run", *one_per_class(), syn_lr=0.02, meta={})
+    rows = eval_script.main(FAST + ["--syn_path", str(run), "--scores", "--num_eval", "1", "--baseline", "random",
+                                    "--ipc", "1", "--out", str(tmp_path / "out.json")])
+    assert [row["set"] for row in rows] == ["run/images_best.pt", "random", "run/images_best.pt (no DSA)",
+                                            "random (no DSA)", "full"]
+    assert [row["dsa"] for row in rows] == [True, True, False, False, True]
+    assert [call["dsa_strategy"] for call in calls] == [DSA_STRATEGY, DSA_STRATEGY, None, None, DSA_STRATEGY]
+    assert len(calls[4]["images"]) == 5000 and calls[4]["epochs"] == 50  # the full data, --epochs_full
+    saved = json.loads((tmp_path / "out.json").read_text())
+    scores = saved["scores"]["ConvNetW8"]
+    assert {"hlr", "ior", "lrs", "ars"} <= set(scores)
+    assert scores["accuracies"]["syn_hard"]["set"] == "run/images_best.pt"  # the hard-label row, trained once
+    assert scores["hlr"]["values"] == [0.0]  # every spy network scores 50%
+    assert scores["lrs"]["mean"] == pytest.approx(eval_script.normalised(0.0))
+
+
+def test_a_soft_label_sets_hard_row_trains_on_the_argmax_and_its_random_subset_on_expert_logits(buffers, tmp_path,
+                                                                                                   calls):
+    run_distill(buffers, tmp_path / "run", "--Iteration", "1", "--soft_label")
+    calls.clear()  # the run's own evaluations
+    eval_script.main(["--syn_path", str(tmp_path / "run"), "--scores", "--num_eval", "1", "--device", "cpu"])
+    logits = torch.load(tmp_path / "run" / "labels_best.pt")
+    hard = [call for call in calls if not call["labels"].is_floating_point() and len(call["labels"]) == 10]
+    assert len(hard) == 1 and torch.equal(hard[0]["labels"], logits.argmax(1))
+    random = [call for call in calls if call["labels"].is_floating_point() and call["lr"] == 0.01]
+    assert len(random) == 2 and random[0]["labels"].shape == (10, 10)  # with and without DSA
+    assert not torch.equal(random[0]["images"], calls[0]["images"])  # real images, not the set's

@@ -125,3 +125,18 @@ def test_buffer_under_torchrun_writes_the_experts_of_one_process(tmp_path, gsam)
     assert progress(two.stdout) == progress(one.stdout) and len(progress(one.stdout)) == 3
     assert [line for line in two.stdout.splitlines() if line.startswith("wrote ")] == [
         f"wrote {directories[1] / f'replay_buffer_{n}.npy'} (1 expert)" for n in range(3)]
+
+
+def test_scores_under_torchrun_equal_one_process(buffers, tmp_path):
+    """eval.py --scores on a distilled set: its rows spread over two processes, the scores and every
+    accuracy they come from equal one process's."""
+    assert python("distill.py", *TINY, "--buffer_path", buffers, "--Iteration", "1", "--eval_it", "1",
+                  "--save_path", tmp_path / "run").returncode == 0
+    flags = ["eval.py", "--syn_path", tmp_path / "run", "--scores", "--num_eval", "2", "--epoch_eval_train", "2",
+             "--epochs_full", "1", "--device", "cpu"]
+    one = python(*flags, "--out", tmp_path / "one.json")
+    two = torchrun(*flags, "--out", tmp_path / "two.json")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    found = [json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json")]
+    assert found[0]["rows"] == found[1]["rows"] and found[0]["scores"] == found[1]["scores"]
+    assert len(found[0]["rows"]) == 5
