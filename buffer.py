@@ -53,7 +53,8 @@ from mtt.training import accuracy, decay_epoch, sgd_step, train_epoch
 from mtt.trajectories import (SIDECAR, Experts, buffer_dir, buffer_file, expert_files, new_buffer_file, next_number,
                               numbered_files, open_checked, read_original, read_sidecar, set_aside, write_original)
 from networks import flatten_params, get_network
-from utils import UsageError, check_fits, entry, eta, folder_lock, is_main, make_folder, save_json, say, set_seed
+from utils import (UsageError, check_fits, check_room, entry, eta, folder_lock, is_main, make_folder, save_json, say,
+                   set_seed)
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
@@ -319,6 +320,7 @@ def load_data(args, device, settings):
     data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)
     shape = [data.channel, list(data.im_size), data.num_classes]
     assert shape == [settings["channel"], settings["im_size"], settings["num_classes"]], "DatasetInfo.shape disagrees"
+    check_room([data.images_train, data.images_test], device, "the training and test images")
     return replace(data, images_train=data.images_train.to(device), labels_train=data.labels_train.to(device),
                    images_test=data.images_test.to(device), labels_test=data.labels_test.to(device))
 

@@ -61,6 +61,16 @@ def free_memory(device):
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
+def check_room(tensors, device, what):
+    """Refuse, in one line, CPU tensors that would not fit in the GPU's free memory when moved there
+    (on the CPU they are in memory already), before any work."""
+    needed = sum(tensor.nbytes for tensor in tensors)
+    free = free_memory(device) if device.type == "cuda" else needed
+    if needed > free:
+        raise UsageError(f"{what} need {needed / 2**30:.2f} GB on {device}, more than its {free / 2**30:.2f} GB free; "
+                         f"free the GPU or use --device cpu")
+
+
 def is_main():
     """Whether this is the process that prints and writes: the only one, or torchrun's rank 0."""
     return os.environ.get("RANK", "0") == "0"

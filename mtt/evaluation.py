@@ -12,7 +12,7 @@ from mtt.flags import positive_int, switch
 from mtt.progress import progress
 from mtt.training import accuracy, decay_epoch, train_epoch
 from networks import get_network
-from utils import eta, run_seed, say, set_seed
+from utils import check_room, eta, run_seed, say, set_seed
 
 EVAL_POOLS = {
     "M": ["ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18"],
@@ -100,6 +100,8 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
     below = lambda k: len(range(rank, k, ranks))  # this rank's networks among the first k
     work = sum(len(eval_set.images) * (eval_set.epochs + 1) * (below((pair + 1) * num_eval) - below(pair * num_eval))
                for pair, (eval_set, _) in enumerate(pairs))
+    for eval_set in {eval_set.name: eval_set for eval_set, _ in pairs}.values():
+        check_room([eval_set.images, *eval_set.test], torch.device(device), f"{eval_set.name}'s and the test images")
     results = {}
     with progress(total=work, desc=f"evaluating {len(mine)} networks", unit="img") as bar:
         for pair, run in map(lambda k: divmod(k, num_eval), mine):

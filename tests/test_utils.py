@@ -145,3 +145,12 @@ def test_memory_freed_by_torch_is_reused_without_page_faults():
         return int(run.stdout)
 
     assert faults("default") > 10 * 16_000 and faults("keep") < 1000
+
+
+def test_tensors_that_would_not_fit_on_the_gpu_are_one_line(monkeypatch):
+    monkeypatch.setattr(utils, "free_memory", lambda device: 2**30)
+    images = torch.zeros(1).expand(2**29)  # 2 GB of float32 that take no memory here
+    with pytest.raises(UsageError, match=r"^the images need 2.00 GB on cuda:0, more than its 1.00 GB free; free the "
+                                         r"GPU or use --device cpu$"):
+        utils.check_room([images], torch.device("cuda:0"), "the images")
+    utils.check_room([images], torch.device("cpu"), "the images")  # on the CPU they are in memory already
