@@ -216,10 +216,14 @@ BACKWARD = {False: unroll_backward, True: replay_backward}
 # ---------------------------------------------------------------------------------------------
 # Memory: the peak of either backward, forecast before the first iteration
 
-# A backward through one chunk's double graph holds about this many times the graph's own saved
-# tensors at its peak (its gradients, and the grad-of-grad's temporaries): measured 3.9-4.8 for
-# ConvNets on the CPU (tools/bench.py --forecast, BENCHMARKS.md section 10).
+# Fitted to the measured peaks of ConvNetW32 at 20 steps (tools/bench.py --forecast, BENCHMARKS.md
+# section 10): a backward through one chunk's double graph holds about BACKWARD_WORK times the
+# graph's saved tensors at its peak (its gradients, the grad-of-grad's temporaries); the unroll keeps
+# per step its saved tensors and about a quarter more (the buffers of the gradient's own graph); and
+# an iteration's first allocations add about ITERATION_BASE whatever its size.
 BACKWARD_WORK = 4.5
+UNROLL_KEPT = 1.25
+ITERATION_BASE = 40 * 2**20
 
 
 def saved_bytes(net, theta, synset, step):
@@ -250,5 +254,6 @@ def forecast(net, theta0, synset, syn_steps, augmentation=None, texture=None):
     def peak(low_memory, batch_syn, chunk_syn=None):
         share = -(-batch_syn * crops // parallel.world())
         work = BACKWARD_WORK * graph(min(chunk_syn or share, share)) + 2 * synset.images.nbytes  # + grad, momentum
-        return work + ((syn_steps + 1) * theta0.nbytes if low_memory else syn_steps * graph(share))
+        kept = (syn_steps + 1) * theta0.nbytes if low_memory else UNROLL_KEPT * syn_steps * graph(share)
+        return ITERATION_BASE + work + kept
     return peak
