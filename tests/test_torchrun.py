@@ -73,18 +73,6 @@ def test_distill_under_torchrun_gives_the_one_process_images_and_resumes(buffers
     assert iterations[0] == iterations[1] and len(iterations[0]) == 4
 
 
-def test_eval_under_torchrun_prints_and_writes_the_one_process_rows(tmp_path):
-    flags = ["eval.py", "--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--baseline", "random", "--ipc", "2",
-             "--num_eval", "3", "--epoch_eval_train", "3", "--device", "cpu"]
-    one = python(*flags, "--out", tmp_path / "one.json")
-    two = torchrun(*flags, "--out", tmp_path / "two.json")
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    rows = [json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json")]
-    assert rows[0]["rows"] == rows[1]["rows"] and (rows[0]["processes"], rows[1]["processes"]) == (1, 2)
-    table = lambda out: [line for line in out.splitlines() if line.startswith(("set", "random"))]
-    assert table(one.stdout) == table(two.stdout) and len(table(one.stdout)) == 2
-
-
 def test_a_failing_rank_ends_the_job_with_its_line_not_a_hang(buffers, tmp_path):
     """Rank 1 is given a buffer path with no experts: the job must stop with rank 1's one-line error
     and a non-zero status while rank 0 waits in a collective (subprocess's timeout catches a hang)."""
@@ -127,16 +115,19 @@ def test_buffer_under_torchrun_writes_the_experts_of_one_process(tmp_path, gsam)
         f"wrote {directories[1] / f'replay_buffer_{n}.npy'} (1 expert)" for n in range(3)]
 
 
-def test_scores_under_torchrun_equal_one_process(buffers, tmp_path):
-    """eval.py --scores on a distilled set: its rows spread over two processes, the scores and every
-    accuracy they come from equal one process's."""
-    assert python("distill.py", *TINY, "--buffer_path", buffers, "--Iteration", "1", "--eval_it", "1",
-                  "--save_path", tmp_path / "run").returncode == 0
-    flags = ["eval.py", "--syn_path", tmp_path / "run", "--scores", "--num_eval", "2", "--epoch_eval_train", "2",
-             "--epochs_full", "1", "--device", "cpu"]
+def test_eval_and_its_scores_under_torchrun_equal_one_process(tmp_path):
+    """eval.py --scores on a set (10 images, class ids): its five rows spread over two processes; the
+    rows, the printed table, the scores and every accuracy they come from equal one process's."""
+    (tmp_path / "set").mkdir()
+    torch.save(torch.randn(10, 1, 28, 28), tmp_path / "set" / "images_best.pt")
+    torch.save(torch.arange(10), tmp_path / "set" / "labels_best.pt")
+    flags = ["eval.py", "--dataset", "FashionMNIST-mini", "--model", "ConvNetW8", "--syn_path", tmp_path / "set",
+             "--scores", "--num_eval", "3", "--epoch_eval_train", "2", "--epochs_full", "1", "--device", "cpu"]
     one = python(*flags, "--out", tmp_path / "one.json")
     two = torchrun(*flags, "--out", tmp_path / "two.json")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     found = [json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json")]
     assert found[0]["rows"] == found[1]["rows"] and found[0]["scores"] == found[1]["scores"]
-    assert len(found[0]["rows"]) == 5
+    assert len(found[0]["rows"]) == 5 and (found[0]["processes"], found[1]["processes"]) == (1, 2)
+    table = lambda out: [line for line in out.splitlines() if line.startswith(("set", "random", "full", "ConvNetW8"))]
+    assert table(one.stdout) == table(two.stdout) and len(table(one.stdout)) == 7  # a header, 5 rows, the scores
