@@ -281,6 +281,8 @@ BAD_INPUTS = {
     "corrupt run.json": (lambda tmp: corrupt(bad_set(tmp), "run.json", b"{"), "as a distill.py run.json"),
     "run.json not a dict": (lambda tmp: corrupt(bad_set(tmp), "run.json", b"[]"), "is not a distill.py run.json"),
     "corrupt zca.pt": (lambda tmp: corrupt(bad_set(tmp), "zca.pt", b"garbage"), "as a ZCA transform"),
+    "zca.pt a plain tensor": (lambda tmp: corrupt(bad_set(tmp), "zca.pt", torch_bytes(torch.eye(784))),
+                              "/run/zca.pt is not a ZCA transform of its pixels; delete it and pass --zca"),
     "missing lr_path": (lambda tmp: bad_set(tmp) + ["--lr_path", str(tmp / "nope.pt")], "--lr_path"),
     "lr_path not an lr": (lambda tmp: bad_set(tmp) + ["--lr_path", str(saved(tmp / "lr.pt", torch.ones(3)))],
                           "should hold one positive learning rate"),
