@@ -71,6 +71,7 @@ def test_on_a_real_terminal_every_printed_line_is_above_the_bars(buffers, tmp_pa
     assert mixed == []
     assert sum(line.startswith("[images ConvNetW16 run ") for line in lines) == 6  # 3 evaluations x 2 networks
     assert any(line.startswith("it 00000/4 loss ") for line in lines)
+    assert f"distilling into {tmp_path / 'run'}" in lines  # where the run writes, said at start
 
 
 
