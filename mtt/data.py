@@ -487,11 +487,12 @@ class ZCA:
         """The ZCA whose state_dict `path` holds, checked to transform `features` (C x H x W) pixels
         (default: as many as its mean has), or a UsageError saying what it is not (and `fix`)."""
         state = load_torch(path, "a ZCA transform", fix)
+        state = state if isinstance(state, dict) else {}  # a tensor indexed by a name warns before it fails
         try:
             zca = cls(state["mean"], state["transform"], state["inverse_transform"], state["eps"])
             d = zca.mean.numel() if features is None else features
             fits = (zca.mean.shape, zca.transform.shape, zca.inverse_transform.shape) == ((d,), (d, d), (d, d))
-        except (TypeError, KeyError, AttributeError, IndexError):
+        except (TypeError, KeyError, AttributeError):
             fits = False
         if not fits:
             raise UsageError(f"{path} is not a ZCA transform of {features or 'its'} pixels" + (f"; {fix}" * bool(fix)))
