@@ -152,7 +152,8 @@ def build_sets(args, data, saved, device):
     real = lambda name, chosen, epochs, ipc: EvalSet(name, in_space(data.images_train[chosen], data, whitening),
                                                      data.labels_train[chosen], args.lr, epochs, ipc, test)
     baselines = {
-        "random": lambda ipc: real("random", random_subset(data, ipc, args.seed), args.epoch_eval_train, ipc),
+        "random": lambda ipc: real("random" if args.ipc in (None, ipc) else f"random (ipc {ipc})",
+                                   random_subset(data, ipc, args.seed), args.epoch_eval_train, ipc),
         "full": lambda ipc: real("full", slice(None), args.epochs_full, None),  # a slice indexes without a copy
     }
     sets = [baselines[name](args.ipc) for name in dict.fromkeys(args.baseline)]
@@ -179,8 +180,8 @@ def score_terms(distilled, saved, sets, baselines, device):
     for soft labels an expert's logits) with DSA and without; the full training set. A row the
     command asks for anyway (--baseline random at the set's ipc, --baseline full) is reused."""
     named = {eval_set.name: eval_set for eval_set in sets}
-    random = named.get("random") if getattr(named.get("random"), "ipc", None) == distilled.ipc else None
-    random = random or baselines["random"](distilled.ipc)
+    random = baselines["random"](distilled.ipc)  # named by its ipc where --baseline random draws another
+    random = named.get(random.name, random)
     soft = distilled.labels.is_floating_point()
     if soft:
         labels, said = expert_logits(saved, random.images, distilled.labels.shape[1], device)

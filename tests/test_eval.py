@@ -440,6 +440,14 @@ def test_a_hard_label_set_is_its_own_hard_label_row_and_the_json_holds_every_sco
     assert scores["lrs"]["mean"] == pytest.approx(eval_script.normalised(0.0))
 
 
+def test_a_random_baseline_of_another_ipc_keeps_its_row_beside_the_scores_own(tmp_path, calls):
+    run = write_run(tmp_path / "run", *one_per_class(), syn_lr=0.02, meta={})
+    rows = eval_script.main(FAST + ["--syn_path", str(run), "--scores", "--num_eval", "1", "--baseline", "random",
+                                    "--ipc", "2"])
+    assert [(row["set"], row["ipc"]) for row in rows if row["set"].startswith("random")] == \
+        [("random", 2), ("random (ipc 1)", 1), ("random (ipc 1) (no DSA)", 1)]
+
+
 def test_a_soft_label_sets_hard_row_trains_on_the_argmax_and_its_random_subset_on_expert_logits(buffers, tmp_path,
                                                                                                    calls):
     run_distill(buffers, tmp_path / "run", "--Iteration", "1", "--soft_label")
