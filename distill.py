@@ -44,8 +44,8 @@ from mtt.progress import progress
 from mtt.training import predict
 from mtt.trajectories import Experts, buffer_dir, fill_command
 from networks import flatten_params, get_network
-from utils import (UsageError, check_fits, entry, folder_lock, free_memory, installed, is_main, make_folder, run_info,
-                   run_seed, save_json, save_torch, say, set_seed)
+from utils import (UsageError, check_fits, entry, folder_lock, free_memory, gigabytes, installed, is_main, make_folder,
+                   run_info, run_seed, save_json, save_torch, say, set_seed)
 
 # DATM's flags and their defaults in DATM's code. They apply as a whole once any of them is given
 # with a value MTT does not have (DATM always learns its labels, from images an expert classifies
@@ -333,10 +333,6 @@ def open_run(save_path, args, run_lock):
     run_folder.finish_commit(save_path)
     state = run_folder.read_checkpoint(save_path)
     return state, resume_changes(state, args), run_folder.read_log(save_path / run_folder.LOG, state["iteration"])
-
-
-def gigabytes(n):
-    return f"{n / 2**30:.2f} GB"
 
 
 def choose_backward(args, peak, batch_syn, free):

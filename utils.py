@@ -61,14 +61,19 @@ def free_memory(device):
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
+def gigabytes(n):
+    return f"{n / 2**30:.2f} GB"
+
+
 def check_room(tensors, device, what):
-    """Refuse, in one line, CPU tensors that would not fit in the GPU's free memory when moved there
-    (on the CPU they are in memory already), before any work."""
-    needed = sum(tensor.nbytes for tensor in tensors)
-    free = free_memory(device) if device.type == "cuda" else needed
+    """Refuse, in one line, CPU tensors that would not fit in the GPU's free memory when moved there,
+    before any work (on the CPU they are in memory already)."""
+    if device.type != "cuda":
+        return
+    needed, free = sum(tensor.nbytes for tensor in tensors), free_memory(device)
     if needed > free:
-        raise UsageError(f"{what} need {needed / 2**30:.2f} GB on {device}, more than its {free / 2**30:.2f} GB free; "
-                         f"free the GPU or use --device cpu")
+        raise UsageError(f"{what} need {gigabytes(needed)} on {device}, more than its {gigabytes(free)} free; free the "
+                         f"GPU or use --device cpu")
 
 
 def is_main():
