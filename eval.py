@@ -270,7 +270,8 @@ def evaluate_all(args, device):
         if found:
             print(scores_table(found, args.num_eval))
         if args.out:
-            save_json({"dataset": args.dataset, "rows": rows, **({"scores": found} if found else {}),
+            save_json({"dataset": args.dataset, "syn_set": saved.name if saved else None, "rows": rows,
+                       **({"scores": found} if found else {}),
                        "processes": parallel.world(), "args": vars(args), **run_info(device)}, args.out)
             print(f"rows written to {args.out}")
     return rows

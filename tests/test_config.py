@@ -346,6 +346,19 @@ def test_published_vs_ours_compares_only_a_run_of_the_row(tmp_path):
         "(row: 5000), eval.py --model ConvNetW32 (row: ConvNet), eval.py --epoch_eval_train 10 (row: 1000) |"]
 
 
+def test_published_vs_ours_compares_the_sets_own_rows_not_those_of_its_scores(tmp_path):
+    """eval.py --scores adds the set without DSA, with hard labels, and random subsets: none of them
+    is the row's result."""
+    result = evaluated_run(tmp_path, "same", [], [])
+    saved = json.loads(result.read_text())
+    own = saved["rows"][0]
+    saved["syn_set"] = own["set"]
+    saved["rows"] += [{**own, "set": f"{own['set']} (no DSA)"}, {**own, "set": f"{own['set']} (hard labels)"},
+                      {**own, "set": "random (no DSA)"}]
+    result.write_text(json.dumps(saved))
+    assert [line.split(" | ")[1] for line in published.compare([result])[2:]] == ["same/images_best.pt"]
+
+
 @pytest.mark.parametrize("script", [buffer, distill, eval_script], ids=lambda script: script.__name__)
 def test_help_shows_every_flag_s_default(script, capsys):
     with pytest.raises(SystemExit):

@@ -433,6 +433,7 @@ def test_a_hard_label_set_is_its_own_hard_label_row_and_the_json_holds_every_sco
     assert [call["dsa_strategy"] for call in calls] == [DSA_STRATEGY, DSA_STRATEGY, None, None, DSA_STRATEGY]
     assert len(calls[4]["images"]) == 5000 and calls[4]["epochs"] == 50  # the full data, --epochs_full
     saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["syn_set"] == "run/images_best.pt"  # which rows are the set's own, for tools/published.py
     scores = saved["scores"]["ConvNetW8"]
     assert {"hlr", "ior", "lrs", "ars"} <= set(scores)
     assert scores["accuracies"]["syn_hard"]["set"] == "run/images_best.pt"  # the hard-label row, trained once

@@ -122,8 +122,9 @@ def compare(result_files):
         meta = read_run_json(folder / "run.json") if (folder / "run.json").exists() else {}
         name = row_of(meta.get("args", {}).get("cfg"))
         differ = differences(name, meta["args"], results["args"]) if name else []
+        own = results.get("syn_set")  # the set's own rows, not --scores' variants; older files: all but baselines
         for result in results["rows"]:
-            if result["set"] in ("random", "full"):
+            if (result["set"] != own) if own else result["set"] in ("random", "full"):
                 continue
             published = rows.get(name, {}).get("published", {})
             ours, std = 100 * result["test_acc_mean"], 100 * result["test_acc_std"]
