@@ -21,6 +21,7 @@ included, as DATM always runs (printed at start, kept in run.json); give none an
 exactly. --cfg FILE.yaml reads the flags from a file (configs/ holds every published row; DATM's
 own files load as they are).
 """
+import json
 import math
 import os
 import time
@@ -44,7 +45,7 @@ from mtt.progress import progress
 from mtt.training import predict
 from mtt.trajectories import Experts, buffer_dir, fill_command
 from networks import flatten_params, get_network
-from utils import (UsageError, check_fits, entry, folder_lock, free_memory, gigabytes, installed, is_main, make_folder,
+from utils import (UsageError, check_fits, entry, free_memory, gigabytes, installed, is_main, make_folder,
                    run_info, run_seed, save_json, save_torch, say, set_seed)
 
 # DATM's flags and their defaults in DATM's code. They apply as a whole once any of them is given
@@ -329,8 +330,7 @@ def open_run(save_path, args, run_lock):
     reads is checked here, before anything in the folder is written."""
     if not run_folder.check_save_path(save_path, args.resume):
         return None, {}, None
-    run_lock.enter_context(folder_lock(save_path, "distill.py run"))
-    run_folder.finish_commit(save_path)
+    run_lock.enter_context(run_folder.lock(save_path))
     state = run_folder.read_checkpoint(save_path)
     return state, resume_changes(state, args), run_folder.read_log(save_path / run_folder.LOG, state["iteration"])
 
@@ -372,7 +372,7 @@ def describe_run_folder(save_path, args, data, device, run_lock):
     """On rank 0, once the set-up has passed every check: the folder made, locked (which clears it of
     killed runs' partial writes) and described: run.json and, with ZCA, zca.pt."""
     make_folder(save_path, "--save_path")
-    run_lock.enter_context(folder_lock(save_path, "distill.py run"))
+    run_lock.enter_context(run_folder.lock(save_path))
     save_json(run_description(args, data, device), save_path / run_folder.RUN_JSON)
     if data.zca is not None:
         save_torch(data.zca.state_dict(), save_path / run_folder.ZCA_FILE)
@@ -592,10 +592,13 @@ def record(rows, best, it, log):
 
 
 def checkpoint(it, synset, optimizers, ema, best, args, device):
-    """Everything --resume needs to continue bit for bit."""
+    """Everything --resume needs to continue bit for bit. `best` and the flags are copied through
+    JSON: pickle writes a string that two of them share as one object, so without the copy the
+    bytes of the file would depend on where each string came from (a resumed run's from the file)."""
+    plain = lambda value: json.loads(json.dumps(value))
     return {"iteration": it, "tensors": {k: t.detach().cpu() for k, t in synset.tensors.items()},
             "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
-            "ema": None if ema is None else ema.images.cpu(), "best": best, "args": vars(args),
+            "ema": None if ema is None else ema.images.cpu(), "best": plain(best), "args": plain(vars(args)),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
