@@ -326,12 +326,14 @@ _locked = set()  # the folders this process holds the lock of
 
 
 @contextmanager
-def folder_lock(folder, what, wait=False):
+def folder_lock(folder, what, wait=False, finish=None):
     """Hold an exclusive lock on `folder` (fcntl on folder/.lock) while the block runs, so that
     two processes never write one folder; the lock goes with the process, however it ends. Taking
-    it removes the partial writes of killed processes (remove_stale_temps). Held already by this
-    process: nothing more; held by another: a UsageError, or with `wait` (a cache, which the
-    second process then reads instead of doing the work again) a wait for it."""
+    it first runs finish(folder), which completes what a killed writer left half done (a run
+    folder's commit renames the temporary files its journal lists), then removes the partial
+    writes of killed processes (remove_stale_temps). Held already by this process: nothing more;
+    held by another: a UsageError, or with `wait` (a cache, which the second process then reads
+    instead of doing the work again) a wait for it."""
     key = Path(folder).resolve()
     if key in _locked:
         yield
@@ -351,6 +353,8 @@ def folder_lock(folder, what, wait=False):
             fcntl.flock(handle, fcntl.LOCK_EX)
         _locked.add(key)
         try:
+            if finish:
+                finish(folder)
             removed = remove_stale_temps(folder)
             if removed:
                 say(f"removed the temporary files of killed runs in {folder}: {', '.join(sorted(removed))}")

@@ -146,6 +146,13 @@ def finish_commit(folder):
     save_json({**state, "renaming": {}}, folder / JOURNAL)
 
 
+def lock(folder):
+    """The run folder's lock, taken (by distill.py or a reader) only after a commit that a kill cut
+    short is finished: the temporary files its journal lists are renamed into place before the
+    lock's clean-up of dead processes' temporary files could take them."""
+    return folder_lock(folder, "distill.py run", finish=finish_commit)
+
+
 def last_iteration(folder):
     """The iteration of the last committed checkpoint in `folder`, or None."""
     return journal(folder)["iteration"] if Path(folder).is_dir() else None
@@ -168,8 +175,8 @@ def read_consistent(folder, read):
         before = journal(folder)
         if before["renaming"]:
             try:
-                with folder_lock(folder, "distill.py run"):
-                    finish_commit(folder)
+                with lock(folder):  # which finishes the commit
+                    pass
             except UsageError as err:  # a live writer holds the lock, or the folder is read-only
                 blocked = str(err)
         else:

@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import buffer  # noqa: E402
+from helpers import small  # noqa: E402
 from mtt.data import get_dataset  # noqa: E402
 
 # One thread per test worker (pytest.ini runs two): a second thread per worker only contends for
@@ -37,3 +38,9 @@ def buffers(tmp_path_factory):
 def mini():
     """The embedded Fashion-MNIST subset, normalised: 5000 training and 1000 test images."""
     return get_dataset("FashionMNIST-mini")
+
+
+@pytest.fixture
+def small_data(monkeypatch, mini):
+    """buffer.py sees helpers.small's data."""
+    monkeypatch.setattr(buffer, "get_dataset", lambda *args: small(mini))

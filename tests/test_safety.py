@@ -34,15 +34,6 @@ def distill_error(buffers, save_path, *flags):
     return one_line_error(distill.main, TINY + ["--buffer_path", buffers, "--save_path", save_path, *flags])
 
 
-@pytest.fixture
-def small_data(monkeypatch, mini):
-    """buffer.py sees 512 training and 200 test images: for tests about files, not learning."""
-    from dataclasses import replace
-    small = replace(mini, images_train=mini.images_train[:512], labels_train=mini.labels_train[:512],
-                    images_test=mini.images_test[:200], labels_test=mini.labels_test[:200])
-    monkeypatch.setattr(buffer, "get_dataset", lambda *args: small)
-
-
 # ---------------------------------------------------------------------------------------------
 # Data loss and wrong data
 
