@@ -29,8 +29,8 @@ from mtt import parallel
 from mtt.data import draw_per_class, get_dataset, images_per_class
 from mtt.evaluation import EvalSet, eval_pool, evaluate_sets
 from mtt.evaluation import add_flags as add_eval_flags
-from mtt.flags import (Parser, add_common_args, check_model, checked, folder_path, parse, positive_float, positive_int,
-                       switch)
+from mtt.flags import (Parser, add_common_args, check_model, checked, folder_path, non_negative_int, parse,
+                       positive_float, positive_int, switch)
 from mtt.parallel import run_script
 from mtt.run_folder import load_saved_set
 from mtt.training import predict
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     add_common_args(parser, from_set=True)
     flag = parser.add_argument
     flag("--syn_path", type=folder_path, help="a distill.py run folder, or an images .pt file")
-    flag("--iteration", help="in a run folder, evaluate images_{ITERATION}.pt (default: best)")
+    flag("--iteration", type=non_negative_int, help="in a run folder, evaluate images_{ITERATION}.pt (default: best)")
     switch(parser, "--ema", "in a run folder, evaluate FTD's EMA images ema_images_*.pt (default: only when the "
                             "folder holds no other images)")
     flag("--labels_path", help="the labels .pt file (default: beside the images, images -> labels)")

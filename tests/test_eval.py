@@ -304,6 +304,10 @@ BAD_INPUTS = {
                       "--ipc 501: the random baseline needs 1 to 500 images per class"),
     "nothing to do": (lambda tmp: [], "nothing to evaluate"),
     "iteration of a file": (lambda tmp: bad_set(tmp) + ["--iteration", "5"], "--iteration picks a file"),
+    **{f"iteration {text}": (lambda tmp, text=text: bad_set(tmp) + ["--iteration", text],
+                             "argument --iteration: " + said + " an integer from 0 to 2^31-1, not " + shown)
+       for text, said, shown in (("-1", "must be", "-1"), ("abc", "expected", "'abc'"),
+                                 ("99999999999999999999", "must be", "99999999999999999999"))},
     "eval mode": (lambda tmp: ["--baseline", "full", "--eval_mode", "Q"], "argument --eval_mode: invalid choice: 'Q'"),
 }
 
