@@ -2,9 +2,10 @@
 
 draw_augmentation picks random parameters (a list of (op, tensor) pairs, one draw per image);
 apply_augmentation applies them, differentiably in the pixels. Keeping the two apart lets the
-low-memory backward of matching.py replay a step's exact augmentation. Every op draws from
-torch's global generator in the order the original's DiffAugment does, so a seeded run draws
-what the original draws.
+low-memory backward of matching.py replay a step's exact augmentation. Every op draws from the
+generator the original's DiffAugment draws from, in its order: scale and rotate from the CPU's
+(their parameters then move to the images' device), flip, colour, crop and cutout from the
+images' device's; so a seeded run draws what the original draws, on a GPU too.
 """
 import math
 from functools import partial
@@ -67,15 +68,21 @@ def bilinear_sample(x, grid):
     return out
 
 
+def _cpu_rand(n, x):
+    """n uniform numbers from the CPU's generator, as the original's scale and rotate draw them,
+    on x's device (a copy that does not wait for the device)."""
+    return torch.rand(n).to(x.device, x.dtype, non_blocking=True)
+
+
 def _draw_scale(n, x):
     r = DSA_PARAMS["scale"]
-    sx, sy = (torch.rand(n, device=x.device, dtype=x.dtype) * (r - 1 / r) + 1 / r for _ in range(2))
+    sx, sy = (_cpu_rand(n, x) * (r - 1 / r) + 1 / r for _ in range(2))
     zero = torch.zeros_like(sx)
     return torch.stack([torch.stack([sx, zero, zero], 1), torch.stack([zero, sy, zero], 1)], 1)
 
 
 def _draw_rotate(n, x):
-    angle = (torch.rand(n, device=x.device, dtype=x.dtype) - 0.5) * 2 * DSA_PARAMS["rotate"] / 180 * math.pi
+    angle = (_cpu_rand(n, x) - 0.5) * 2 * DSA_PARAMS["rotate"] / 180 * math.pi
     cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
     return torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
 
@@ -112,12 +119,11 @@ def _crop(x, shift):
 
 
 def _cutout(x, centre):
-    h, w = x.shape[2:]
-    size = _cutout_size((h, w))
-    start = centre - torch.tensor([s // 2 for s in size], device=x.device)
+    (h, w), (size_h, size_w) = x.shape[2:], _cutout_size(x.shape[2:])
+    top, left = centre[:, :1] - size_h // 2, centre[:, 1:] - size_w // 2  # python ints: no copy from the host
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-    in_rows = (rows >= start[:, :1]) & (rows < start[:, :1] + size[0])  # n x h
-    in_cols = (cols >= start[:, 1:]) & (cols < start[:, 1:] + size[1])  # n x w
+    in_rows = (rows >= top) & (rows < top + size_h)  # n x h
+    in_cols = (cols >= left) & (cols < left + size_w)  # n x w
     return x * (~(in_rows[:, :, None] & in_cols[:, None, :])).to(x.dtype)[:, None]
 
 
@@ -147,7 +153,8 @@ def draw_texture_crops(canvases, samples):
     """Texture mode (each learned item a canvas): random toroidal offsets for `samples` crops of
     each canvas, (samples * n) x 2."""
     n, (h, w) = len(canvases), canvases.shape[2:]
-    return torch.stack([torch.randint(h, (samples * n,)), torch.randint(w, (samples * n,))], 1).to(canvases.device)
+    offsets = torch.stack([torch.randint(h, (samples * n,)), torch.randint(w, (samples * n,))], 1)
+    return offsets.to(canvases.device, non_blocking=True)
 
 
 def texture_crops(canvases, offsets, res):

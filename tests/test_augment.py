@@ -165,3 +165,26 @@ def test_texture_crops_roll_the_canvas():
     assert crops.shape == (2, 2, 2, 2)
     assert torch.equal(crops[0], canvas[0, :, :2, :2])
     assert torch.equal(crops[1], torch.roll(canvas[0], (1, 3), (1, 2))[:, :2, :2])
+
+
+# The original's draws, op by op: how many numbers each takes from the CPU's generator for a batch
+# of n, beside the group choice (torch.randint on the CPU). Scale draws sx and sy, rotate one angle,
+# each torch.rand(n) on the CPU; flip, colour, crop and cutout draw on the images' device.
+ORIGINAL_CPU_DRAWS = {"scale": lambda n: [torch.rand(n), torch.rand(n)], "rotate": lambda n: [torch.rand(n)],
+                      "flip": lambda n: [], "color": lambda n: [], "crop": lambda n: [], "cutout": lambda n: []}
+
+
+@pytest.mark.parametrize("group", ORIGINAL_CPU_DRAWS)
+def test_each_op_draws_from_the_generator_the_original_draws_from(group):
+    """Images on the `meta` device stand in for a GPU's: a draw on their device takes nothing from
+    the CPU's generator, so the CPU stream after the draw tells which generator each op used. The
+    group choice stays on the CPU; the scale and rotate parameters arrive on the images' device."""
+    n, images = 5, torch.empty(5, 3, 8, 8, device="meta")
+    torch.manual_seed(0)
+    draw = draw_augmentation(images, group)
+    ours = torch.get_rng_state()
+    torch.manual_seed(0)
+    torch.randint(1, ())
+    ORIGINAL_CPU_DRAWS[group](n)
+    assert torch.equal(ours, torch.get_rng_state())
+    assert all(params.device.type == "meta" for _, params in draw)
