@@ -45,8 +45,8 @@ from mtt.progress import progress
 from mtt.training import predict
 from mtt.trajectories import Experts, buffer_dir, fill_command
 from networks import flatten_params, get_network
-from utils import (UsageError, check_fits, entry, free_memory, gigabytes, installed, is_main, make_folder,
-                   run_info, run_seed, save_json, save_torch, say, set_seed)
+from utils import (MARGIN, UsageError, check_fits, check_room, entry, free_memory, gigabytes, installed, is_main,
+                   make_folder, run_info, run_seed, save_json, save_torch, say, set_seed)
 
 # DATM's flags and their defaults in DATM's code. They apply as a whole once any of them is given
 # with a value MTT does not have (DATM always learns its labels, from images an expert classifies
@@ -225,6 +225,12 @@ def distill(args, device):
             data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)  # the cache: last
             net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
             held_out, pool = validation_split(data, args.val_per_class, args.seed)
+            # on the device before the forecast reads the free memory: what they take is not the step's
+            test, validation = (data.images_test, data.labels_test), (data.images_train[held_out],
+                                                                      data.labels_train[held_out])
+            check_room([*test, *validation], device, "the test and validation images")
+            test, validation = (tuple(t.to(device) for t in pair) for pair in (test, validation))
+            validation = validation if args.val_per_class else None
             synset = initial_set(args, data, experts, net, pool, device)
             optimizers = {name: torch.optim.SGD([tensor], *OPTIMIZERS[name](args))
                           for name, tensor in synset.tensors.items()}
@@ -236,12 +242,13 @@ def distill(args, device):
             augmentation = None if args.no_aug else args.augmentation
             texture = (data.im_size, args.canvas_samples) if args.texture else None
             peak = forecast(net, flatten_params(net).to(device), synset, args.syn_steps, augmentation, texture)
-            low_memory = choose_backward(args, peak, batch_syn, free_memory(device))
+            free = free_memory(device)
+            low_memory = choose_backward(args, peak, batch_syn, free)
         low_memory = any(parallel.gather_objects(low_memory))  # the ranks run one backward: the replay if any needs it
         if low_memory and not args.low_memory:
-            say(f"the full unroll would need about {gigabytes(peak(False, batch_syn, args.chunk_syn))}, more than the "
-                f"{gigabytes(free_memory(device))} free: running the low-memory replay instead (the same gradient), "
-                f"about {gigabytes(peak(True, batch_syn, args.chunk_syn))}")
+            say(f"the full unroll would need about {gigabytes(peak(False, batch_syn, args.chunk_syn))}, more than "
+                f"{room(free)}: running the low-memory replay instead (the same gradient), about "
+                f"{gigabytes(peak(True, batch_syn, args.chunk_syn))}")
         main_decides(lambda: describe_run_folder(save_path, args, data, device, run_lock))
         if state is not None:
             say(f"resumed {save_path} at iteration {start_it}" + "".join(
@@ -255,9 +262,6 @@ def distill(args, device):
         if changes:
             log.write(type="resume", it=start_it, changed={k: list(v) for k, v in changes.items()})
         zca = data.zca.to(device) if data.zca is not None else None
-        test = (data.images_test.to(device), data.labels_test.to(device))
-        validation = (data.images_train[held_out].to(device), data.labels_train[held_out].to(device)) \
-            if args.val_per_class else None
         backward = BACKWARD[low_memory]
 
         skips = 0  # DATM's gate: updates skipped in this run
@@ -335,22 +339,27 @@ def open_run(save_path, args, run_lock):
     return state, resume_changes(state, args), run_folder.read_log(save_path / run_folder.LOG, state["iteration"])
 
 
+def room(free):
+    """What a forecast may take of `free` bytes, said: '16.92 GB (the 18.80 GB free less a 10% margin)'."""
+    return f"{gigabytes(free * (1 - MARGIN))} (the {gigabytes(free)} free less a {MARGIN:.0%} margin)"
+
+
 def choose_backward(args, peak, batch_syn, free):
     """Whether to run the low-memory replay: --low_memory's answer, or, not given, the unroll where
-    its forecast peak fits in the free memory, else the replay (the same gradient). A forecast over
-    the free memory is one line naming the flags that would fit, before any work."""
-    chunk = args.chunk_syn
-    low_memory = args.low_memory if args.low_memory is not None else peak(False, batch_syn, chunk) > free
-    if peak(low_memory, batch_syn, chunk) <= free:
+    its forecast peak fits in the free memory less MARGIN, else the replay (the same gradient). A
+    forecast over it is one line naming the flags that would fit, before any work."""
+    chunk, usable = args.chunk_syn, free * (1 - MARGIN)
+    low_memory = args.low_memory if args.low_memory is not None else peak(False, batch_syn, chunk) > usable
+    if peak(low_memory, batch_syn, chunk) <= usable:
         return low_memory
     largest = lambda fits, n: max((k for k in range(1, n + 1) if fits(k)), default=None)
-    chunk_fits = largest(lambda k: peak(True, batch_syn, k) <= free, min(chunk or batch_syn, batch_syn))
-    batch_fits = largest(lambda k: peak(low_memory, k, chunk) <= free, batch_syn)
-    replay_fits = not low_memory and peak(True, batch_syn, chunk) <= free
+    chunk_fits = largest(lambda k: peak(True, batch_syn, k) <= usable, min(chunk or batch_syn, batch_syn))
+    batch_fits = largest(lambda k: peak(low_memory, k, chunk) <= usable, batch_syn)
+    replay_fits = not low_memory and peak(True, batch_syn, chunk) <= usable
     fits = (["--low_memory"] if replay_fits else [f"--low_memory --chunk_syn {chunk_fits}"] if chunk_fits else []) \
         + ([f"--batch_syn {batch_fits}"] if batch_fits else [])
     raise UsageError(f"one iteration with {'the low-memory replay' if low_memory else 'the full unroll'} needs about "
-                     f"{gigabytes(peak(low_memory, batch_syn, chunk))}, more than the {gigabytes(free)} free; "
+                     f"{gigabytes(peak(low_memory, batch_syn, chunk))}, more than {room(free)}; "
                      + (f"these would fit: {', or '.join(fits)}" if fits else
                         "nothing fits, not even --low_memory --chunk_syn 1: lower --syn_steps"))
 

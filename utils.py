@@ -51,14 +51,53 @@ def check_fits(needed, what, folder=None):
         raise UsageError(f"{what} needs {needed / 2**30:.3g} GB, more than the {have / 2**30:.3g} GB of {where}")
 
 
+# Of the free memory, the part no forecast may take: cuDNN's workspaces, the allocator's rounding and
+# the forecast's own error (its constants were fitted on CPU peaks).
+MARGIN = 0.1
+CGROUP_FILES = {"v2": ("", "memory.max", "memory.current", "inactive_file"),
+                "v1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
 def free_memory(device):
-    """Bytes this device can still give: the GPU's free memory, or the RAM the kernel can hand out
-    without swapping (MemAvailable)."""
+    """Bytes this process can still allocate on `device`. A GPU: its free memory plus what torch's
+    caching allocator holds but has freed (reserved, not allocated: free to torch, used to the
+    driver). The CPU: MemAvailable, or what the process's memory cgroup still allows where that is
+    less (a container, a Slurm job), shared by the torchrun processes of this machine."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     with open("/proc/meminfo") as meminfo:
         fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) * 1024
+    available = int(fields["MemAvailable"].split()[0]) * 1024
+    room = cgroup_room()
+    return min(available, available if room is None else room) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def cgroup_room(root=Path("/sys/fs/cgroup"), membership=Path("/proc/self/cgroup")):
+    """Bytes the process's memory cgroup (v2 or v1) lets it allocate still: its limit less what it
+    uses, page cache the kernel can drop not counted (the kubelet's working set); None without a
+    limit. The group's folder is the one /proc/self/cgroup names, or the mount's root (inside a
+    container the mount is the container's own group)."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        mount, limit_file, usage_file, cache_key = CGROUP_FILES[version]
+        for folder in (root / mount / group.lstrip("/"), root / mount):
+            try:
+                limit, usage = (folder / limit_file).read_text().strip(), int((folder / usage_file).read_text())
+                stat = dict(row.split() for row in (folder / "memory.stat").read_text().splitlines())
+            except (OSError, ValueError):
+                continue
+            if not limit.isdigit() or int(limit) >= 2**62:  # v2's "max", v1's 2^63 rounded to a page: no limit
+                break
+            return int(limit) - usage + int(stat.get(cache_key, 0))
+    return None
 
 
 def gigabytes(n):
@@ -66,11 +105,10 @@ def gigabytes(n):
 
 
 def check_room(tensors, device, what):
-    """Refuse, in one line, CPU tensors that would not fit in the GPU's free memory when moved there,
-    before any work (on the CPU they are in memory already)."""
-    if device.type != "cuda":
-        return
-    needed, free = sum(tensor.nbytes for tensor in tensors), free_memory(device)
+    """Refuse, in one line, tensors that would not fit in the GPU's free memory when moved there,
+    before any work. Those on the device already count nothing (on the CPU, all of them)."""
+    needed = sum(tensor.nbytes for tensor in tensors if tensor.device.type != device.type)
+    free = free_memory(device) if needed else 0
     if needed > free:
         raise UsageError(f"{what} need {gigabytes(needed)} on {device}, more than its {gigabytes(free)} free; free the "
                          f"GPU or use --device cpu")

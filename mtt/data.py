@@ -23,7 +23,7 @@ from PIL import Image
 
 from mtt import cache
 from mtt.progress import progress
-from utils import REPO, UsageError, folder_lock, load_torch, open_array, say
+from utils import REPO, UsageError, folder_lock, free_memory, gigabytes, load_torch, open_array, say
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
@@ -429,6 +429,25 @@ def all_cpu_threads(device):
         torch.set_num_threads(threads)
 
 
+ZCA_MATRICES = 6  # d x d float64 matrices at the fit's peak: the covariance, eigh's vectors and work, two products
+
+
+def fit_device(features, device):
+    """Where the ZCA of `features` pixels is fitted: `device`, else the CPU where only it has the room
+    (said in one line), else a UsageError before any work (ImageNet at 128 px: 49,152 pixels)."""
+    needed = ZCA_MATRICES * 8 * features**2
+    free = {where: free_memory(where) for where in dict.fromkeys([device, torch.device("cpu")])}
+    if needed <= free[device]:
+        return device
+    if needed <= free[torch.device("cpu")]:
+        say(f"ZCA: the fit on {features} pixels needs about {gigabytes(needed)}, more than the {gigabytes(free[device])} "
+            f"free on {device}: fitting it on the CPU")
+        return torch.device("cpu")
+    raise UsageError(f"--zca on {features} pixels: fitting the whitening needs about {gigabytes(needed)}, more than "
+                     + " or ".join(f"the {gigabytes(room)} free on {where}" for where, room in free.items())
+                     + "; lower --res or drop --zca")
+
+
 class ZCA:
     """x -> (x - mean) T with T = U diag(1 / sqrt(S + eps)) U^T, where U S U^T is the covariance
     (the original's kornia ZCAWhitening(eps=0.1, compute_inv=True))."""
@@ -442,7 +461,7 @@ class ZCA:
         (as get_dataset scales them, without a float copy of the set). The covariance is accumulated
         in float64 in chunks of rows and decomposed on `device` (default: the images'), on the CPU
         with all its threads."""
-        device = torch.device(device or images.device)
+        device = fit_device(images[0].numel(), torch.device(device or images.device))
         pixels = lambda rows: (rows.to(device).float().div_(255) if rows.dtype == torch.uint8
                                else rows.to(device).float()).flatten(1).double()
         with all_cpu_threads(device):
