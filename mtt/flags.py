@@ -117,6 +117,8 @@ def add_common_args(parser, from_set=False):
     parser.add_argument("--seed", type=seed_value, default=0, help="seeds python, numpy and torch")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     switch(parser, "--deterministic", "deterministic CUDA kernels (bit-identical CUDA runs, somewhat slower)")
+    switch(parser, "--tf32", "TensorFloat-32 in CUDA convolutions and matmuls, as the original's torch 1.11 ran them; "
+                             "False: full float32 (README: Precision)", default=True)
     parser.add_argument("--cfg", metavar="FILE.yaml", help="flags from a YAML file, one `flag: value` line each "
                         "(DATM's format; its files load as they are); flags given here win (mtt/flags.py)")
     return parser

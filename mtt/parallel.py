@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from utils import Interrupted, UsageError, is_main, keep_freed_memory, pick_device
+from utils import Interrupted, UsageError, is_main, keep_freed_memory, pick_device, say
 
 # How long a rank may wait in a collective: evaluations spread unevenly over the ranks, so some
 # wait while others train a network for a thousand epochs; NCCL's default of 10 minutes is too short.
@@ -47,6 +47,8 @@ def setup(picked, step_timeout=STEP_TIMEOUT):
         picked = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(picked)
     if not dist.is_initialized():
+        if picked.type == "cuda":  # NCCL raises a timed-out collective in Python only when it waits for it
+            os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         dist.init_process_group("nccl" if picked.type == "cuda" else "gloo", timeout=TIMEOUT,
                                 device_id=picked if picked.type == "cuda" else None)
         _groups.update(step=dist.new_group(timeout=step_timeout), monitor=dist.new_group(backend="gloo"))
@@ -98,11 +100,15 @@ def teardown():
 
 def setup_device(args):
     """The device this process works on: --device (cuda:LOCAL_RANK under torchrun, which also
-    joins the process group), with --deterministic's settings; on the CPU, freed memory is kept
-    for reuse (keep_freed_memory)."""
+    joins the process group), with --tf32's and --deterministic's settings; on the CPU, freed
+    memory is kept for reuse (keep_freed_memory)."""
     step_timeout = timedelta(seconds=getattr(args, "step_timeout", STEP_TIMEOUT.total_seconds()))
     device = setup(pick_device(args.device), step_timeout)
-    if device.type == "cpu":
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    if device.type == "cuda":
+        say(f"{torch.cuda.get_device_name(device)}: TF32 {'on' if args.tf32 else 'off'} in convolutions and matmuls "
+            f"(--tf32 {not args.tf32} for {'full float32' if args.tf32 else 'TF32, as the original'})")
+    else:
         keep_freed_memory()
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
