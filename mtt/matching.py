@@ -106,7 +106,7 @@ def draw_schedule(images, syn_steps, batch_syn, dsa_strategy=None, texture=None)
     schedule, chunks = [], []
     for _ in range(syn_steps):
         if not chunks:
-            chunks = list(torch.randperm(len(images)).to(images.device).split(batch_syn))
+            chunks = list(torch.randperm(len(images)).to(images.device, non_blocking=True).split(batch_syn))
         rows = chunks.pop()
         step = Step(rows, [], len(rows))
         shape = (len(rows), *images.shape[1:])

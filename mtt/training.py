@@ -23,9 +23,10 @@ def cross_entropy(logits, targets):
 
 @torch.no_grad()
 def accuracy(net, images, labels):
+    """The fraction of the images the network classifies as labelled, read from the device once."""
     net.eval()
     batches = zip(images.split(INFERENCE_BATCH), labels.split(INFERENCE_BATCH))
-    return sum((net(x).argmax(1) == y).sum().item() for x, y in batches) / len(labels)
+    return sum((net(x).argmax(1) == y).sum() for x, y in batches).item() / len(labels)
 
 
 @torch.no_grad()
