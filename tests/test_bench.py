@@ -1,4 +1,7 @@
-"""bench.py's rounds and tables, on made-up figures (no process is started)."""
+"""bench.py's rounds and tables, on made-up figures, and the memory forecast against a measured peak."""
+import argparse
+
+import pytest
 import torch
 
 from tools import bench
@@ -65,3 +68,15 @@ def test_each_chunk_size_is_compared_with_the_code_before_at_the_same_threads():
     assert rows[0].endswith("| s/it | speed-up over before | peak MB per rank |") and len(rows) == 2 + 2 * 6
     assert rows[4] == "| 50 | 20 | unroll | 1 thread, chunk_syn 100 | 20.000 [20.000-20.000] | 2.00 [2.00-2.00] | 900 |"
     assert rows[7].startswith("| 50 | 20 | unroll | 2 threads, chunk_syn 100 | 12.000 [12.000-12.000] | 2.50 [2.50-")
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["unroll", "replay"])
+def test_the_forecast_is_within_35_percent_of_the_peak_a_fresh_process_measures(low_memory):
+    """distill.py picks the backward and refuses what would not fit by matching.forecast. Measured
+    independently: the growth of the peak resident set of a fresh process over one iteration's
+    set-up (bench.measure), ConvNetW32 on 10 CIFAR-shaped images, syn_steps 20 (239 and 72 MB in
+    BENCHMARKS.md section 10). A forecast off by 2x, either way, fails."""
+    args = argparse.Namespace(model="ConvNetW32", device="cpu", iterations=1)
+    found = bench.iteration(args, 1, 20, low_memory, bench.Setting(threads=1))
+    ratio = found["forecast_mb"][0] / found["peak_mb"][0]
+    assert 1 / 1.35 <= ratio <= 1.35, found

@@ -16,8 +16,8 @@ before: one chunk with glibc's malloc as it comes (without utils.keep_freed_memo
 
 Every figure comes from a fresh process (a torchrun job in mode 2) that on the CPU keeps freed
 memory as the scripts do (utils.keep_freed_memory) unless its row says 'glibc default': one
-warm-up iteration, then --iterations timed ones (their median); peak memory is the growth of the
-peak resident set (CPU) or of max_memory_allocated (CUDA) over the set-up, per rank. The
+warm-up iteration, then --iterations timed ones (their median); peak memory is the peak resident
+set (CPU) or max_memory_allocated (CUDA) of the iterations less what the set-up holds, per rank. The
 configurations alternate, each once per round for --repeats rounds, so a drift of the machine
 hits them all alike; tables give the median [min-max] over the rounds, and ratios the median
 [min-max] of per-round ratios.
@@ -25,7 +25,7 @@ hits them all alike; tables give the median [min-max] over the rounds, and ratio
 import argparse
 import json
 import os
-import resource
+import re
 import shlex
 import statistics
 import subprocess
@@ -62,9 +62,19 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def peak_mb(device):
+    """The peak since reset_peak: CUDA's max_memory_allocated, or on the CPU the resident set's high-water
+    mark (VmHWM; not getrusage's ru_maxrss, which an exec'd process inherits from its parent's size)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) / 1024
+
+
+def reset_peak(device):
+    """Start the peak over from what is held now (on the CPU, Linux's clear_refs 5)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def synchronize(device):
@@ -85,8 +95,7 @@ def measure(model, ipc, syn_steps, low_memory, chunk_syn, iterations, device, ch
     synset = SyntheticSet(torch.randn(10 * ipc, channels, side, side, device=device),
                           torch.arange(10, device=device).repeat_interleave(ipc), torch.tensor(0.01, device=device))
     forecast_mb = forecast(net, theta0, synset, syn_steps, DSA_STRATEGY)(low_memory, 10 * ipc, chunk_syn) / 2**20
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     base = peak_mb(device)
     seconds = []
     for _ in range(1 + iterations):  # the first is the warm-up
@@ -287,7 +296,7 @@ def describe(args, device):
     kept = "" if device.type == "cuda" else ", freed memory kept (utils.keep_freed_memory) unless 'glibc default'"
     return (f"{args.model} ({params:,} parameters), 3x32x32, 10 classes, batch_syn = all, DSA on{kept}; each figure "
             f"a fresh process: 1 warm-up + {args.iterations} timed iteration(s); median [min-max] over {args.repeats} "
-            f"alternated rounds; peak MB = growth of the {memory} over the set-up.")
+            f"alternated rounds; peak MB = the iterations' {memory} less what the set-up holds.")
 
 
 def forecast_mode(args):
@@ -305,9 +314,9 @@ def forecast_mode(args):
                 print(f"{channels} {ipc} {backward}: {found}", file=sys.stderr, flush=True)
                 rows.append([f"{channels}x{SIDES[channels]}x{SIDES[channels]}", ipc, backward, f"{measured:.0f}",
                              f"{forecast_mb:.0f}", f"{forecast_mb / measured:.2f}"])
-    print(f"{model}, syn_steps {steps}, batch_syn = all, DSA on; peak MB = growth of the "
-          f"{'max_memory_allocated' if device.type == 'cuda' else 'peak resident set'} over the set-up, one fresh "
-          f"process each, freed memory kept as distill.py keeps it\n")
+    print(f"{model}, syn_steps {steps}, batch_syn = all, DSA on; peak MB = the iterations' "
+          f"{'max_memory_allocated' if device.type == 'cuda' else 'peak resident set'} less what the set-up holds, "
+          f"one fresh process each, freed memory kept as distill.py keeps it\n")
     print(markdown(["images", "ipc", "backward", "measured peak MB", "forecast MB", "forecast / measured"], rows))
 
 
