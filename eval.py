@@ -169,16 +169,17 @@ def build_sets(args, data, saved, device):
                         lr_from=saved.lr_from)
     if not args.scores:
         return [distilled, *sets], {}
-    terms = score_terms(distilled, saved, sets, baselines, device)
+    terms = score_terms(distilled, saved, sets, baselines, device, dsa=args.augmentation is not None)
     return list({eval_set.name: eval_set for eval_set in (distilled, *sets, *terms.values())}.values()), terms
 
 
-def score_terms(distilled, saved, sets, baselines, device):
+def score_terms(distilled, saved, sets, baselines, device, dsa):
     """The sets behind DD-Ranking's scores, by term: the distilled set with its own labels and the
     evaluation's DSA (syn), with hard labels (a soft-label set's argmax; a hard-label set is its own),
     without DSA; a random real subset of its size labelled as the set's method labels (class ids, or
     for soft labels an expert's logits) with DSA and without; the full training set. A row the
-    command asks for anyway (--baseline random at the set's ipc, --baseline full) is reused."""
+    command asks for anyway (--baseline random at the set's ipc, --baseline full) is reused. Without
+    DSA (--dsa False) there are no rows without it to add: ARS, which compares the two, is not computed."""
     named = {eval_set.name: eval_set for eval_set in sets}
     random = baselines["random"](distilled.ipc)  # named by its ipc where --baseline random draws another
     random = named.get(random.name, random)
@@ -186,12 +187,12 @@ def score_terms(distilled, saved, sets, baselines, device):
     if soft:
         labels, said = expert_logits(saved, random.images, distilled.labels.shape[1], device)
         random = replace(random, name=f"random ({said})", labels=labels)
+    without_dsa = {"syn_no_aug": replace(distilled, name=f"{distilled.name} (no DSA)", augment=False),
+                   "random_no_aug": replace(random, name=f"{random.name} (no DSA)", augment=False)} if dsa else {}
     return {"syn": distilled,
             "syn_hard": replace(distilled, name=f"{distilled.name} (hard labels)", labels=distilled.labels.argmax(1))
             if soft else distilled,
-            "syn_no_aug": replace(distilled, name=f"{distilled.name} (no DSA)", augment=False),
-            "random": random, "random_no_aug": replace(random, name=f"{random.name} (no DSA)", augment=False),
-            "full": named.get("full") or baselines["full"](None)}
+            "random": random, **without_dsa, "full": named.get("full") or baselines["full"](None)}
 
 
 def expert_logits(saved, images, num_classes, device):
@@ -224,17 +225,17 @@ def scores(rows, terms, model, w, g):
     acc = {term: np.array(row["test_accs"]) for term, row in used.items()}
     values = {"hlr": acc["full"] - acc["syn_hard"], "ior": acc["syn"] - acc["random"]}
     values["lrs"] = normalised(w * values["ior"] - (1 - w) * values["hlr"])
-    values["ars"] = normalised(g * (acc["syn"] - acc["random"]) + (1 - g) * (acc["syn_no_aug"] - acc["random_no_aug"]))
+    if "syn_no_aug" in acc:  # with DSA; without, both of ARS's terms would be IOR
+        values["ars"] = normalised(g * values["ior"] + (1 - g) * (acc["syn_no_aug"] - acc["random_no_aug"]))
     return {**{name: {"mean": float(v.mean()), "std": float(v.std()), "values": v.tolist()}
                for name, v in values.items()},
             "accuracies": {term: {"set": row["set"], "test_accs": row["test_accs"]} for term, row in used.items()}}
 
 
 def scores_table(found, num_eval):
+    shown = lambda s: f"{100 * s['mean']:.2f} +- {100 * s['std']:.2f}" if s else "n/a: needs DSA (--dsa True)"
     cells = [("model", "HLR", "IOR", "LRS", "ARS")]
-    cells += [(model, *(f"{100 * s[name]['mean']:.2f} +- {100 * s[name]['std']:.2f}" for name in ("hlr", "ior", "lrs",
-                                                                                                "ars")))
-              for model, s in found.items()]
+    cells += [(model, *(shown(s.get(name)) for name in ("hlr", "ior", "lrs", "ars"))) for model, s in found.items()]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     return (f"DD-Ranking's scores x 100, mean +- std over {num_eval} networks (HLR, IOR: accuracy points; LRS, ARS: "
             f"in [0, 100], higher is better):\n" + "\n".join("  ".join(cell.ljust(width) for cell, width in

@@ -425,6 +425,59 @@ def test_the_four_scores_are_dd_rankings_formulas_on_fractions():
     assert weighted["ars"]["values"][0] == pytest.approx(eval_script.normalised(0.10))  # g = 0: without DSA alone
 
 
+# Each row's networks as a stand-in trains them: row -> the accuracy of network 0, and network r adds
+# r times the row's step, so that a score taken from any other row, or network, comes out another number.
+ROW_ACCURACIES = {"syn": (0.60, 0.04), "syn_hard": (0.50, 0.03), "syn_no_aug": (0.55, 0.02), "random": (0.40, 0.01),
+                  "random_no_aug": (0.45, 0.05), "full": (0.80, 0.06)}
+
+
+def row_of(call, set_images, dsa):
+    """The score term a stand-in training call trains, from what it was given (dsa: whether the command has DSA)."""
+    if len(call["images"]) == 5000:
+        return "full"
+    term = "syn" if torch.equal(call["images"], set_images) else "random"
+    term += "_hard" if term == "syn" and not call["labels"].is_floating_point() else ""
+    return term + "_no_aug" * (dsa and call["dsa_strategy"] is None)
+
+
+@pytest.mark.parametrize("dsa", [True, False])
+def test_each_score_takes_its_terms_from_the_right_rows(buffers, tmp_path, monkeypatch, dsa):
+    """A soft-label set (so that every term is its own row), 2 networks a row, trained by a stand-in
+    whose accuracy names the row and the network: HLR, IOR, LRS and ARS equal DD-Ranking's formulas
+    on exactly those rows, network by network, and each row of --out says whether it had DSA.
+    Without DSA (--dsa False) the rows without it are not trained and ARS is n/a, not norm(IOR)."""
+    images, logits = torch.randn(10, 1, 28, 28), torch.randn(10, 10)
+    run_args = {"buffer_path": str(buffers), "dataset": "FashionMNIST-mini", "model": "ConvNetW16", "zca": False,
+                "subset": "imagenette", "res": 128, "Label_Model_Timestamp": -1}
+    run = write_run(tmp_path / "run", images, logits, syn_lr=0.02, meta={"model": "ConvNetW16", "args": run_args})
+    trained, counts = [], {}
+
+    def stand_in(net, images_, labels, test_images, test_labels, lr, epochs, batch_train, dsa_strategy, *rest, **kw):
+        term = row_of({"images": images_, "labels": labels, "dsa_strategy": dsa_strategy}, images, dsa)
+        network, counts[term] = counts.get(term, 0), counts.get(term, 0) + 1
+        trained.append(term)
+        base, step = ROW_ACCURACIES[term]
+        return 1.0, base + step * network
+
+    monkeypatch.setattr(evaluation, "evaluate_synset", stand_in)
+    eval_script.main(["--syn_path", str(run), "--scores", "--num_eval", "2", "--dsa", str(dsa), "--device", "cpu",
+                      "--out", str(tmp_path / "out.json")])
+    expected_rows = set(ROW_ACCURACIES) - ({"syn_no_aug", "random_no_aug"} if not dsa else set())
+    assert sorted(trained) == sorted(2 * list(expected_rows))
+    acc = {term: np.array([base, base + step]) for term, (base, step) in ROW_ACCURACIES.items()}
+    saved = json.loads((tmp_path / "out.json").read_text())
+    found = saved["scores"]["ConvNetW16"]
+    ior, hlr = acc["syn"] - acc["random"], acc["full"] - acc["syn_hard"]
+    assert found["hlr"]["values"] == pytest.approx(hlr) and found["ior"]["values"] == pytest.approx(ior)
+    assert found["lrs"]["values"] == pytest.approx(eval_script.normalised(0.5 * ior - 0.5 * hlr))
+    if dsa:
+        ars = eval_script.normalised(0.5 * ior + 0.5 * (acc["syn_no_aug"] - acc["random_no_aug"]))
+        assert found["ars"]["values"] == pytest.approx(ars)
+    else:
+        assert "ars" not in found
+    assert [row["dsa"] for row in saved["rows"]] == [dsa and "(no DSA)" not in row["set"] for row in saved["rows"]]
+
+
 def test_a_hard_label_set_is_its_own_hard_label_row_and_the_json_holds_every_score(tmp_path, calls):
     """Five rows of one network each: the set with and without DSA, the random subset (the one
     --baseline random draws) with and without, the full data; the scores and their accuracies in --out."""
