@@ -343,7 +343,33 @@ def test_published_vs_ours_compares_only_a_run_of_the_row(tmp_path):
         "| configs/mtt/cifar10_ipc10.yaml | same/images_best.pt | ConvNet | 65.3 ± 0.7 | 60.00 ± 1.00 (n=5) | -5.30 |",
         "| configs/mtt/cifar10_ipc10.yaml | other/images_best.pt | ConvNetW32 | 65.3 ± 0.7 | 60.00 ± 1.00 (n=5) | "
         "not the row's: --dataset FashionMNIST-mini (row: CIFAR10), --model ConvNetW32 (row: ConvNet), --Iteration 2 "
-        "(row: 5000), eval.py --model ConvNetW32 (row: ConvNet), eval.py --epoch_eval_train 10 (row: 1000) |"]
+        "(row: 5000), eval.py --epoch_eval_train 10 (row: 1000), evaluated by ConvNetW32 (row: ConvNet) |"]
+
+
+def test_published_vs_ours_compares_each_model_only_with_the_rows_model(tmp_path):
+    """eval.py --eval_mode M: five models' rows of the same set. The papers' number is ConvNet's:
+    only that row gets a difference; the others say why they get none (they were set beside it,
+    -35.30 and -20.30)."""
+    result = evaluated_run(tmp_path, "same", [], ["--eval_mode", "M"])
+    saved = json.loads(result.read_text())
+    own = saved["rows"][0]
+    saved["syn_set"] = own["set"]
+    saved["rows"] = [{**own, "model": model, "test_acc_mean": accuracy}
+                     for model, accuracy in [("ConvNet", 0.66), ("AlexNet", 0.30), ("VGG11", 0.45),
+                                             ("ResNet18_AP", 0.40), ("ResNet18", 0.45)]]
+    result.write_text(json.dumps(saved))
+    assert [line.rsplit(" | ", 2)[1:] for line in published.compare([result])[2:]] == [
+        ["66.00 ± 1.00 (n=5)", "+0.70 |"],
+        *[[f"{100 * accuracy:.2f} ± 1.00 (n=5)", f"not the row's: evaluated by {model} (row: ConvNet) |"]
+          for model, accuracy in [("AlexNet", 0.30), ("VGG11", 0.45), ("ResNet18_AP", 0.40), ("ResNet18", 0.45)]]]
+
+
+@pytest.mark.parametrize("flag,value,row", [("--eval_it", "50", 100), ("--num_eval", "1", 5),
+                                            ("--epoch_eval_train", "300", 1000), ("--eval_mode", "C", "S")])
+def test_the_flags_that_pick_the_best_iteration_define_the_result(tmp_path, flag, value, row):
+    """distill.py's evaluations decide which iteration is saved as images_best.pt, the set eval.py reads."""
+    result = evaluated_run(tmp_path, "run", [flag, value], [])
+    assert published.compare([result])[2].endswith(f"| not the row's: {flag} {value} (row: {row}) |")
 
 
 def test_published_vs_ours_compares_the_sets_own_rows_not_those_of_its_scores(tmp_path):

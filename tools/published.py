@@ -7,8 +7,10 @@ the buffer.py config of its experts and carrying the paper's accuracy.
 
 "Ours" is each distilled set's mean test accuracy in an eval.py --out file; the row it reproduces
 is the --cfg recorded in the run.json of the set's run folder. The difference is printed only when
-every flag that defines the result (the run's, and the evaluation's protocol) equals the row's;
-otherwise the line names the flags that differ.
+every flag that defines the result (the run's, those that pick which iteration is saved as best
+among them, and the evaluation's protocol) equals the row's, and only for the row's own model (the
+papers' tables are ConvNet's; eval.py --eval_mode M adds other models); otherwise the line names
+what differs.
 """
 import contextlib
 import io
@@ -91,13 +93,13 @@ def row_of(cfg):
 
 
 # distill.py's flags that leave the distilled set as it is: where it is read and written, how the same
-# gradient is computed, how often and how long it is looked at during the run. Every other flag defines
-# the result, and a run is compared with a row only where they all equal the row's.
+# gradient is computed, what is printed. Every other flag defines the result (the evaluation flags too:
+# they pick the iteration saved as images_best.pt), and a run is compared with a row only where they
+# all equal the row's.
 NOT_THE_RESULT = {"cfg", "save_path", "buffer_path", "data_path", "device", "deterministic", "resume", "tensorboard",
-                  "step_timeout", "low_memory", "chunk_syn", "load_all", "force_save", "eval_it", "eval_mode",
-                  "num_eval", "epoch_eval_train", "verbose", "skip_first_eva", "seed", "batch_real", "lr_init",
-                  "augmentation", "datm", "method_defaults"}
-PROTOCOL = ("model", "epoch_eval_train", "batch_train", "dsa", "dsa_strategy")  # eval.py's, as the row's
+                  "step_timeout", "low_memory", "chunk_syn", "load_all", "force_save", "verbose", "seed", "batch_real",
+                  "lr_init", "augmentation", "datm", "method_defaults"}
+PROTOCOL = ("epoch_eval_train", "batch_train", "dsa", "dsa_strategy")  # eval.py's, as the row's; the model is each row's
 
 
 def differences(row, run_args, eval_args):
@@ -129,9 +131,11 @@ def compare(result_files):
             published = rows.get(name, {}).get("published", {})
             ours, std = 100 * result["test_acc_mean"], 100 * result["test_acc_std"]
             gap = f"{ours - published['accuracy']:+.2f}" if published.get("accuracy") is not None else "-"
+            model = rows.get(name, {}).get("model", "ConvNet")
+            other = [f"evaluated by {result['model']} (row: {model})"] * (name is not None and result["model"] != model)
             lines.append(f"| {name or 'not from configs/'} | {result['set']} | {result['model']} | "
                          f"{accuracy(published) if published else '-'} | {ours:.2f} ± {std:.2f} (n={result['n']}) | "
-                         + (f"not the row's: {', '.join(differ)} |" if differ else f"{gap} |"))
+                         + (f"not the row's: {', '.join(differ + other)} |" if differ + other else f"{gap} |"))
     return lines
 
 
