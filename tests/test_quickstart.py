@@ -1,13 +1,17 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from networks import flatten_params, get_network
 
@@ -94,7 +98,7 @@ def test_ci_runs_the_readmes_tests_and_exits_with_pytests_status(tmp_path, statu
 
 
 WITHOUT_EXTRAS = """
-import sys
+import json, sys
 for name in ("yaml", "tqdm", "matplotlib"):
     sys.modules[name] = None  # importing them now raises ImportError, as where they are not installed
 import buffer, distill, eval
@@ -103,7 +107,49 @@ for main, argv in [(buffer.main, ["--help"]), (distill.main, ["--help"]), (eval.
         main(argv)
     except SystemExit as leaving:
         print(f"exit {leaving.code}", flush=True)
+print("imported", json.dumps(sorted({name.split(".")[0] for name, module in sys.modules.items() if module})))
 """
+PROJECT = {"buffer", "distill", "eval", "networks", "utils", "mtt"}
+# Modules no package installs, made at run time: the script itself (and multiprocessing's name for it),
+# the shared modules of Cython-compiled extensions (numpy's), the standard library's build settings,
+# and the module torch.distributed writes from a template and imports
+MADE_AT_RUN_TIME = re.compile(r"__main__|__mp_main__|_cython_[\d_]+|cython_runtime|_sysconfigdata_.*"
+                              r"|_remote_module_non_scriptable")
+
+
+def installed_by(*packages):
+    """The distributions the packages need, theirs included, read from their metadata: what
+    installing them installs here (with the extras they ask of one another; markers of another
+    platform, and extras nobody asks for, left out)."""
+    found, todo = set(), [Requirement(package) for package in packages]
+    while todo:
+        wanted = todo.pop()
+        name = canonicalize_name(wanted.name)
+        if (name, *sorted(wanted.extras)) in found:
+            continue
+        found.add((name, *sorted(wanted.extras)))
+        for line in metadata.requires(name) or []:
+            needed = Requirement(line)
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra})
+                                            for extra in {"", *wanted.extras}):
+                todo.append(needed)
+    return {name for name, *_ in found}
+
+
+def foreign_imports(imported):
+    """The top-level modules among `imported` that are neither the standard library, nor the
+    project's, nor installed by torch, torchvision and numpy."""
+    allowed = installed_by("torch", "torchvision", "numpy")
+    ours = {module for module, dists in metadata.packages_distributions().items()
+            if any(canonicalize_name(dist) in allowed for dist in dists)}
+    return sorted(name for name in set(imported) - ours - PROJECT - set(sys.stdlib_module_names)
+                  - set(sys.builtin_module_names) if not MADE_AT_RUN_TIME.fullmatch(name))
+
+
+def imports_of(program, cwd=REPO):
+    result = subprocess.run([sys.executable, "-c", program], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result, json.loads(result.stdout.rsplit("imported ", 1)[1])
 
 
 def test_the_scripts_need_only_torch_torchvision_and_numpy(tmp_path):
@@ -122,8 +168,8 @@ def test_the_scripts_need_only_torch_torchvision_and_numpy(tmp_path):
     ]
     program = WITHOUT_EXTRAS.replace("PIPELINE", "[" + ", ".join(f"({main}, {list(map(str, argv))!r})"
                                                                   for main, argv in pipeline) + "]")
-    result = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    result, imported = imports_of(program)
+    assert foreign_imports(imported) == []
     exits = [line for line in result.stdout.splitlines() if line.startswith("exit ")]
     assert exits == ["exit 0"] * 3 + [f"exit error: --cfg {REPO / 'configs/mtt/cifar10_ipc1.yaml'}: reading a config "
                                       f"file needs PyYAML: pip install pyyaml"]
@@ -131,6 +177,15 @@ def test_the_scripts_need_only_torch_torchvision_and_numpy(tmp_path):
     assert re.search(r"^distill: 100% 2/2 \[", result.stderr, re.MULTILINE)  # progress as lines, without tqdm
     assert (out / "distilled" / "images_2.pt").exists() and not (out / "distilled" / "curves.png").exists()
     assert "rows written" not in result.stdout and re.search(r"^random\s+ConvNetW8\s+1\s", result.stdout, re.M)
+
+
+def test_a_module_outside_the_three_packages_fails_the_check(tmp_path):
+    """The check above, tested: utils.py with `import pytest` planted, in a copy of the scripts."""
+    for path in [*REPO.glob("*.py"), REPO / "mtt"]:
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, tmp_path / path.name)
+    (tmp_path / "utils.py").write_text("import pytest\n" + (REPO / "utils.py").read_text())
+    _, imported = imports_of(WITHOUT_EXTRAS.replace("PIPELINE", "[]"), cwd=tmp_path)
+    assert "pytest" in foreign_imports(imported)
 
 
 def test_quickstart_deletes_only_what_it_made(tmp_path):
