@@ -21,11 +21,13 @@ included, as DATM always runs (printed at start, kept in run.json); give none an
 exactly. --cfg FILE.yaml reads the flags from a file (configs/ holds every published row; DATM's
 own files load as they are).
 """
+import argparse
 import json
 import math
 import os
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mtt  # noqa: F401  before torch loads: Ctrl-C or SIGTERM while the script starts is one line
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from mtt import parallel, run_folder
-from mtt.data import DATASETS, draw_per_class, get_dataset, images_per_class
+from mtt.data import DATASETS, Data, draw_per_class, get_dataset, images_per_class
 from mtt.evaluation import EvalSet, eval_pool, evaluate_sets
 from mtt.evaluation import add_flags as add_eval_flags
 from mtt.flags import (Parser, add_common_args, boolean, check_model, checked, folder_path, fraction,
@@ -211,116 +213,142 @@ class Diverged(UsageError):
         super().__init__(f"{what}; stopped: {where}")
 
 
-def distill(args, device):
-    save_path = Path(args.save_path)
-    with ExitStack() as run_lock:  # rank 0 holds the run folder's lock while the run lasts
-        # ---- Set-up: the checkpoint to continue from, data, experts, the learnable set and its
-        # optimizers, the run folder; bad input on any rank stops every rank here, with one line
-        state, changes, log_rows = main_decides(lambda: open_run(save_path, args, run_lock))
-        with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
-            set_seed(args.seed)
-            directory = buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
-            experts = Experts(directory, args.max_files, args.max_experts, args.load_all, args.seed, args.zca)
-            check_experts(args, experts, directory, check_model(args.model, args.dataset, args.res))
-            data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)  # the cache: last
-            net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
-            held_out, pool = validation_split(data, args.val_per_class, args.seed)
-            # on the device before the forecast reads the free memory: what they take is not the step's
-            test, validation = (data.images_test, data.labels_test), (data.images_train[held_out],
-                                                                      data.labels_train[held_out])
-            check_room([*test, *validation], device, "the test and validation images")
-            test, validation = (tuple(t.to(device) for t in pair) for pair in (test, validation))
-            validation = validation if args.val_per_class else None
-            synset = initial_set(args, data, experts, net, pool, device)
-            optimizers = {name: torch.optim.SGD([tensor], *OPTIMIZERS[name](args))
-                          for name, tensor in synset.tensors.items()}
-            bounds = {name: DIVERGED * synset.tensors[name].detach().abs().max().item()
-                      for name in ("images", "label_logits") if name in synset.tensors}
-            ema = ImageEMA(synset.images, args.ema_decay) if args.ema_decay is not None else None
-            best, start_it = restore(state, synset, optimizers, ema, args, device) if state is not None else ({}, 0)
-            batch_syn = args.batch_syn or len(synset.labels)
-            augmentation = None if args.no_aug else args.augmentation
-            texture = (data.im_size, args.canvas_samples) if args.texture else None
-            peak = forecast(net, flatten_params(net).to(device), synset, args.syn_steps, augmentation, texture)
-            free = free_memory(device)
-            low_memory = choose_backward(args, peak, batch_syn, free)
-        low_memory = any(parallel.gather_objects(low_memory))  # the ranks run one backward: the replay if any needs it
-        if low_memory and not args.low_memory:
-            say(f"the full unroll would need about {gigabytes(peak(False, batch_syn, args.chunk_syn))}, more than "
-                f"{room(free)}: running the low-memory replay instead (the same gradient), about "
-                f"{gigabytes(peak(True, batch_syn, args.chunk_syn))}")
-        main_decides(lambda: describe_run_folder(save_path, args, data, device, run_lock))
-        if state is not None:
-            say(f"resumed {save_path} at iteration {start_it}" + "".join(
-                f"; --{k} {old} -> {new}" for k, (old, new) in changes.items()))
-        elif args.resume:
-            say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
-        else:
-            say(f"distilling into {save_path}")
-        parallel.broadcast_([*synset.tensors.values()] + ([ema.images] if ema else []))
-        log = run_folder.Log(save_path, log_rows, is_main(), args.tensorboard)
-        if changes:
-            log.write(type="resume", it=start_it, changed={k: list(v) for k, v in changes.items()})
-        zca = data.zca.to(device) if data.zca is not None else None
-        backward = BACKWARD[low_memory]
+@dataclass
+class Run:
+    """What the loop works on, as set_up leaves it."""
+    args: argparse.Namespace
+    device: torch.device
+    data: Data
+    experts: Experts
+    net: torch.nn.Module
+    synset: SyntheticSet
+    optimizers: dict  # learnable tensor's name -> its SGD
+    bounds: dict  # learnable tensor's name -> the magnitude past which the run diverged
+    ema: "ImageEMA | None"
+    best: dict  # per set and model: the best evaluation so far
+    start_it: int
+    resumed: bool  # whether start_it's evaluation is the checkpoint's (a resume does not repeat it)
+    test: tuple  # (images, labels) on the device
+    validation: "tuple | None"
+    backward: callable  # matching.unroll_backward or replay_backward
+    log: run_folder.Log
+    skips: int = 0  # DATM's gate: updates skipped in this run
 
-        skips = 0  # DATM's gate: updates skipped in this run
-        with log, progress(total=args.Iteration, initial=start_it, desc="distill", unit="it") as bar:
-            for it in range(start_it, args.Iteration + 1):
-                # ---- Evaluate and save (at 0, every eval_it and at the end; a resume has its own already)
-                if (it % args.eval_it == 0 or it == args.Iteration) and not (state is not None and it == start_it) \
+
+def distill(args, device):
+    with ExitStack() as run_lock:  # rank 0 holds the run folder's lock while the run lasts
+        run = set_up(args, device, run_lock)
+        with run.log, progress(total=args.Iteration, initial=run.start_it, desc="distill", unit="it") as bar:
+            for it in range(run.start_it, args.Iteration + 1):
+                if (it % args.eval_it == 0 or it == args.Iteration) and not (run.resumed and it == run.start_it) \
                         and not (args.skip_first_eva and it == 0):
-                    variants = {"": synset.images, **({"ema_": ema.images} if ema else {})}
-                    rows = evaluate(variants, synset, data, test, validation, args, it, device)
-                    improved = record(rows, best, it, log)
-                    if is_main():  # this evaluation's files and the checkpoint, all or none of them
-                        files = {run_folder.CHECKPOINT: checkpoint(it, synset, optimizers, ema, best, args, device)}
-                        for prefix, images in variants.items():
-                            tags = ["best"] * (f"{prefix}images" in improved)
-                            tags += [it] * bool(tags or it % SAVE_EVERY == 0 or it == args.Iteration)
-                            files.update(run_folder.set_files(prefix, tags, images, synset.eval_labels(), synset.syn_lr,
-                                                              zca))
-                            if args.ipc < GRID_MAX_IPC or args.force_save:
-                                files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, data.to_pixels, args.ipc)
-                                log.image(f"{prefix}images", files[f"{prefix}synthetic_{it}.png"], it)
-                        if it > 0 and installed("matplotlib"):  # at iteration 0 there is no curve to draw
-                            files[run_folder.CURVES] = run_folder.curves(log.rows)
-                        run_folder.commit(save_path, files, iteration=it)
+                    evaluate_and_save(run, it)
                 if it == args.Iteration:
                     break
-
-                # ---- One iteration: an expert segment, the student's unroll, the matching loss, the update
-                step_start = time.time()
-                theta0, target, expert, start_epoch = draw_segment(experts, start_epoch_window(args, it),
-                                                                   args.expert_epochs, device)
-                schedule = draw_schedule(synset.images, args.syn_steps, batch_syn, augmentation, texture)
-                with stalls_are_one_line(), out_of_memory_is_one_line(args):
-                    loss = backward(net, synset, theta0, target, schedule, args.chunk_syn).item()
-                skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
-                for optimizer in optimizers.values():
-                    if not skipped:
-                        optimizer.step()
-                check_diverged(synset, loss, bounds, it, args)
-                for optimizer in optimizers.values():
-                    optimizer.zero_grad(set_to_none=True)
-                if ema and not skipped:
-                    ema.update(synset.images)
-
-                lr = synset.syn_lr.item()
-                log.write(type="iteration", it=it, loss=loss, syn_lr=lr, expert=expert, start_epoch=start_epoch,
-                          seconds=time.time() - step_start, **({"skipped": True} if skipped else {}))
-                skips += skipped
-                gate = f" skipped {skips} (loss over --threshold {args.threshold:g})" if args.threshold else ""
-                bar.set_postfix_str(f"loss {loss:.4f} syn_lr {lr:.5f}{gate}", refresh=False)
-                bar.update()
-                if it % PRINT_EVERY == 0:
-                    say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f}{gate}")
-
-    # ---- The end
-    for key, mark in best.items():
+                step(run, it, bar)
+    for key, mark in run.best.items():
         say(f"best {key}: {100 * mark['test_acc_mean']:.2f} +- {100 * mark['test_acc_std']:.2f} "
             f"at iteration {mark['it']}")
-    return best
+    return run.best
+
+
+def set_up(args, device, run_lock):
+    """The checkpoint to continue from, data, experts, the learnable set and its optimizers, the
+    backward that fits, the run folder; bad input on any rank stops every rank here, with one line."""
+    save_path = Path(args.save_path)
+    state, changes, log_rows = main_decides(lambda: open_run(save_path, args, run_lock))
+    with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
+        set_seed(args.seed)
+        directory = buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+        experts = Experts(directory, args.max_files, args.max_experts, args.load_all, args.seed, args.zca)
+        check_experts(args, experts, directory, check_model(args.model, args.dataset, args.res))
+        data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)  # the cache: last
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
+        held_out, pool = validation_split(data, args.val_per_class, args.seed)
+        # on the device before the forecast reads the free memory: what they take is not the step's
+        test, validation = (data.images_test, data.labels_test), (data.images_train[held_out],
+                                                                  data.labels_train[held_out])
+        check_room([*test, *validation], device, "the test and validation images")
+        test, validation = (tuple(t.to(device) for t in pair) for pair in (test, validation))
+        synset = initial_set(args, data, experts, net, pool, device)
+        optimizers = {name: torch.optim.SGD([t], *OPTIMIZERS[name](args)) for name, t in synset.tensors.items()}
+        bounds = {name: DIVERGED * synset.tensors[name].detach().abs().max().item()
+                  for name in ("images", "label_logits") if name in synset.tensors}
+        ema = ImageEMA(synset.images, args.ema_decay) if args.ema_decay is not None else None
+        best, start_it = restore(state, synset, optimizers, ema, args, device) if state is not None else ({}, 0)
+        texture = (data.im_size, args.canvas_samples) if args.texture else None
+        peak = forecast(net, flatten_params(net).to(device), synset, args.syn_steps,
+                        None if args.no_aug else args.augmentation, texture)
+        low_memory = choose_backward(args, peak, args.batch_syn or len(synset.labels), free_memory(device))
+    low_memory = any(parallel.gather_objects(low_memory))  # the ranks run one backward: the replay if any needs it
+    main_decides(lambda: describe_run_folder(save_path, args, data, device, run_lock))
+    if state is not None:
+        say(f"resumed {save_path} at iteration {start_it}" + "".join(
+            f"; --{k} {old} -> {new}" for k, (old, new) in changes.items()))
+    elif args.resume:
+        say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
+    else:
+        say(f"distilling into {save_path}")
+    parallel.broadcast_([*synset.tensors.values()] + ([ema.images] if ema else []))
+    log = run_folder.Log(save_path, log_rows, is_main(), args.tensorboard)
+    if changes:
+        log.write(type="resume", it=start_it, changed={k: list(v) for k, v in changes.items()})
+    return Run(args, device, data, experts, net, synset, optimizers, bounds, ema, best, start_it, state is not None,
+               test, validation if args.val_per_class else None, BACKWARD[low_memory], log)
+
+
+def evaluate_and_save(run, it):
+    """eval.py's protocol on the set (and its EMA), then this evaluation's files and the checkpoint,
+    committed together (rank 0)."""
+    args, synset, ema = run.args, run.synset, run.ema
+    variants = {"": synset.images, **({"ema_": ema.images} if ema else {})}
+    rows = evaluate(variants, synset, run.data, run.test, run.validation, args, it, run.device)
+    improved = record(rows, run.best, it, run.log)
+    if not is_main():
+        return
+    zca = run.data.zca.to(run.device) if run.data.zca is not None else None
+    files = {run_folder.CHECKPOINT: checkpoint(it, synset, run.optimizers, ema, run.best, args, run.device)}
+    for prefix, images in variants.items():
+        tags = ["best"] * (f"{prefix}images" in improved)
+        tags += [it] * bool(tags or it % SAVE_EVERY == 0 or it == args.Iteration)
+        files.update(run_folder.set_files(prefix, tags, images, synset.eval_labels(), synset.syn_lr, zca))
+        if args.ipc < GRID_MAX_IPC or args.force_save:
+            files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, run.data.to_pixels, args.ipc)
+            run.log.image(f"{prefix}images", files[f"{prefix}synthetic_{it}.png"], it)
+    if it > 0 and installed("matplotlib"):  # at iteration 0 there is no curve to draw
+        files[run_folder.CURVES] = run_folder.curves(run.log.rows)
+    run_folder.commit(args.save_path, files, iteration=it)
+
+
+def step(run, it, bar):
+    """One iteration: an expert segment, the student's unroll, the matching loss, the update."""
+    args, synset = run.args, run.synset
+    start = time.time()
+    theta0, target, expert, start_epoch = draw_segment(run.experts, start_epoch_window(args, it), args.expert_epochs,
+                                                       run.device)
+    texture = (run.data.im_size, args.canvas_samples) if args.texture else None
+    schedule = draw_schedule(synset.images, args.syn_steps, args.batch_syn or len(synset.labels),
+                             None if args.no_aug else args.augmentation, texture)
+    with stalls_are_one_line(), out_of_memory_is_one_line(args):
+        loss = run.backward(run.net, synset, theta0, target, schedule, args.chunk_syn).item()
+    skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
+    for optimizer in run.optimizers.values():
+        if not skipped:
+            optimizer.step()
+    check_diverged(synset, loss, run.bounds, it, args)
+    for optimizer in run.optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    if run.ema and not skipped:
+        run.ema.update(synset.images)
+    lr = synset.syn_lr.item()
+    run.log.write(type="iteration", it=it, loss=loss, syn_lr=lr, expert=expert, start_epoch=start_epoch,
+                  seconds=time.time() - start, **({"skipped": True} if skipped else {}))
+    run.skips += skipped
+    gate = f" skipped {run.skips} (loss over --threshold {args.threshold:g})" if args.threshold else ""
+    bar.set_postfix_str(f"loss {loss:.4f} syn_lr {lr:.5f}{gate}", refresh=False)
+    bar.update()
+    if it % PRINT_EVERY == 0:
+        say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f}{gate}")
 
 
 def main(argv=None):
@@ -346,11 +374,16 @@ def room(free):
 
 def choose_backward(args, peak, batch_syn, free):
     """Whether to run the low-memory replay: --low_memory's answer, or, not given, the unroll where
-    its forecast peak fits in the free memory less MARGIN, else the replay (the same gradient). A
-    forecast over it is one line naming the flags that would fit, before any work."""
-    chunk, usable = args.chunk_syn, free * (1 - MARGIN)
+    its forecast peak fits in the free memory less MARGIN, else the replay (the same gradient, said
+    in a line). A forecast over it is one line naming the flags that would fit, before any work."""
+    chunk = args.chunk_syn
+    usable = free * (1 - MARGIN)
     low_memory = args.low_memory if args.low_memory is not None else peak(False, batch_syn, chunk) > usable
     if peak(low_memory, batch_syn, chunk) <= usable:
+        if low_memory and args.low_memory is None:
+            say(f"the full unroll would need about {gigabytes(peak(False, batch_syn, chunk))}, more than {room(free)}: "
+                f"running the low-memory replay instead (the same gradient), about "
+                f"{gigabytes(peak(True, batch_syn, chunk))}")
         return low_memory
     largest = lambda fits, n: max((k for k in range(1, n + 1) if fits(k)), default=None)
     chunk_fits = largest(lambda k: peak(True, batch_syn, k) <= usable, min(chunk or batch_syn, batch_syn))
