@@ -53,8 +53,8 @@ from mtt.training import accuracy, decay_epoch, sgd_step, train_epoch
 from mtt.trajectories import (SIDECAR, Experts, buffer_dir, buffer_file, expert_files, new_buffer_file, next_number,
                               numbered_files, open_checked, read_original, read_sidecar, set_aside, write_original)
 from networks import flatten_params, get_network
-from utils import (UsageError, check_fits, check_room, entry, eta, folder_lock, is_main, make_folder, save_json, say,
-                   set_seed)
+from utils import (Interrupted, UsageError, check_fits, check_room, entry, eta, folder_lock, is_main, make_folder,
+                   save_json, say, set_seed)
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
@@ -339,7 +339,7 @@ def open_run(args, directory, settings, world, run_lock):
 
 def train(args, device):
     directory = Path(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res))
-    settings, rank, world = describe(args, args.seed), parallel.rank(), parallel.world()
+    settings, world = describe(args, args.seed), parallel.world()
     with ExitStack() as run_lock:  # rank 0 holds the directory's lock for the whole run; the others never take it
         meta, plan = main_decides(lambda: open_run(args, directory, settings, world, run_lock))
         with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
@@ -347,39 +347,63 @@ def train(args, device):
                 raise UsageError(f"{directory} does not exist on this machine: on several machines --buffer_path "
                                  f"must be a folder they all share")
             data = load_data(args, device, settings)
-        rounds = [plan[j:j + world] for j in range(0, len(plan), world)]  # file j on rank j mod world
         where = device if world == 1 else f"{world} processes on {device.type}, file j on rank j mod {world}"
         say(f"{args.num_experts} {args.model} experts x {args.train_epochs} epochs on {args.dataset} "
             f"({len(data.images_train)} images, {where}) -> {directory}")
-        steps = [max(size for _, _, size in files) * args.train_epochs for files in rounds]
-        start, done, total = time.time(), 0, sum(steps)
-        with progress(total=total, desc="experts x epochs", unit="epoch") as bar:
-            for files, round_steps in zip(rounds, steps):
-                entries = []
-                epochs = train_file(args, data, settings["num_params"], files[rank], entries) \
-                    if rank < len(files) else ()
-                # one gather an epoch, a rank whose file is done sending None: no collective waits longer than an epoch
-                for epoch_report, _ in zip_longest(failures_reported(epochs), range(round_steps)):
-                    done += 1
-                    reports = parallel.gather_objects(epoch_report)
-                    for failed_rank, report in enumerate(reports):
-                        if report and report[0] == "failed":
-                            raise UsageError(report[1], rank=failed_rank if world > 1 else None)
-                    for index, epoch, train_acc, test_acc, speed in filter(None, reports):
-                        say(f"expert {index - plan[0][1] + 1}/{args.num_experts} (#{index}) epoch "
-                            f"{epoch}/{args.train_epochs}: train acc {train_acc:.4f} test acc {test_acc:.4f}, "
-                            f"{speed:.0f} images/s, {eta(time.time() - start, done, total)}")
-                        bar.set_postfix_str(f"expert {index - plan[0][1] + 1} test acc {test_acc:.4f}", refresh=False)
-                    bar.update()
-                finished = [entry for share in parallel.gather_objects(entries) for entry in share]
-                if is_main():
-                    meta["experts"] += finished
-                    meta["next_index"] += len(finished)
-                    if files is rounds[-1]:
-                        meta.pop("pending", None)
-                    save_json(meta, Path(directory) / SIDECAR)
-                    for path, _, size in files:
-                        print(f"wrote {path} ({count(size)})")
+        try:
+            train_rounds(args, data, settings, directory, meta, plan, world)
+        except KeyboardInterrupt as stop:  # the line says how many experts are kept, so a rerun ends with those asked
+            raise Interrupted(stopped(stop, args, directory, plan)) from None
+
+
+def train_rounds(args, data, settings, directory, meta, plan, world):
+    """Train the planned files, a round of one file per rank at a time, listing each round's experts
+    in the sidecar when it ends. The bar counts every rank's expert-epochs (each rank reports each
+    epoch in the per-epoch gather); the ETA counts the rounds' steps, which set the wall time."""
+    rounds = [plan[j:j + world] for j in range(0, len(plan), world)]  # file j on rank j mod world
+    rank = parallel.rank()
+    steps = [max(size for _, _, size in files) * args.train_epochs for files in rounds]
+    start, done, total = time.time(), 0, sum(steps)
+    with progress(total=args.num_experts * args.train_epochs, desc="experts x epochs", unit="epoch") as bar:
+        for files, round_steps in zip(rounds, steps):
+            entries = []
+            epochs = train_file(args, data, settings["num_params"], files[rank], entries) if rank < len(files) else ()
+            # one gather an epoch, a rank whose file is done sending None: no collective waits longer than an epoch
+            for epoch_report, _ in zip_longest(failures_reported(epochs), range(round_steps)):
+                done += 1
+                reports = parallel.gather_objects(epoch_report)
+                for failed_rank, report in enumerate(reports):
+                    if report and report[0] == "failed":
+                        raise UsageError(report[1], rank=failed_rank if world > 1 else None)
+                received = list(filter(None, reports))
+                for index, epoch, train_acc, test_acc, speed in received:
+                    say(f"expert {index - plan[0][1] + 1}/{args.num_experts} (#{index}) epoch "
+                        f"{epoch}/{args.train_epochs}: train acc {train_acc:.4f} test acc {test_acc:.4f}, "
+                        f"{speed:.0f} images/s, {eta(time.time() - start, done, total)}")
+                    bar.set_postfix_str(f"expert {index - plan[0][1] + 1} test acc {test_acc:.4f}", refresh=False)
+                bar.update(len(received))
+            finished = [entry for share in parallel.gather_objects(entries) for entry in share]
+            if is_main():
+                meta["experts"] += finished
+                meta["next_index"] += len(finished)
+                if files is rounds[-1]:
+                    meta.pop("pending", None)
+                save_json(meta, Path(directory) / SIDECAR)
+                for path, _, size in files:
+                    print(f"wrote {path} ({count(size)})")
+
+
+def stopped(stop, args, directory, plan):
+    """The line a Ctrl-C (or SIGTERM) during training ends with. The experts kept are those of this
+    run's files that are complete: a file appears only then, and one the sidecar does not list yet
+    (a round cut short) is listed by the next run. A rerun with the number left ends with those asked."""
+    said, kept = str(stop) or "stopped by Ctrl-C", sum(size for path, _, size in plan if path.exists())
+    left = args.num_experts - kept
+    if not left:
+        return f"{said}: all {count(kept)} this command asked for are complete and kept in {directory}"
+    again = f"run it again with --num_experts {left} to add the other {left}" if kept else "run the same command again"
+    return (f"{said}: {kept} of the {count(args.num_experts)} this command asked for are complete and kept in "
+            f"{directory} (the file being written was discarded); {again}")
 
 
 def import_pt(args):

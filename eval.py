@@ -15,7 +15,6 @@ DATM's lr_X.pt, else --lr; each row says which. --model defaults to the set's ru
 else ConvNet; baselines use the same models, so the rows compare. Under torchrun the networks
 (sets x models x num_eval) spread over the processes; the rows equal a one-process run's.
 """
-import os
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -36,7 +35,7 @@ from mtt.run_folder import load_saved_set
 from mtt.training import predict
 from mtt.trajectories import Experts, buffer_dir
 from networks import get_network
-from utils import UsageError, entry, is_main, run_info, save_json
+from utils import UsageError, entry, is_main, make_folder, run_info, save_json
 
 
 def parse_args(argv=None):
@@ -52,7 +51,8 @@ def parse_args(argv=None):
                            "(default: the one beside the images, else --lr)")
     flag("--baseline", action="append", default=[], choices=["random", "full"],
          help="also evaluate real images: 'random' (--ipc per class) or 'full' (the training set); may be repeated")
-    flag("--ipc", type=positive_int, help="real images per class for --baseline random, drawn with --seed")
+    flag("--ipc", type=positive_int, help="real images per class for --baseline random, drawn with --seed "
+                                          "(default: the set's run.json's ipc, so the row matches the set)")
     flag("--epochs_full", type=positive_int, default=50,
          help="epochs for --baseline full (same SGD, lr decay and DSA as the other rows)")
     add_eval_flags(parser, "networks trained per set and model")
@@ -68,14 +68,8 @@ def parse_args(argv=None):
         raise UsageError("--scores scores a distilled set: give --syn_path")
     if not args.syn_path and not args.baseline:
         raise UsageError("nothing to evaluate: give --syn_path and/or --baseline random --ipc N / --baseline full")
-    if "random" in args.baseline and args.ipc is None:
-        raise UsageError("--baseline random needs --ipc (real images per class)")
-    if args.out:
-        out = Path(args.out)
-        if out.is_dir():
-            raise UsageError(f"--out {out} is a folder; give a file name")
-        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-            raise UsageError(f"--out {out}: the folder {out.parent} does not exist or is not writable")
+    if args.out and Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a folder; give a file name")
     return args
 
 
@@ -102,6 +96,17 @@ def take_from_run(args, meta):
                 and (key in ("dataset", "zca") or meta.get("dataset") == "ImageNet"):
             raise UsageError(f"--{key} {given} contradicts the set's run.json, which says {key} {recorded}: drop "
                              f"--{key}, or evaluate another set")
+
+
+def take_ipc(args, saved):
+    """--baseline random's images per class: --ipc, else the set's run.json's ipc (the random row
+    then matches the set); checked here, where the set is known, not when the flags are parsed."""
+    if "random" not in args.baseline or args.ipc is not None:
+        return
+    args.ipc = saved.meta.get("ipc") if saved else None
+    if args.ipc is None:
+        whose = f": {saved.name} has no run.json that records its ipc" if saved else ""
+        raise UsageError(f"--baseline random needs --ipc (real images per class){whose}")
 
 
 def check_saved_set(saved, data, args):
@@ -258,11 +263,14 @@ def evaluate_all(args, device):
         saved = load_saved_set(args.syn_path, args.iteration, args.labels_path, args.lr_path, args.ema) \
             if args.syn_path else None
         take_from_run(args, saved.meta if saved else {})
+        take_ipc(args, saved)
         models = eval_pool(args.eval_mode, args.model)
         for model in models:
             check_model(model, args.dataset, args.res)
         data = get_dataset(args.dataset, args.data_path, zca=False, subset=args.subset, res=args.res, device=device)
         sets, terms = build_sets(args, data, saved, device)
+        if args.out and is_main():  # made once every input is checked, before hours of training; rank 0 writes it
+            make_folder(Path(args.out).parent, f"--out {args.out}: its folder")
     rows = evaluate_sets([(eval_set, model) for eval_set in sets for model in models], data, args.num_eval,
                          args.seed, args.batch_train, args.augmentation, device, args.verbose)
     found = {model: scores(rows, terms, model, args.lrs_lambda, args.ars_lambda) for model in models} if terms else {}

@@ -92,7 +92,8 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
     table per pair, and a line per network (verbose: its epochs too). Network r of a pair is seeded
     by (seed, r) alone, so a row repeats whatever else the command evaluates, and under torchrun the
     networks spread over the ranks (network k of the list on rank k mod ranks) with the same results
-    as one process."""
+    as one process; rank 0 prints the other ranks' network lines once they are gathered (their
+    verbose epochs stay unprinted)."""
     rank, ranks = parallel.rank(), parallel.world()
     # network k is run k % num_eval of pair k // num_eval, on rank k % ranks; ranges, not lists, so that
     # a huge --num_eval starts at once. The bar counts images trained on: a full-data network weighs its cost.
@@ -103,7 +104,8 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
     for eval_set in {eval_set.name: eval_set for eval_set, _ in pairs}.values():
         check_room([eval_set.images, *eval_set.test], torch.device(device), f"{eval_set.name}'s and the test images")
     results = {}
-    with progress(total=work, desc=f"evaluating {len(mine)} networks", unit="img") as bar:
+    networks = f"{len(mine)} network{'s' * (len(mine) != 1)}" + (f" of {len(pairs) * num_eval}" if ranks > 1 else "")
+    with progress(total=work, desc=f"evaluating {networks}", unit="img") as bar:
         for pair, run in map(lambda k: divmod(k, num_eval), mine):
             eval_set, model = pairs[pair]
             set_seed(run_seed(seed, run))
@@ -117,14 +119,18 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
                                           on_epoch=lambda: bar.update(len(eval_set.images)))
             val_acc = accuracy(net, *(t.to(device) for t in eval_set.validation)) if eval_set.validation else None
             validation = "" if val_acc is None else f", validation {100 * val_acc:.2f}%"
-            say(f"{tag} {len(eval_set.images)} images, {eval_set.epochs} + 1 epochs (as the original), lr "
-                f"{eval_set.lr:.4g}: test acc {100 * test_acc:.2f}%{validation}")
-            results[pair, run] = (test_acc, val_acc)
+            line = (f"{tag} {len(eval_set.images)} images, {eval_set.epochs} epochs ({eval_set.epochs + 1} passes: "
+                    f"the original trains one more), lr {eval_set.lr:.4g}: test acc {100 * test_acc:.2f}%{validation}")
+            say(line)
+            results[pair, run] = (test_acc, val_acc, line)
+    own = set(results)
     for found in parallel.gather_objects(results):
         results.update(found)
+    for key in sorted(results.keys() - own):  # say prints on rank 0 only: the other ranks' networks, once each
+        say(results[key][2])
     rows = []
     for pair, (eval_set, model) in enumerate(pairs):
-        test_accs, val_accs = zip(*(results[pair, run] for run in range(num_eval)))
+        test_accs, val_accs, _ = zip(*(results[pair, run] for run in range(num_eval)))
         row = {"set": eval_set.name, "model": model, "ipc": eval_set.ipc, "images": len(eval_set.images),
                "lr": eval_set.lr, "lr_from": eval_set.lr_from, "epochs": eval_set.epochs,
                "dsa": bool(dsa_strategy) and eval_set.augment,

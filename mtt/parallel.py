@@ -137,6 +137,8 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
             sys.exit(1)
         sys.exit(f"error{f' (rank {err.rank})' if err.rank else ''}: {err}")
     except KeyboardInterrupt as stop:
+        if isinstance(stop, Interrupted):  # the run said what is kept, knowing more than interrupted(args)
+            raise
         said = interrupted(args) if args else "nothing was written"
         raise Interrupted(f"{str(stop) or 'stopped by Ctrl-C'}: {said}") from None
     return result

@@ -182,6 +182,42 @@ def test_a_crash_mid_write_leaves_no_partial_file(tmp_path, sliced, monkeypatch)
     assert [p.name for p in Path(directory_of(tmp_path / "first", FAST)).iterdir()] == [".lock"]
 
 
+def test_ctrl_c_says_the_num_experts_that_ends_with_the_experts_asked_for(tmp_path, sliced, monkeypatch):
+    """4 experts asked, a file each, Ctrl-C in the third: 2 are kept, and the line's command (--num_experts
+    2, not the same command, which added 4 more) ends with the 4 asked for. A Ctrl-C before training
+    starts keeps the general line."""
+    real_accuracy, calls = buffer.accuracy, []
+
+    def interrupted_on_third_expert(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_accuracy(*args)
+
+    monkeypatch.setattr(buffer, "accuracy", interrupted_on_third_expert)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run(tmp_path, "--num_experts", "4", "--train_epochs", "1", "--save_interval", "1", model=FAST)
+    directory = directory_of(tmp_path, FAST)
+    assert str(stopped.value) == (
+        f"stopped by Ctrl-C: 2 of the 4 experts this command asked for are complete and kept in {directory} (the file "
+        f"being written was discarded); run it again with --num_experts 2 to add the other 2")
+    assert len(buffer.read_sidecar(directory)["experts"]) == 2
+    monkeypatch.setattr(buffer, "accuracy", real_accuracy)
+    run(tmp_path, "--num_experts", "2", "--train_epochs", "1", "--save_interval", "1", model=FAST)
+    assert [e["index"] for e in buffer.read_sidecar(directory)["experts"]] == [0, 1, 2, 3]
+    assert len(load_all(directory)) == 4
+
+    def stopped_while_loading(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(buffer, "load_data", stopped_while_loading)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run(tmp_path, "--num_experts", "4", "--train_epochs", "1", "--save_interval", "1", model=FAST)
+    assert str(stopped.value) == (
+        f"stopped by Ctrl-C: the experts listed in {directory}/buffer.json are complete and kept; the file being "
+        f"written was discarded; run the command again to add experts")
+
+
 def test_decay_divides_the_learning_rate_by_ten_after_epoch_train_epochs_over_2_plus_1(tmp_path, monkeypatch, mini):
     """One batch an epoch and no momentum, so an epoch is one step -lr * grad; with the same seed
     both runs agree up to the decay (after 0-based epoch 5 // 2 + 1 = 3, as in the original),

@@ -385,6 +385,33 @@ def test_published_vs_ours_compares_the_sets_own_rows_not_those_of_its_scores(tm
     assert [line.split(" | ")[1] for line in published.compare([result])[2:]] == ["same/images_best.pt"]
 
 
+def test_results_files_that_are_not_eval_py_s_are_one_line_naming_them(tmp_path):
+    """`python tools/published.py results/*.json` where the pattern matches nothing: the shell passes
+    it as it is (it was a FileNotFoundError's traceback); a file that is not an eval.py --out file too."""
+    give = "give the JSON files eval.py --out writes"
+    pattern = tmp_path / "results" / "*.json"
+    assert one_line_error(published.main, [pattern]) == (
+        f"error: {pattern} does not exist (a pattern that matches no file reaches here as it is): {give}")
+    text, listed, run_json = tmp_path / "notes.json", tmp_path / "list.json", tmp_path / "run.json"
+    text.write_text("not JSON")
+    listed.write_text("[]")
+    run_json.write_text(json.dumps({"dataset": "CIFAR10", "ipc": 10}))
+    assert one_line_error(published.main, [text]) == (
+        f"error: cannot read {text} as an eval.py --out results file (Expecting value: line 1 column 1 (char 0)); "
+        f"{give}")
+    assert one_line_error(published.main, [listed]) == (
+        f"error: {listed} is not an eval.py --out results file: it holds a JSON list, not an object; {give}")
+    assert one_line_error(published.main, [run_json]) == (
+        f"error: {run_json} is not an eval.py --out results file (missing or mistyped args, rows); {give}")
+    result = evaluated_run(tmp_path, "same", [], [])
+    saved = json.loads(result.read_text())
+    del saved["rows"][0]["test_acc_mean"]
+    result.write_text(json.dumps(saved))
+    assert one_line_error(published.main, [result]) == (
+        f"error: {result} is not an eval.py --out results file (missing or mistyped test_acc_mean); {give}")
+    assert one_line_error(published.main, [tmp_path]).startswith(f"error: cannot read {tmp_path} as an eval.py --out")
+
+
 @pytest.mark.parametrize("script", [buffer, distill, eval_script], ids=lambda script: script.__name__)
 def test_help_shows_every_flag_s_default(script, capsys):
     with pytest.raises(SystemExit):

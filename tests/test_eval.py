@@ -1,6 +1,7 @@
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import types
@@ -286,8 +287,8 @@ BAD_INPUTS = {
     "missing lr_path": (lambda tmp: bad_set(tmp) + ["--lr_path", str(tmp / "nope.pt")], "--lr_path"),
     "lr_path not an lr": (lambda tmp: bad_set(tmp) + ["--lr_path", str(saved(tmp / "lr.pt", torch.ones(3)))],
                           "should hold one positive learning rate"),
-    "out folder missing": (lambda tmp: bad_set(tmp) + ["--out", str(tmp / "missing" / "x.json")],
-                           "does not exist or is not writable"),
+    "out folder a file": (lambda tmp: bad_set(tmp) + ["--out", str(tmp / "run" / "images_best.pt" / "x.json")],
+                          "images_best.pt/x.json: its folder "),
     "out is a folder": (lambda tmp: bad_set(tmp) + ["--out", str(tmp)], "is a folder"),
     "negative epochs": (lambda tmp: bad_set(tmp) + ["--epoch_eval_train", "-1"],
                         "argument --epoch_eval_train: must be an integer from 1 to 2^31-1, not -1"),
@@ -299,6 +300,8 @@ BAD_INPUTS = {
                      "argument --dsa_strategy: unknown DSA op(s) blur"),
     "gpu": (lambda tmp: bad_set(tmp) + ["--device", "gpu"], "unknown --device 'gpu'"),
     "viewing copy": (lambda tmp: bad_set(tmp, name="images_zca_best.pt"), "the de-whitened copy saved for viewing"),
+    "own file without labels": (lambda tmp: bad_set(tmp, name="my_set.pt"),
+                                "cannot tell which labels go with my_set.pt: pass --labels_path"),
     "random without ipc": (lambda tmp: ["--baseline", "random"], "--baseline random needs --ipc"),
     "ipc too large": (lambda tmp: ["--baseline", "random", "--ipc", "501"],
                       "--ipc 501: the random baseline needs 1 to 500 images per class"),
@@ -321,6 +324,60 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, calls, case):
     assert "\n" not in str(exit.value.code) and calls == []
 
 
+# A run folder's files that are not a set's images: (file, what the line calls it, the --syn_path forms it
+# gives, each with the set it evaluates)
+RUN_FILES = [
+    ("labels_200.pt", "is the labels of a set, not its images", [["RUN/images_200.pt"], ["RUN", "--iteration", "200"]],
+     "images_200.pt"),
+    ("synthetic_200.png", "is the image grid drawn for viewing, not the set",
+     [["RUN/images_200.pt"], ["RUN", "--iteration", "200"]], "images_200.pt"),
+    ("syn_lr_200.pt", "is the learned lr of a set, not its images",
+     [["RUN/images_200.pt"], ["RUN", "--iteration", "200"]], "images_200.pt"),
+    ("lr_best.pt", "is the learned lr of a set, not its images", [["RUN/images_best.pt"], ["RUN"]], "images_best.pt"),
+    ("ema_labels_best.pt", "is the labels of a set, not its images", [["RUN/ema_images_best.pt"], ["RUN", "--ema"]],
+     "ema_images_best.pt"),
+    ("checkpoint.pt", "is distill.py's checkpoint (for --resume), not a set", [["RUN"]], "images_best.pt"),
+    ("run.json", "is a file of a run folder, not a set", [["RUN"]], "images_best.pt"),
+]
+
+
+@pytest.mark.parametrize("name, what, forms, evaluated", RUN_FILES, ids=[case[0] for case in RUN_FILES])
+def test_a_run_folder_s_other_file_is_one_line_that_gives_the_command_that_works(tmp_path, calls, name, what, forms,
+                                                                                 evaluated):
+    """Following the old line (pass --labels_path) ended in "cannot read ... as a torch file": the
+    line names the images file of the same tag and the folder form, and both evaluate that set."""
+    run = write_run(tmp_path / "RUN", *one_per_class(), syn_lr=0.02, meta={})
+    write_run(run, *one_per_class(), tag="200", syn_lr=0.03)
+    run_folder.commit(run, run_folder.set_files("ema_", ["best"], *one_per_class(), torch.tensor(0.04)), 0)
+    (run / "synthetic_200.png").write_bytes(b"\x89PNG")
+    (run / "checkpoint.pt").write_bytes(b"not read")
+    torch.save(torch.tensor(0.02), run / "lr_best.pt")
+    shown = lambda form: " ".join(["--syn_path", str(tmp_path / form[0]), *form[1:]])
+    assert one_line_error(eval_script.main, FAST + ["--syn_path", run / name]) == (
+        f"error: {run / name} {what}: give {shown(forms[0])}"
+        + (f", or {shown(forms[1])}" if len(forms) > 1 else " (its images_best.pt; --iteration N for images_N.pt)"))
+    for form in forms:
+        (row,) = eval_script.main(FAST + ["--syn_path", str(tmp_path / form[0]), *form[1:], "--num_eval", "1"])
+        assert row["set"] == f"RUN/{evaluated}"
+
+
+def test_a_folder_of_run_folders_names_them(tmp_path, calls):
+    """distill.py's default --save_path is logged_files/DATASET/RUN: --syn_path logged_files/DATASET
+    names the runs in it (sorted, a few, how many), not just "no images_best.pt"."""
+    parent = tmp_path / "CIFAR10"
+    for run in ("run_d", "run_b", "run_a"):
+        write_run(parent / run, *one_per_class())
+    (parent / "run_c").mkdir()  # a run that has not saved a set yet
+    (parent / "run_c" / "run.json").write_text("{}")
+    (parent / "notes").mkdir()  # no run
+    assert one_line_error(eval_script.main, FAST + ["--syn_path", parent]) == (
+        f"error: no images_best.pt in {parent}, a folder of 4 run folders (run_a, run_b, run_c and 1 more): give one "
+        f"as --syn_path, e.g. --syn_path {parent / 'run_a'}")
+    assert one_line_error(eval_script.main, FAST + ["--syn_path", parent / "notes"]) == (
+        f"error: no images_best.pt in {parent / 'notes'} (found: no images_*.pt)")
+    assert calls == []
+
+
 def test_datm_sets_train_on_their_label_logits_and_lr_and_lr_path_wins(tmp_path, calls, capsys):
     """DATM saves images_best.pt, labels_best.pt (N x C logits) and lr_best.pt: the networks train on
     the logits (soft cross-entropy) at that lr; --lr_path overrides it; each row says which lr it used."""
@@ -340,11 +397,38 @@ def test_datm_sets_train_on_their_label_logits_and_lr_and_lr_path_wins(tmp_path,
     assert "datm/images_best.pt  ConvNetW8  1    0.005 (--lr_path)" in out
 
 
-def test_the_out_path_is_checked_before_any_training(tmp_path, calls):
+def test_the_out_path_is_checked_before_any_training(tmp_path, calls, monkeypatch):
+    """--out's folder is made, as distill.py makes --save_path; one that cannot be is one line before
+    any network trains, and a command refused for another reason leaves no folder behind."""
     run = write_run(tmp_path / "run", *one_per_class())
-    with pytest.raises(SystemExit, match="missing does not exist or is not writable"):
-        eval_script.main(FAST + ["--syn_path", str(run), "--out", str(tmp_path / "missing" / "x.json")])
+    out = tmp_path / "results" / "new" / "x.json"
+    assert one_line_error(eval_script.main, FAST + ["--syn_path", tmp_path / "nowhere", "--out", out]).endswith(
+        "nowhere does not exist")
+    assert not (tmp_path / "results").exists()
+    (row,) = eval_script.main(FAST + ["--syn_path", str(run), "--num_eval", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == [row]
+    calls.clear()
+    in_the_way = run / "images_best.pt" / "x.json"
+    assert one_line_error(eval_script.main, FAST + ["--syn_path", run, "--out", in_the_way]) == (
+        f"error: --out {in_the_way}: its folder {in_the_way.parent}: a file is in the way (not a folder)")
+    monkeypatch.setattr(os, "access", lambda *args: False)  # a read-only folder (root may write to any)
+    assert one_line_error(eval_script.main, FAST + ["--syn_path", run, "--out", out]) == (
+        f"error: --out {out}: its folder {out.parent}: not writable")
+    assert one_line_error(eval_script.main, FAST + ["--syn_path", run, "--out", out.parent]) == (
+        f"error: --out {out.parent} is a folder; give a file name")
     assert calls == []
+
+
+def test_baseline_random_takes_its_ipc_from_the_set_s_run_json(tmp_path, calls):
+    """--baseline random without --ipc beside a run folder: the ipc its run.json records (so the random
+    row matches the set); a set without a run.json still needs --ipc."""
+    run = write_run(tmp_path / "run", *one_per_class(), meta={"ipc": 2})
+    distilled, random = eval_script.main(FAST + ["--syn_path", str(run), "--baseline", "random", "--num_eval", "1"])
+    assert (random["set"], random["ipc"], len(calls[1]["images"])) == ("random", 2, 20)
+    original = write_run(tmp_path / "original", *one_per_class())
+    assert one_line_error(eval_script.main, FAST + ["--syn_path", original, "--baseline", "random"]) == (
+        "error: --baseline random needs --ipc (real images per class): original/images_best.pt has no run.json "
+        "that records its ipc")
 
 
 def test_a_device_that_is_not_there_is_one_line(tmp_path, calls):
@@ -392,8 +476,8 @@ def test_per_epoch_lines_come_with_verbose_only(capsys, verbose):
                              "--device", "cpu"] + ["--verbose"] * verbose)
     out = capsys.readouterr().out
     assert ("[random ConvNetW8 run 1/1]  epoch 10/10 train acc" in out) == verbose
-    assert re.search(r"^\[random ConvNetW8 run 1/1\] 10 images, 9 \+ 1 epochs \(as the original\), lr 0\.01: test acc",
-                     out, re.M)
+    assert re.search(r"^\[random ConvNetW8 run 1/1\] 10 images, 9 epochs \(10 passes: the original trains one more\), "
+                     r"lr 0\.01: test acc", out, re.M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,3 +601,8 @@ def test_a_soft_label_sets_hard_row_trains_on_the_argmax_and_its_random_subset_o
     random = [call for call in calls if call["labels"].is_floating_point() and call["lr"] == 0.01]
     assert len(random) == 2 and random[0]["labels"].shape == (10, 10)  # with and without DSA
     assert not torch.equal(random[0]["images"], calls[0]["images"])  # real images, not the set's
+
+
+def test_the_bar_says_how_many_networks_in_words(calls, capsys):
+    eval_script.main(FAST + ["--baseline", "random", "--ipc", "1", "--num_eval", "1", "--epoch_eval_train", "1"])
+    assert re.search(r"^evaluating 1 network: ", capsys.readouterr().err, re.M)  # not "1 networks"

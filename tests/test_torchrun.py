@@ -113,6 +113,9 @@ def test_buffer_under_torchrun_writes_the_experts_of_one_process(tmp_path, gsam)
     assert progress(two.stdout) == progress(one.stdout) and len(progress(one.stdout)) == 3
     assert [line for line in two.stdout.splitlines() if line.startswith("wrote ")] == [
         f"wrote {directories[1] / f'replay_buffer_{n}.npy'} (1 expert)" for n in range(3)]
+    # the bar counts every rank's expert-epochs, 3 experts x 1 epoch, not rank 0's share (2)
+    for out in (one.stderr, two.stderr):
+        assert re.search(r"^experts x epochs: 100% 3/3 \[", out, re.M), out[-1000:]
 
 
 def test_eval_and_its_scores_under_torchrun_equal_one_process(tmp_path):
@@ -131,3 +134,6 @@ def test_eval_and_its_scores_under_torchrun_equal_one_process(tmp_path):
     assert len(found[0]["rows"]) == 5 and (found[0]["processes"], found[1]["processes"]) == (1, 2)
     table = lambda out: [line for line in out.splitlines() if line.startswith(("set", "random", "full", "ConvNetW8"))]
     assert table(one.stdout) == table(two.stdout) and len(table(one.stdout)) == 7  # a header, 5 rows, the scores
+    # a line per network, once each, the networks of rank 1 too: 5 rows x 3 networks, equal to one process's
+    networks = lambda out: sorted(line for line in out.splitlines() if re.match(r"\[.* run [123]/3\] ", line))
+    assert networks(one.stdout) == networks(two.stdout) and len(networks(two.stdout)) == 15

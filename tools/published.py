@@ -14,7 +14,6 @@ what differs.
 """
 import contextlib
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import distill  # noqa: E402
 from mtt.flags import Parser, read_cfg  # noqa: E402
 from mtt.run_folder import read_run_json  # noqa: E402
-from utils import REPO, UsageError  # noqa: E402
+from utils import REPO, UsageError, load_json, schema_problem  # noqa: E402
 
 FAMILIES = {"mtt": "MTT (Cazenavette et al., CVPR 2022)", "ftd": "FTD (Du et al., CVPR 2023)",
             "datm": "DATM (Guo et al., ICLR 2024)"}
@@ -99,7 +98,7 @@ def row_of(cfg):
 NOT_THE_RESULT = {"cfg", "save_path", "buffer_path", "data_path", "device", "deterministic", "resume", "tensorboard",
                   "step_timeout", "low_memory", "chunk_syn", "load_all", "force_save", "verbose", "seed", "batch_real",
                   "lr_init", "augmentation", "datm", "method_defaults"}
-PROTOCOL = ("epoch_eval_train", "batch_train", "dsa", "dsa_strategy")  # eval.py's, as the row's; the model is each row's
+PROTOCOL = ("epoch_eval_train", "batch_train", "dsa", "dsa_strategy")  # eval.py's as the row's; the model: each row's
 
 
 def differences(row, run_args, eval_args):
@@ -112,14 +111,33 @@ def differences(row, run_args, eval_args):
                     if eval_args.get(key) != expected[key]]
 
 
+ROW_TYPES = {"set": str, "model": str, "test_acc_mean": float, "test_acc_std": float, "n": int}  # what compare reads
+GIVE = "give the JSON files eval.py --out writes"
+
+
+def read_results(file):
+    """An eval.py --out file, checked to hold what compare reads, or one line saying why it is not one."""
+    if not Path(file).exists():  # a shell passes a pattern that matches no file as it is: results/*.json
+        raise UsageError(f"{file} does not exist (a pattern that matches no file reaches here as it is): {GIVE}")
+    results = load_json(file, "an eval.py --out results file", fix=GIVE)
+    problem = schema_problem(results, {"args": dict, "rows": list})
+    if problem is None and not isinstance(results["args"].get("syn_path"), (str, type(None))):
+        problem = "its args' syn_path is not a path"
+    if problem is None:
+        problem = next(filter(None, (schema_problem(row, ROW_TYPES) for row in results["rows"])), None)
+    if problem:
+        raise UsageError(f"{file} is not an eval.py --out results file ({problem}); {GIVE}")
+    return results
+
+
 def compare(result_files):
     """published vs ours: a line per distilled set in the eval.py --out files, with the difference
     only where the run and its evaluation are the row's; otherwise the flags that differ."""
     rows = {**read_configs("mtt"), **read_configs("ftd"), **read_configs("datm")}
     lines = ["| row | set | model | published % | ours % | ours - published |", "|---|---|---|---|---|---|"]
     for file in result_files:
-        results = json.loads(Path(file).read_text())
-        syn_path = Path(results["args"]["syn_path"] or ".")
+        results = read_results(file)
+        syn_path = Path(results["args"].get("syn_path") or ".")
         folder = syn_path if syn_path.is_dir() else syn_path.parent
         meta = read_run_json(folder / "run.json") if (folder / "run.json").exists() else {}
         name = row_of(meta.get("args", {}).get("cfg"))
