@@ -233,29 +233,42 @@ class Run:
     backward: callable  # matching.unroll_backward or replay_backward
     log: run_folder.Log
     skips: int = 0  # DATM's gate: updates skipped in this run
+    last: str = ""  # the last iteration's loss and syn_lr, for the bar
 
 
 def distill(args, device):
     with ExitStack() as run_lock:  # rank 0 holds the run folder's lock while the run lasts
         run = set_up(args, device, run_lock)
-        with run.log, progress(total=args.Iteration, initial=run.start_it, desc="distill", unit="it") as bar:
+        # the bar counts student steps, so that a long iteration moves it too; evaluations are its pauses
+        steps = args.syn_steps
+        with run.log, progress(total=args.Iteration * steps, initial=run.start_it * steps, desc="distill",
+                               unit="step", pauses_left=lambda n: len(evaluations(args, n // steps + 1))) as bar:
             for it in range(run.start_it, args.Iteration + 1):
-                if (it % args.eval_it == 0 or it == args.Iteration) and not (run.resumed and it == run.start_it) \
-                        and not (args.skip_first_eva and it == 0):
-                    evaluate_and_save(run, it)
+                if it in evaluations(args, it) and not (run.resumed and it == run.start_it):
+                    with bar.pause():
+                        evaluate_and_save(run, it)
                 if it == args.Iteration:
                     break
                 step(run, it, bar)
+    picked = "on validation" if args.val_per_class else "on the test set"
     for key, mark in run.best.items():
-        say(f"best {key}: {100 * mark['test_acc_mean']:.2f} +- {100 * mark['test_acc_std']:.2f} "
+        say(f"best {key} (picked {picked}): {100 * mark['test_acc_mean']:.2f} +- {100 * mark['test_acc_std']:.2f} "
             f"at iteration {mark['it']}")
     return run.best
+
+
+def evaluations(args, start):
+    """The iterations from `start` on that are evaluated: every eval_it and the last (and 0 unless
+    --skip_first_eva)."""
+    every = range(math.ceil(start / args.eval_it) * args.eval_it, args.Iteration + 1, args.eval_it)
+    return {it for it in (*every, args.Iteration) if it >= start and not (args.skip_first_eva and it == 0)}
 
 
 def set_up(args, device, run_lock):
     """The checkpoint to continue from, data, experts, the learnable set and its optimizers, the
     backward that fits, the run folder; bad input on any rank stops every rank here, with one line."""
     save_path = Path(args.save_path)
+    new_folder = not save_path.exists()
     state, changes, log_rows = main_decides(lambda: open_run(save_path, args, run_lock))
     with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
         set_seed(args.seed)
@@ -286,7 +299,7 @@ def set_up(args, device, run_lock):
         say(f"resumed {save_path} at iteration {start_it}" + "".join(
             f"; --{k} {old} -> {new}" for k, (old, new) in changes.items()))
     elif args.resume:
-        say(f"--resume: no checkpoint in {save_path}; starting at iteration 0")
+        say(f"--resume: {'a new folder' if new_folder else 'no checkpoint in'} {save_path}; starting at iteration 0")
     else:
         say(f"distilling into {save_path}")
     parallel.broadcast_([*synset.tensors.values()] + ([ema.images] if ema else []))
@@ -313,22 +326,38 @@ def evaluate_and_save(run, it):
         tags += [it] * bool(tags or it % SAVE_EVERY == 0 or it == args.Iteration)
         files.update(run_folder.set_files(prefix, tags, images, synset.eval_labels(), synset.syn_lr, zca))
         if args.ipc < GRID_MAX_IPC or args.force_save:
-            files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, run.data.to_pixels, args.ipc)
+            classes = [run.data.class_names[label] for label in synset.labels.tolist()]
+            files[f"{prefix}synthetic_{it}.png"] = run_folder.grid(images, run.data.to_pixels, args.ipc, classes)
             run.log.image(f"{prefix}images", files[f"{prefix}synthetic_{it}.png"], it)
     if it > 0 and installed("matplotlib"):  # at iteration 0 there is no curve to draw
         files[run_folder.CURVES] = run_folder.curves(run.log.rows)
     run_folder.commit(args.save_path, files, iteration=it)
 
 
+class Ticking(list):
+    """A schedule that moves the bar as the student takes each of its steps (the forward pass of
+    either backward iterates it once; the replay's reverse pass does not iterate it)."""
+
+    def __init__(self, schedule, bar):
+        super().__init__(schedule)
+        self.bar = bar
+
+    def __iter__(self):
+        for student_step in super().__iter__():
+            yield student_step
+            self.bar.update()
+
+
 def step(run, it, bar):
     """One iteration: an expert segment, the student's unroll, the matching loss, the update."""
     args, synset = run.args, run.synset
     start = time.time()
+    bar.set_postfix_str(f"it {it + 1}/{args.Iteration}{run.last}")
     theta0, target, expert, start_epoch = draw_segment(run.experts, start_epoch_window(args, it), args.expert_epochs,
                                                        run.device)
     texture = (run.data.im_size, args.canvas_samples) if args.texture else None
-    schedule = draw_schedule(synset.images, args.syn_steps, args.batch_syn or len(synset.labels),
-                             None if args.no_aug else args.augmentation, texture)
+    schedule = Ticking(draw_schedule(synset.images, args.syn_steps, args.batch_syn or len(synset.labels),
+                                     None if args.no_aug else args.augmentation, texture), bar)
     with stalls_are_one_line(), out_of_memory_is_one_line(args):
         loss = run.backward(run.net, synset, theta0, target, schedule, args.chunk_syn).item()
     skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
@@ -345,8 +374,8 @@ def step(run, it, bar):
                   seconds=time.time() - start, **({"skipped": True} if skipped else {}))
     run.skips += skipped
     gate = f" skipped {run.skips} (loss over --threshold {args.threshold:g})" if args.threshold else ""
-    bar.set_postfix_str(f"loss {loss:.4f} syn_lr {lr:.5f}{gate}", refresh=False)
-    bar.update()
+    run.last = f" loss {loss:.4f} syn_lr {lr:.5f}{gate}"
+    bar.set_postfix_str(f"it {it + 1}/{args.Iteration}{run.last}", refresh=False)
     if it % PRINT_EVERY == 0:
         say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f}{gate}")
 
@@ -698,8 +727,8 @@ def restore(state, synset, optimizers, ema, args, device):
 
 def run_description(args, data, device):
     """run.json: what eval.py needs to evaluate the set as it was distilled, and where the run came from."""
-    flags = ("dataset", "subset", "res", "model", "ipc", "zca", "texture", "canvas_size", "canvas_samples",
-             "dsa_strategy", "soft_label")
+    flags = ("dataset", *("subset", "res") * (args.dataset == "ImageNet"), "model", "ipc", "zca", "texture",
+             "canvas_size", "canvas_samples", "dsa_strategy", "soft_label")  # subset and res: ImageNet's alone
     return {**{flag: getattr(args, flag) for flag in flags}, "channel": data.channel, "im_size": list(data.im_size),
             "num_classes": data.num_classes, "mean": data.mean, "std": data.std, "processes": parallel.world(),
             **run_info(device), "args": vars(args)}

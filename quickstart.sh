@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on the Fashion-MNIST subset shipped in assets/ (no download), sized for a
-# 2-core CPU (about 5 minutes): train experts, distill one image per class, then evaluate the
+# 2-core CPU (README.md, "What the quickstart does", says how long it takes): train experts, distill one image per class, then evaluate the
 # distilled set beside one random real image per class. Everything lands in $OUT (default
 # quickstart/), started afresh. The sizes below can be overridden from the environment.
 set -euo pipefail

@@ -440,8 +440,8 @@ def fit_device(features, device):
     if needed <= free[device]:
         return device
     if needed <= free[torch.device("cpu")]:
-        say(f"ZCA: the fit on {features} pixels needs about {gigabytes(needed)}, more than the {gigabytes(free[device])} "
-            f"free on {device}: fitting it on the CPU")
+        say(f"ZCA: the fit on {features} pixels needs about {gigabytes(needed)}, more than the "
+            f"{gigabytes(free[device])} free on {device}: fitting it on the CPU")
         return torch.device("cpu")
     raise UsageError(f"--zca on {features} pixels: fitting the whitening needs about {gigabytes(needed)}, more than "
                      + " or ".join(f"the {gigabytes(room)} free on {where}" for where, room in free.items())

@@ -99,7 +99,8 @@ def add_common_args(parser, from_set=False):
     default = lambda value: None if from_set else value
     of_set = " (default: the set's run.json, else {})".format if from_set else lambda value: ""
     parser.add_argument("--dataset", default=default("CIFAR10"), choices=list(DATASETS),
-                        help="MNIST to CIFAR100 are downloaded into --data_path; Tiny and ImageNet are read from it"
+                        help="FashionMNIST-mini is shipped in assets/ (no download); MNIST, FashionMNIST, SVHN, "
+                             "CIFAR10 and CIFAR100 are downloaded into --data_path; Tiny and ImageNet are read from it"
                         + of_set("CIFAR10"))
     parser.add_argument("--subset", default=default("imagenette"), choices=list(IMAGENET_SUBSETS),
                         help="ImageNet subset (with --dataset ImageNet)" + of_set("imagenette"))

@@ -10,10 +10,12 @@ tqdm), nothing on torchrun ranks other than 0.
 A bar redrawn in place is unreadable in a log file (a cluster job's output, `> run.log`): one
 line of carriage returns. There the same figures come as whole lines: the first at once, then one
 whenever a tenth of the work is done or LINE_SECONDS have passed, whichever comes first, and the
-last at the end. The ETA is the whole loop's average rate, so the pauses that recur in it,
-distill.py's evaluations, are in the estimate.
+last at the end. The rate is the average over the time outside `with bar.pause():` blocks (distill.py's
+evaluations, which would otherwise count as slow steps), and the time left adds their mean for each
+one still to come (pauses_left(n)), so a first evaluation does not make a 20-minute run read 4 hours.
 """
 import contextlib
+import statistics
 import sys
 import time
 
@@ -35,25 +37,55 @@ def clock(seconds):
     return f"{hours:d}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
 
 
-class Lines:
+class Pauses:
+    """What both kinds of bar share: time spent in pause() blocks is kept out of the rate, and the time
+    left adds their mean for each of the pauses_left(n) still to come."""
+
+    def count_pauses(self, pauses_left):
+        self.pauses, self.pauses_left = [], pauses_left
+
+    @contextlib.contextmanager
+    def pause(self):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.pauses.append(time.monotonic() - start)
+
+    def timing(self, elapsed):
+        """(rate in units a second outside the pauses, seconds left), or (None, None) before any unit."""
+        done, working = self.n - self.initial, elapsed - sum(self.pauses)
+        if done <= 0 or working <= 0:
+            return None, None
+        later = statistics.mean(self.pauses) * self.pauses_left(self.n) if self.pauses else 0
+        return done / working, (self.total - self.n) * working / done + later
+
+    def speed(self, rate):
+        if rate is None:
+            return f"?{self.unit}/s"
+        return f"{rate:.2f}{self.unit}/s" if rate >= 1 else f"{1 / rate:.2f}s/{self.unit}"
+
+
+class Lines(Pauses):
     """The bar's figures as whole lines: `desc: 40% 20/50 [00:12<00:18, 1.67img/s, postfix]`."""
 
-    def __init__(self, total, desc, unit, initial, file, disable):
+    def __init__(self, total, desc, unit, initial, file, disable, pauses_left):
         self.total, self.desc, self.unit, self.file, self.disable = total, desc, unit, file, disable
         self.n = self.initial = initial
-        self.start, self.postfix, self.last_line = time.monotonic(), "", None  # last_line: (time, n)
+        self.start, self.postfix, self.last_line = time.monotonic(), "", None  # last_line: (time, n, postfix)
+        self.count_pauses(pauses_left)
 
     def __enter__(self):
         self.print_line()
         return self
 
     def __exit__(self, *exc):
-        if self.last_line[1] != self.n:
+        if self.last_line[1:] != (self.n, self.postfix):
             self.print_line()  # the final figures: how long the whole loop took
 
     def update(self, n=1):
         self.n += n
-        seconds, done = self.last_line
+        seconds, done, _ = self.last_line
         if time.monotonic() - seconds >= LINE_SECONDS or self.n - done >= LINE_FRACTION * self.total:
             self.print_line()
 
@@ -62,15 +94,13 @@ class Lines:
 
     def __str__(self):
         elapsed = time.monotonic() - self.start
-        rate = (self.n - self.initial) / elapsed if elapsed > 0 and self.n > self.initial else None
-        speed = "?" + f"{self.unit}/s" if rate is None else (
-            f"{rate:.2f}{self.unit}/s" if rate >= 1 else f"{1 / rate:.2f}s/{self.unit}")
-        left = "?" if rate is None else clock((self.total - self.n) / rate)
+        rate, left = self.timing(elapsed)
         return (f"{self.desc}: {100 * self.n / max(self.total, 1):3.0f}% {self.n}/{self.total} "
-                f"[{clock(elapsed)}<{left}, {speed}{', ' * bool(self.postfix)}{self.postfix}]")
+                f"[{clock(elapsed)}<{'?' if left is None else clock(left)}, {self.speed(rate)}"
+                f"{', ' * bool(self.postfix)}{self.postfix}]")
 
     def print_line(self):
-        self.last_line = (time.monotonic(), self.n)
+        self.last_line = (time.monotonic(), self.n, self.postfix)
         if not self.disable:
             self.file.write(f"{self}\n")
             self.file.flush()
@@ -103,9 +133,21 @@ class Above:
 
 
 if tqdm is not None:
-    class Terminal(tqdm):
+    class Terminal(tqdm, Pauses):
         """A bar drawn in place; what the loop prints meanwhile goes above it (Above)."""
         monitor_interval = 0  # no monitor thread: mtt/data.py forks its decoding workers while a bar is open
+        FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{left}, {speed}{postfix}]"
+
+        def __init__(self, *args, pauses_left, **kwargs):
+            self.count_pauses(pauses_left)  # before tqdm draws the bar the first time
+            super().__init__(*args, bar_format=self.FORMAT, **kwargs)
+
+        @property
+        def format_dict(self):
+            """tqdm's figures, and the rate and time left that keep the pauses apart (Pauses)."""
+            figures = super().format_dict
+            rate, left = self.timing(figures["elapsed"])
+            return {**figures, "left": "?" if left is None else clock(left), "speed": self.speed(rate)}
 
         def __enter__(self):
             self.printing_above = contextlib.ExitStack()
@@ -118,12 +160,13 @@ if tqdm is not None:
             return super().__exit__(*exc)
 
 
-def progress(total, desc, unit="it", initial=0, file=None):
+def progress(total, desc, unit="it", initial=0, file=None, pauses_left=lambda n: 0):
     """A bar counting from `initial` to `total` on stderr: drawn in place on a terminal (with
     tqdm), plain lines otherwise, silent on torchrun ranks other than 0. Use it as a context
-    manager, so that on a terminal what the loop prints goes above the bar."""
+    manager, so that on a terminal what the loop prints goes above the bar; `with bar.pause():`
+    around work that is not the units' (pauses_left(n): how many such blocks are still to come)."""
     file = file or sys.stderr
     if tqdm is None or not getattr(file, "isatty", lambda: False)():
-        return Lines(total, desc, unit, initial, file, disable=not is_main())
-    return Terminal(total=total, desc=desc, unit=unit, initial=initial, file=file, smoothing=0,
-                    disable=not is_main(), dynamic_ncols=True, leave=not tqdm._instances)  # a bar within a bar goes
+        return Lines(total, desc, unit, initial, file, not is_main(), pauses_left)
+    return Terminal(total=total, desc=desc, unit=unit, initial=initial, file=file, smoothing=0, disable=not is_main(),
+                    dynamic_ncols=True, leave=not tqdm._instances, pauses_left=pauses_left)  # a bar within a bar goes

@@ -15,6 +15,7 @@
 Every file is written under a temporary name and renamed into place (utils.atomic_path); the
 files of one evaluation, checkpoint included, are committed as one (commit).
 """
+import difflib
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from mtt.data import ZCA
 from networks import MODELS
@@ -36,6 +37,7 @@ from utils import (TEMP, UsageError, atomic_path, folder_lock, fsync, full_disk_
 CHECKPOINT, LOG, RUN_JSON, ZCA_FILE, JOURNAL = "checkpoint.pt", "log.jsonl", "run.json", "zca.pt", ".mtt-commit.json"
 GRID_SIDE = 128  # pixels a side an image is enlarged to (nearest) in the grid, so a 28-32 px image shows
 GRID_ROW = 10  # images per row at ipc 1, as the original's grid: 200 classes wrap into 20 rows
+CAPTION = 12  # pixels under each image of the grid for its class's name (Pillow's default font is 10)
 CURVES = "curves.png"
 COMMIT_WAIT = 5.0  # seconds a reader waits for a save between its renames to land (they take milliseconds)
 
@@ -55,23 +57,32 @@ def set_files(prefix, tags, images, labels, syn_lr, zca=None):
     return {f"{prefix}{name}_{tag}.pt": tensor.detach().cpu() for tag in tags for name, tensor in tensors.items()}
 
 
-def grid(images, to_pixels, ipc):
+def grid(images, to_pixels, ipc, classes):
     """One row per class (at ipc 1, the classes in rows of GRID_ROW), de-whitened or de-normalised,
-    clipped to [0, 1] and enlarged (nearest) to about GRID_SIDE pixels a side: uint8 H x W x 3."""
+    clipped to [0, 1] and enlarged (nearest) to about GRID_SIDE pixels a side, each class named
+    under its first image (`classes`: each image's class name): uint8 H x W x 3."""
     scale = max(1, GRID_SIDE // max(images.shape[2:]))
     pixels = F.interpolate(to_pixels(images.detach().cpu()).clamp(0, 1), scale_factor=scale, mode="nearest")
-    return image_grid(pixels, ipc if ipc > 1 else min(GRID_ROW, len(images)))
+    captions = [name if k == 0 or name != classes[k - 1] else "" for k, name in enumerate(classes)]
+    return image_grid(pixels, ipc if ipc > 1 else min(GRID_ROW, len(images)), captions)
 
 
-def image_grid(pixels, per_row, padding=2):
-    """[0, 1] images (N x C x H x W) in rows of per_row on white, as a uint8 H x W x 3 array."""
+def image_grid(pixels, per_row, captions, padding=2):
+    """[0, 1] images (N x C x H x W) in rows of per_row on white, each with its caption (or none:
+    "") in a strip under it, as a uint8 H x W x 3 array."""
     n, _, h, w = pixels.shape
-    rows = -(-n // per_row)
-    grid = torch.ones(3, padding + rows * (h + padding), padding + per_row * (w + padding))
-    for k, image in enumerate(pixels):
-        top, left = padding + (h + padding) * (k // per_row), padding + (w + padding) * (k % per_row)
+    rows, cell = -(-n // per_row), h + CAPTION + padding
+    grid = torch.ones(3, padding + rows * cell, padding + per_row * (w + padding))
+    corners = [(padding + cell * (k // per_row), padding + (w + padding) * (k % per_row)) for k in range(n)]
+    for image, (top, left) in zip(pixels, corners):
         grid[:, top:top + h, left:left + w] = image.expand(3, h, w)
-    return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    draw, font = ImageDraw.Draw(picture), ImageFont.load_default()
+    for caption, (top, left) in zip(captions, corners):
+        while font.getlength(caption) > w:  # cut to the image's width
+            caption = caption[:-1]
+        draw.text((left, top + h), caption, fill=(0, 0, 0), font=font)
+    return np.asarray(picture)
 
 
 def file_bytes(name, value):
@@ -249,8 +260,9 @@ def curves(rows):
     its = [row["it"] for row in steps]
     losses = np.array([row["loss"] for row in steps])
     window = max(1, len(losses) // 50)
-    loss.plot(its, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="matching loss")
-    if len(losses) >= window:
+    faint = {"alpha": 0.3, "linewidth": 0.8} if window > 1 else {}  # under the mean, when there is one
+    loss.plot(its, losses, color="tab:blue", label="matching loss", **faint)
+    if window > 1:  # a mean of 1 would be the curve itself
         loss.plot(its[window - 1:], np.convolve(losses, np.ones(window) / window, "valid"), color="tab:blue",
                   label=f"mean of {window}")
     lr.plot(its, [row["syn_lr"] for row in steps], color="tab:orange")
@@ -314,12 +326,23 @@ def check_save_path(folder, resume):
         if not resume:
             raise UsageError(f"{folder} already holds a run: pass --resume to continue it or choose --save_path")
         return True
+    near = runs_named_like(folder) if resume and not folder.exists() else []
+    if near:
+        raise UsageError(f"--resume --save_path {folder}: no such folder, but {near[0]} beside it holds a run: give "
+                         f"--save_path {near[0]} to continue it, or a name less like it for a new run")
     if folder.exists() and not resume:
         found = [p.name for p in folder.iterdir() if not is_ours(p.name) and p.name != JOURNAL]
         if found:
             raise UsageError(f"{folder} holds files ({', '.join(sorted(found)[:3])}...) but no checkpoint: pass "
                              f"--resume to start its run again from iteration 0, or choose an empty --save_path")
     return False
+
+
+def runs_named_like(folder):
+    """The run folders beside `folder` whose names are close to its (a mistyped --save_path)."""
+    parent = Path(folder).parent
+    runs = [p.name for p in parent.iterdir() if (p / CHECKPOINT).is_file()] if parent.is_dir() else []
+    return [parent / name for name in difflib.get_close_matches(Path(folder).name, runs, n=3, cutoff=0.8)]
 
 
 START_AGAIN = "move it away to start again from iteration 0"
@@ -429,7 +452,9 @@ def images_in(folder, prefix=""):
 
 def load_saved_set(path, iteration=None, labels_path=None, lr_path=None, ema=False):
     """The set at `path`: a run folder (images_{iteration}.pt, default images_best.pt; with `ema`, or
-    when the folder holds only EMA images as FTD's ema/ folder does, ema_images_...) or an images file."""
+    when the folder holds only EMA images as FTD's ema/ folder does, ema_images_...) or an images file.
+    A folder of run folders, or a run folder's file that is not a set's images, is refused in a line
+    that names what to give instead: the error a user meets next must not be a dead end."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"--syn_path {path} does not exist")
@@ -437,8 +462,28 @@ def load_saved_set(path, iteration=None, labels_path=None, lr_path=None, ema=Fal
         prefix = "ema_" if ema or (not images_in(path) and images_in(path, "ema_")) else ""
         images_file = path / f"{prefix}images_{iteration or 'best'}.pt"
         if not images_file.exists():
+            # logged_files/CIFAR10 (distill.py's default --save_path's parent) holds runs, not a set
+            runs = [] if images_in(path) or images_in(path, "ema_") else sorted(
+                sub.name for sub in path.iterdir() if sub.is_dir() and os.access(sub, os.R_OK | os.X_OK)
+                and (images_in(sub) or images_in(sub, "ema_") or (sub / RUN_JSON).exists()))
+            if runs:
+                shown = ", ".join(runs[:3]) + f" and {len(runs) - 3} more" * (len(runs) > 3)
+                raise UsageError(f"no {images_file.name} in {path}, a folder of {len(runs)} run folder"
+                                 f"{'s' * (len(runs) > 1)} ({shown}): give one as --syn_path, e.g. "
+                                 f"--syn_path {path / runs[0]}")
             found = ", ".join(images_in(path, prefix)) or f"no {prefix}images_*.pt"
             raise UsageError(f"no {images_file.name} in {path} (found: {found})")
+    elif part := re.fullmatch(r"(ema_)?(labels|syn_lr|lr|synthetic)_(\d+|best)\.(pt|png)", path.name):
+        # a set's other files (labels_X.pt, syn_lr_X.pt, lr_X.pt, synthetic_X.png), beside its images_X.pt
+        ema_, kind, tag = part[1] or "", part[2], part[3]
+        what = ("the image grid drawn for viewing, not the set" if kind == "synthetic" else
+                f"the {'labels' if kind == 'labels' else 'learned lr'} of a set, not its images")
+        raise UsageError(f"{path} is {what}: give --syn_path {path.with_name(f'{ema_}images_{tag}.pt')}, or "
+                         f"--syn_path {path.parent}" + f" --iteration {tag}" * (tag != "best") + " --ema" * bool(ema_))
+    elif path.name in (CHECKPOINT, LOG, RUN_JSON, ZCA_FILE, CURVES, JOURNAL):
+        what = "distill.py's checkpoint (for --resume)" if path.name == CHECKPOINT else "a file of a run folder"
+        raise UsageError(f"{path} is {what}, not a set: give --syn_path {path.parent} (its images_best.pt; "
+                         f"--iteration N for images_N.pt)")
     elif iteration is not None or ema:
         raise UsageError(f"{'--iteration' if iteration is not None else '--ema'} picks a file in a run folder, but "
                          f"--syn_path is a file")

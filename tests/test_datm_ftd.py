@@ -205,8 +205,9 @@ def test_the_validation_split_is_seeded_disjoint_and_kept_out_of_the_initial_ima
         distill.init_images(mini, 494, pool=keep)
 
 
-def test_best_is_picked_on_validation_and_reported_with_its_test_accuracy(buffers, tmp_path):
+def test_best_is_picked_on_validation_and_reported_with_its_test_accuracy(buffers, tmp_path, capsys):
     run_distill(buffers, tmp_path, "--Iteration", "2", "--eval_it", "1", "--val_per_class", "20")
+    closing = capsys.readouterr().out.splitlines()[-1]
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"evaluation"' in line]
     assert [row["best_picked_on"] for row in rows] == ["validation"] * 3
     # one network on the 20 x 10 held-out images (not the test set): accuracies in steps of 1/200
@@ -214,6 +215,8 @@ def test_best_is_picked_on_validation_and_reported_with_its_test_accuracy(buffer
     assert any(row["val_acc_mean"] != row["test_acc_mean"] for row in rows)
     best = max(rows, key=lambda row: (row["val_acc_mean"], -row["it"]))
     assert (rows[-1]["best_it"], rows[-1]["best_test_acc_mean"]) == (best["it"], best["test_acc_mean"])
+    assert closing == (f"best ConvNetW16 (picked on validation): {100 * best['test_acc_mean']:.2f} +- "
+                       f"{100 * best['test_acc_std']:.2f} at iteration {best['it']}")
 
 
 def test_skip_first_eva_evaluates_from_eval_it_and_a_run_killed_before_it_starts_again(buffers, tmp_path,
@@ -247,4 +250,4 @@ def test_skipped_updates_are_counted_on_the_bar_and_in_the_printed_lines(buffers
     run_distill(buffers, tmp_path, "--Iteration", "2", "--threshold", "1e-6")
     captured = capsys.readouterr()
     assert "it 00000/2 loss " in captured.out and " skipped 1 (loss over --threshold 1e-06)" in captured.out
-    assert re.search(r"^distill: 100% 2/2 \[.* skipped 2 \(loss over --threshold 1e-06\)\]$", captured.err, re.M)
+    assert re.search(r"^distill: 100% 4/4 \[.* skipped 2 \(loss over --threshold 1e-06\)\]$", captured.err, re.M)

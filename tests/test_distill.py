@@ -40,6 +40,7 @@ def test_cli_writes_every_output(buffers, tmp_path):
     meta = json.loads((tmp_path / "run.json").read_text())
     assert (meta["dataset"], meta["model"], meta["ipc"], meta["zca"], meta["im_size"], meta["processes"]) == (
         "FashionMNIST-mini", "ConvNetW16", 1, False, [28, 28], 1)
+    assert "subset" not in meta and "res" not in meta  # ImageNet's alone: a Fashion-MNIST run has neither
     assert meta["torch_version"] == torch.__version__ and meta["device_name"].startswith("cpu")
     head = subprocess.run(["git", "-C", str(Path(distill.__file__).parent), "rev-parse", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
@@ -276,11 +277,15 @@ def test_the_grid_is_enlarged_and_ipc_1_is_one_row_of_classes(buffers, tmp_path)
     run_distill(buffers, tmp_path / "one", "--Iteration", "0")
     run_distill(buffers, tmp_path / "two", "--Iteration", "0", "--ipc", "2")
     one, two = (Image.open(tmp_path / run / "synthetic_0.png") for run in ("one", "two"))
-    side = 28 * 4 + 2  # nearest x4 and a 2-pixel border
-    assert one.size == (10 * side + 2, side + 2)  # ten classes side by side
-    assert two.size == (2 * side + 2, 10 * side + 2)  # a row of two per class
+    side, caption = 28 * 4 + 2, 12  # nearest x4 and a 2-pixel border; the class's name under it
+    assert one.size == (10 * side + 2, side + caption + 2)  # ten classes side by side
+    assert two.size == (2 * side + 2, 10 * (side + caption) + 2)  # a row of two per class
     pixels = np.asarray(one.convert("L"))
     assert (pixels[2:6, 2:6] == pixels[2, 2]).all()  # each source pixel became a 4x4 block
+    strips = [pixels[2 + 112:2 + 112 + caption, 2 + side * k:side * (k + 1)] for k in range(10)]
+    assert all((strip < 128).sum() > 20 for strip in strips)  # each class named in black under its image
+    rows = np.asarray(two.convert("L"))
+    assert (rows[114:126, 116:228] == 255).all()  # at ipc 2 a row's second image of the class is not named again
 
 
 def test_the_default_run_name_tells_a_sweep_apart():
@@ -407,7 +412,7 @@ def test_the_grid_stops_at_ipc_50_unless_force_save(buffers, tmp_path):
     run_distill(buffers, tmp_path / "plain", "--Iteration", "0", "--ipc", "50")
     run_distill(buffers, tmp_path / "forced", "--Iteration", "0", "--ipc", "50", "--force_save")
     assert not list((tmp_path / "plain").glob("*synthetic_*.png")) and (tmp_path / "plain" / "images_0.pt").exists()
-    assert Image.open(tmp_path / "forced" / "synthetic_0.png").size == (50 * 114 + 2, 10 * 114 + 2)
+    assert Image.open(tmp_path / "forced" / "synthetic_0.png").size == (50 * 114 + 2, 10 * 126 + 2)
 
 
 def test_a_syn_lr_that_is_no_longer_positive_stops_the_run(buffers, tmp_path, monkeypatch):
@@ -451,9 +456,27 @@ def test_curves_png_shows_the_loss_syn_lr_and_accuracy_of_every_evaluation(buffe
 
 def test_the_grid_wraps_many_classes_into_rows_of_ten():
     from mtt.run_folder import grid
-    images = torch.zeros(200, 3, 64, 64)  # Tiny ImageNet at ipc 1: 200 classes
-    assert grid(images, lambda x: x, ipc=1).shape == (20 * 130 + 2, 10 * 130 + 2, 3)  # x2 to 128 px, 2 px borders
-    assert grid(images, lambda x: x, ipc=2).shape == (100 * 130 + 2, 2 * 130 + 2, 3)  # a row per class
+    images, names = torch.zeros(200, 3, 64, 64), [f"n{k:08d}" for k in range(200)]  # Tiny ImageNet at ipc 1
+    # x2 to 128 px, 2 px borders and a 12-pixel strip for the class's name
+    assert grid(images, lambda x: x, 1, names).shape == (20 * 142 + 2, 10 * 130 + 2, 3)
+    assert grid(images, lambda x: x, 2, sorted(names[:100] * 2)).shape == (100 * 142 + 2, 2 * 130 + 2, 3)
+
+
+def test_a_short_run_s_curves_have_no_moving_average_of_one(buffers, tmp_path, monkeypatch):
+    """The loss's moving average takes a 50th of the iterations: under 100 it would be the curve
+    itself, labelled "mean of 1"."""
+    from matplotlib.axes import Axes
+    labels, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda axes, *args, **kwargs: (labels.append(kwargs.get("label")),
+                                                                     plot(axes, *args, **kwargs))[1])
+    evaluation = {"type": "evaluation", "it": 0, "set": "images", "model": "ConvNet", "test_acc_mean": 0.5,
+                  "best_test_acc_mean": 0.5}
+    rows = lambda n: [{"type": "iteration", "it": it, "loss": 1 / (it + 1), "syn_lr": 0.01} for it in range(n)] + [
+        evaluation]
+    run_folder.curves(rows(10))
+    assert "matching loss" in labels and not [label for label in labels if label and label.startswith("mean")]
+    run_folder.curves(rows(500))
+    assert "mean of 10" in labels
 
 
 class FakeBoard:
@@ -483,7 +506,9 @@ def test_tensorboard_gets_the_logged_scalars_and_grids_or_one_line_without_it(bu
     assert "pip install tensorboard" in error_of(buffers, tmp_path / "none", "--Iteration", "1", "--tensorboard") \
         or importlib.util.find_spec("tensorboard") is not None
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeBoard))
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    # tensorboard counts as installed for distill.py alone: patching importlib's find_spec itself broke the
+    # first import of torch._dynamo (which looks up specs) when a step happened to make it
+    monkeypatch.setattr(distill, "installed", lambda package: True)
     FakeBoard.calls = []
     run_distill(buffers, tmp_path, "--Iteration", "2", "--eval_it", "2", "--tensorboard")
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
@@ -495,7 +520,7 @@ def test_tensorboard_gets_the_logged_scalars_and_grids_or_one_line_without_it(bu
         else:
             expected += [("scalar", "test accuracy/images ConvNetW16", row["test_acc_mean"], row["it"]),
                          ("scalar", "best test accuracy/images ConvNetW16", row["best_test_acc_mean"], row["it"]),
-                         ("image", "images", (116, 1142, 3), row["it"], "HWC")]  # 28 px x4 and borders
+                         ("image", "images", (128, 1142, 3), row["it"], "HWC")]  # 28 px x4, borders, names
     assert FakeBoard.calls == expected + [("close",)]  # the writer's thread flushes on close
 
 
@@ -548,3 +573,17 @@ def test_an_out_of_memory_error_that_still_happens_is_one_line_and_keeps_the_che
                               f"checkpoint and sets of iteration 0 are in {tmp_path}: lower the peak with "
                               "--low_memory, --chunk_syn N or --batch_syn N and --resume"), message
     assert load(tmp_path / "checkpoint.pt")["iteration"] == 0
+
+
+def test_a_mistyped_resume_folder_is_refused_beside_the_run_it_resembles(buffers, tmp_path, capsys):
+    """A multi-hour run in runs/mtt_cifar10, resumed as --save_path runs/mtt_cifr10: one line naming
+    the run, nothing made. A name like no run's starts a new run, and says it is a new folder."""
+    run_distill(buffers, tmp_path / "mtt_cifar10", "--Iteration", "1")
+    message = error_of(buffers, tmp_path / "mtt_cifr10", "--Iteration", "2", "--resume")
+    assert message == (f"error: --resume --save_path {tmp_path / 'mtt_cifr10'}: no such folder, but "
+                       f"{tmp_path / 'mtt_cifar10'} beside it holds a run: give --save_path {tmp_path / 'mtt_cifar10'} "
+                       f"to continue it, or a name less like it for a new run")
+    assert not (tmp_path / "mtt_cifr10").exists()
+    capsys.readouterr()
+    run_distill(buffers, tmp_path / "datm_tiny", "--Iteration", "1", "--resume")
+    assert f"--resume: a new folder {tmp_path / 'datm_tiny'}; starting at iteration 0" in capsys.readouterr().out

@@ -115,3 +115,22 @@ def test_on_a_terminal_what_the_loop_prints_goes_above_the_bar(capsys):
     assert sys.stdout is stdout
     assert capsys.readouterr().out == "line 0\nline 1\nline 2\n"
     assert "\r" in screen.getvalue() and "work: 100%" in screen.getvalue()
+
+
+@pytest.mark.parametrize("file", [None, Terminal()], ids=["lines", "terminal"])
+def test_the_time_left_keeps_the_pauses_apart(capsys, monkeypatch, file):
+    """distill.py's first evaluation (a pause of a minute) then one step of a second, of 100, with
+    two evaluations still to come: 99 steps of a second and two minutes of evaluations, 03:39 left,
+    at a rate of 1 step a second (counted with the pause, 1:40:39 and 61 s a step)."""
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    with progress.progress(total=100, desc="distill", unit="step", file=file, pauses_left=lambda n: 2) as bar:
+        if file is not None:
+            bar._time = lambda: now[0]  # tqdm's own clock
+            bar.start_t = now[0]
+        with bar.pause():
+            now[0] += 60
+        now[0] += 1
+        bar.update()
+        shown = str(bar)
+    assert re.search(r" 1/100 \[01:01<03:39, 1\.00step/s\]", shown), shown

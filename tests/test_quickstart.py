@@ -30,10 +30,10 @@ def test_quickstart_runs_the_whole_pipeline_and_prints_both_accuracies(tmp_path)
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "\r" not in result.stderr  # not a terminal: each loop's progress comes as whole lines, ending at 100%
-    for loop in ("experts x epochs: 100% 2/2 ", "distill: 100% 2/2 ", "evaluating 2 networks: 100% ",
-                 "evaluating 10 networks: 100% "):
+    for loop in ("experts x epochs: 100% 2/2 ", "distill: 100% 40/40 ", "evaluating 2 networks: 100% ",
+                 "evaluating 10 networks: 100% "):  # distill.py's bar counts student steps: 2 iterations of 20
         assert any(line.startswith(loop) for line in result.stderr.splitlines()), loop
-    assert re.search(r"^distill: 100% 2/2 \[.*, loss \d\.\d{4} syn_lr 0\.\d{5}\]$", result.stderr, re.MULTILINE)
+    assert re.search(r"^distill: 100% 40/40 \[.*, it 2/2 loss \d\.\d{4} syn_lr 0\.\d{5}\]$", result.stderr, re.M)
     out = tmp_path / "qs"
     experts = out / "buffers/FashionMNIST-mini/ConvNetW8"
     for name in ["distilled/images_best.pt", "distilled/synthetic_0.png", "distilled/synthetic_2.png",
@@ -55,7 +55,8 @@ def test_quickstart_runs_the_whole_pipeline_and_prints_both_accuracies(tmp_path)
     # epochs, as the original's range(Epoch + 1): the line says both
     networks = [line for line in result.stdout.splitlines() if line.startswith("[")]
     assert len(networks) == 2 + 2 + 5 + 5  # distill.py's evaluations at 0 and 2, eval.py's two rows
-    assert re.fullmatch(r"\[random ConvNetW8 run 5/5\] 10 images, 2 \+ 1 epochs \(as the original\), lr 0\.01: "
+    assert re.fullmatch(r"\[random ConvNetW8 run 5/5\] 10 images, 2 epochs \(3 passes: the original trains one more\), "
+                        r"lr 0\.01: "
                         r"test acc \d+\.\d\d%", networks[-1])
 
     table_row = r"^(\S+)\s+ConvNetW8\s+1\s.*\s(\d+\.\d+) \+- (\d+\.\d+)\s+5$"  # set, model, ipc, ..., acc, n
@@ -174,7 +175,7 @@ def test_the_scripts_need_only_torch_torchvision_and_numpy(tmp_path):
     assert exits == ["exit 0"] * 3 + [f"exit error: --cfg {REPO / 'configs/mtt/cifar10_ipc1.yaml'}: reading a config "
                                       f"file needs PyYAML: pip install pyyaml"]
     assert result.stdout.count("usage: ") == 3 and "matplotlib is not installed: no curves.png" in result.stdout
-    assert re.search(r"^distill: 100% 2/2 \[", result.stderr, re.MULTILINE)  # progress as lines, without tqdm
+    assert re.search(r"^distill: 100% 4/4 \[", result.stderr, re.MULTILINE)  # progress as lines, without tqdm
     assert (out / "distilled" / "images_2.pt").exists() and not (out / "distilled" / "curves.png").exists()
     assert "rows written" not in result.stdout and re.search(r"^random\s+ConvNetW8\s+1\s", result.stdout, re.M)
 
@@ -220,3 +221,58 @@ def test_the_readmes_quickstart_commands_run_as_printed_in_order(tmp_path):
     rows = json.loads((tmp_path / "quickstart" / "results.json").read_text())["rows"]
     assert [(row["set"], row["model"]) for row in rows] == [("distilled/images_2.pt", "ConvNetW8"),
                                                             ("random", "ConvNetW8")]
+
+
+def readme_blocks():
+    """{the heading above it: its text} of every bash block in the README."""
+    blocks, heading = {}, "top"
+    for part in re.split(r"(^## [^\n]*$|^```bash\n.*?^```$)", (REPO / "README.md").read_text(), flags=re.M | re.S):
+        if part.startswith("## "):
+            heading = part[3:]
+        elif part.startswith("```bash"):
+            blocks[heading] = blocks.get(heading, "") + part[8:-3]
+    return blocks
+
+
+# The README's blocks this machine cannot run, and why; every other block is run by a test below.
+CANNOT_RUN_HERE = {
+    "top": "creates a venv with pip (the CI's own job: .ci/run runs the second line)",
+    "Reproducing the published settings": "CIFAR-10 is downloaded (no internet here); its last line runs below",
+    "DATM and FTD": "CIFAR-10 is downloaded",
+    "Evaluating a distilled set": "CIFAR-10 is downloaded",
+    "More than one GPU or machine": "torchrun over 8 GPUs or 2 machines",
+}
+RUN_HERE = {"What the quickstart does", "Fair scores: DD-Ranking's LRS and ARS"}
+
+
+def test_every_readme_block_runs_in_a_test_or_says_why_it_cannot():
+    assert set(readme_blocks()) == RUN_HERE | set(CANNOT_RUN_HERE)
+
+
+def test_every_folder_the_readmes_commands_write_is_git_ignored():
+    """What the commands as printed write (runs/, results/, ...) never shows in `git status`."""
+    text = "\n".join(readme_blocks().values())
+    folders = {Path(path).parts[0] for path in re.findall(r"--(?:buffer_path|save_path|out|data_path) (\S+)", text)}
+    folders |= {"logged_files", "data", "quickstart"}  # distill.py's default --save_path, the default --data_path
+    assert {"runs", "results", "buffers"} <= folders
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", *(f"{folder}/x" for folder in folders)],
+                             capture_output=True, text=True).stdout.split()
+    assert sorted(ignored) == sorted(f"{folder}/x" for folder in folders)
+
+
+def test_the_readmes_fair_scores_block_runs_as_printed(tmp_path):
+    """The Fair scores block, on the embedded data at the sizes of SMALL (every other word as
+    printed, its shell variables too), in an empty folder; then the published-settings block's
+    `tools/published.py results/*.json` on what it wrote."""
+    block = readme_blocks()["Fair scores: DD-Ranking's LRS and ARS"].replace("FashionMNIST ", "FashionMNIST-mini ")
+    for flag, value in {**SMALL, "--ipc": "1", "--epochs_full": "1", "--iteration": "2"}.items():
+        block = re.sub(rf"{flag} [^\s\"]+", f"{flag} {value}", block)  # a closing quote stays
+    compare = next(line for line in readme_blocks()["Reproducing the published settings"].splitlines()
+                   if "tools/published.py" in line)
+    script = f'python() {{ "{sys.executable}" "{REPO}/$1" "${{@:2}}"; }}\nset -e\n{block}\n{compare}\n'
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("mtt", "datm", "ftd"):
+        scores = json.loads((tmp_path / "results" / f"{name}_scores.json").read_text())["scores"]["ConvNetW8"]
+        assert {"hlr", "ior", "lrs", "ars"} <= set(scores)
+    assert result.stdout.count("| not from configs/ |") == 3  # one row per set, none of them a published row
