@@ -45,16 +45,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtt import parallel
 from mtt.data import DATASETS, get_dataset
+from mtt.memory import check_room, moving
 from mtt.flags import (Parser, add_common_args, check_model, folder_path, non_negative_float, parse, positive_float,
                        positive_int, switch, take_defaults)
-from mtt.parallel import main_decides, one_verdict, run_script
+from mtt.parallel import Interrupted, main_decides, one_verdict, run_and_exit, run_script
 from mtt.progress import progress
 from mtt.training import accuracy, decay_epoch, sgd_step, train_epoch
-from mtt.trajectories import (SIDECAR, Experts, buffer_dir, buffer_file, expert_files, new_buffer_file, next_number,
+from mtt.trajectories import (SIDECAR, Experts, buffer_file, experts_of, new_buffer_file, next_number,
                               numbered_files, open_checked, read_original, read_sidecar, set_aside, write_original)
 from networks import flatten_params, get_network
-from utils import (Interrupted, UsageError, check_fits, check_room, entry, eta, folder_lock, is_main, make_folder,
-                   save_json, say, set_seed)
+from utils import UsageError, eta, folder_lock, is_main, make_folder, rank, save_json, say, set_seed
 
 # Settings every expert of a directory must share; the sidecar states them once for all.
 SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
@@ -102,8 +102,8 @@ def parse_args(argv=None):
     args = parse(parser, argv)
     num_params = check_model(args.model, args.dataset, args.res)
     if not (args.import_pt or args.export_pt):
-        check_fits(4 * args.num_experts * (args.train_epochs + 1) * num_params,
-                   f"{args.num_experts} experts of {args.train_epochs + 1} snapshots", folder=args.buffer_path)
+        check_room(4 * args.num_experts * (args.train_epochs + 1) * num_params,
+                   f"{args.num_experts} experts of {args.train_epochs + 1} snapshots needs", args.buffer_path)
     if args.rho_min > args.rho_max:
         raise UsageError(f"--rho_min {args.rho_min} is above --rho_max {args.rho_max}")
     if (args.alpha or args.adaptive) and not args.rho_max:
@@ -122,7 +122,7 @@ def interrupted(args):
     """What an interrupted buffer.py leaves, in one line."""
     if args.export_pt:
         return f"the replay_buffer_{{n}}.pt files listed above are complete in {args.export_pt}"
-    directory = buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+    directory = experts_of(args)
     return (f"the experts listed in {directory}/{SIDECAR} are complete and kept; the file being written was "
             f"discarded; run the command again to add experts")
 
@@ -172,7 +172,7 @@ def open_directory(directory, settings, seed):
     meta.setdefault("next_index", len(meta["experts"]))
     planned = meta.pop("pending", {})  # a killed multi-process run's files: name -> index of its first expert
     listed = {expert["file"] for expert in meta["experts"]}
-    unlisted = [path for path in expert_files(directory) if path.name not in listed]
+    unlisted = [path for path in numbered_files(directory, "npy") if path.name not in listed]
     for path in unlisted:
         recover(path, meta, seed, planned.get(path.name, meta["next_index"]))
     if unlisted or planned:
@@ -199,7 +199,7 @@ def recover(path, meta, seed, first):
     if all(np.array_equal(array[row, 0], initialisation(meta, s)) for row, s in enumerate(seeds)):
         meta["experts"] += [{"file": path.name, "index": first + row, "row": row, "seed": s, "train_acc": [],
                              "test_acc": [], "recovered": True} for row, s in enumerate(seeds)]
-        print(f"recovered {path}: {count(len(array))} a killed run wrote but never listed in {SIDECAR} "
+        say(f"recovered {path}: {count(len(array))} a killed run wrote but never listed in {SIDECAR} "
               f"(indices {first}..{first + len(array) - 1}; their per-epoch accuracies are unknown)")
     else:
         set_aside(path, f"its experts do not start from the initialisations of indices {first}.. under --seed {seed}")
@@ -320,7 +320,7 @@ def load_data(args, device, settings):
     data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)
     shape = [data.channel, list(data.im_size), data.num_classes]
     assert shape == [settings["channel"], settings["im_size"], settings["num_classes"]], "DatasetInfo.shape disagrees"
-    check_room([data.images_train, data.images_test], device, "the training and test images")
+    check_room(moving([data.images_train, data.images_test], device), "the training and test images need", device)
     return replace(data, images_train=data.images_train.to(device), labels_train=data.labels_train.to(device),
                    images_test=data.images_test.to(device), labels_test=data.labels_test.to(device))
 
@@ -338,7 +338,7 @@ def open_run(args, directory, settings, world, run_lock):
 
 
 def train(args, device):
-    directory = Path(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res))
+    directory = Path(experts_of(args))
     settings, world = describe(args, args.seed), parallel.world()
     with ExitStack() as run_lock:  # rank 0 holds the directory's lock for the whole run; the others never take it
         meta, plan = main_decides(lambda: open_run(args, directory, settings, world, run_lock))
@@ -361,13 +361,13 @@ def train_rounds(args, data, settings, directory, meta, plan, world):
     in the sidecar when it ends. The bar counts every rank's expert-epochs (each rank reports each
     epoch in the per-epoch gather); the ETA counts the rounds' steps, which set the wall time."""
     rounds = [plan[j:j + world] for j in range(0, len(plan), world)]  # file j on rank j mod world
-    rank = parallel.rank()
     steps = [max(size for _, _, size in files) * args.train_epochs for files in rounds]
     start, done, total = time.time(), 0, sum(steps)
     with progress(total=args.num_experts * args.train_epochs, desc="experts x epochs", unit="epoch") as bar:
         for files, round_steps in zip(rounds, steps):
             entries = []
-            epochs = train_file(args, data, settings["num_params"], files[rank], entries) if rank < len(files) else ()
+            mine = files[rank()] if rank() < len(files) else None
+            epochs = train_file(args, data, settings["num_params"], mine, entries) if mine else ()
             # one gather an epoch, a rank whose file is done sending None: no collective waits longer than an epoch
             for epoch_report, _ in zip_longest(failures_reported(epochs), range(round_steps)):
                 done += 1
@@ -390,7 +390,7 @@ def train_rounds(args, data, settings, directory, meta, plan, world):
                     meta.pop("pending", None)
                 save_json(meta, Path(directory) / SIDECAR)
                 for path, _, size in files:
-                    print(f"wrote {path} ({count(size)})")
+                    say(f"wrote {path} ({count(size)})")
 
 
 def stopped(stop, args, directory, plan):
@@ -410,15 +410,14 @@ def import_pt(args):
     sources = numbered_files(args.import_pt, "pt")
     if not sources:
         raise UsageError(f"no replay_buffer_{{n}}.pt files in {args.import_pt}")
-    directory = make_folder(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res),
-                            "--buffer_path")
+    directory = make_folder(experts_of(args), "--buffer_path")
     with folder_lock(directory, "buffer.py run"):
         meta = open_directory(directory, describe(args, seed=None), args.seed)
         for source in sources:
             digest = sha256(source)
             imported = {entry.get("source_sha256"): entry["file"] for entry in meta["experts"]}
             if digest in imported:
-                print(f"skipped {source}: its experts are already imported, in {imported[digest]}")
+                say(f"skipped {source}: its experts are already imported, in {imported[digest]}")
                 continue
             experts = read_original(source, meta["param_shapes"], args.train_epochs)
             path = buffer_file(directory, next_number(directory, meta))
@@ -432,7 +431,7 @@ def import_pt(args):
                                 for row in range(len(experts))]
             meta["next_index"] += len(experts)
             save_json(meta, Path(directory) / SIDECAR)
-            print(f"{source} -> {path} ({count(len(experts))})")
+            say(f"{source} -> {path} ({count(len(experts))})")
 
 
 def sha256(path):
@@ -447,8 +446,7 @@ def sha256(path):
 def export_pt(args):
     """The directory's experts as the original's files: --save_interval experts per
     replay_buffer_{n}.pt, each a list of snapshots, each a list of per-parameter CPU tensors."""
-    experts = Experts(buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res),
-                      zca=args.zca)
+    experts = Experts(experts_of(args), zca=args.zca)
     shapes = [torch.Size(shape) for shape in experts.meta["param_shapes"]]
     folder = make_folder(args.export_pt, "--export_pt")
     with folder_lock(folder, "buffer.py --export_pt"):
@@ -458,8 +456,8 @@ def export_pt(args):
             chosen = range(first, min(first + args.save_interval, len(experts)))
             path = folder / f"replay_buffer_{n}.pt"
             write_original(path, [experts.trajectory(k) for k in chosen], shapes)
-            print(f"wrote {path} ({count(len(chosen))})")
+            say(f"wrote {path} ({count(len(chosen))})")
 
 
 if __name__ == "__main__":
-    entry(main)
+    run_and_exit(main)

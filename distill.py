@@ -32,23 +32,23 @@ from pathlib import Path
 
 import mtt  # noqa: F401  before torch loads: Ctrl-C or SIGTERM while the script starts is one line
 
-import numpy as np
 import torch
 
 from mtt import parallel, run_folder
-from mtt.data import DATASETS, Data, draw_per_class, get_dataset, images_per_class
+from mtt.data import DATASETS, Data, draw_per_class, get_dataset, images_per_class, smallest_class
 from mtt.evaluation import EvalSet, eval_pool, evaluate_sets
 from mtt.evaluation import add_flags as add_eval_flags
 from mtt.flags import (Parser, add_common_args, boolean, check_model, checked, folder_path, fraction,
                        non_negative_float, non_negative_int, parse, positive_float, positive_int, switch, take_defaults)
-from mtt.matching import BACKWARD, SyntheticSet, draw_schedule, forecast
-from mtt.parallel import main_decides, one_verdict, run_script, stalls_are_one_line
+from mtt.matching import BACKWARD, SyntheticSet, draw_schedule
+from mtt.memory import check_room, choose_backward, forecast, free_memory, moving
+from mtt.parallel import main_decides, one_verdict, run_and_exit, run_script, stalls_are_one_line
 from mtt.progress import progress
 from mtt.training import predict
-from mtt.trajectories import Experts, buffer_dir, fill_command
+from mtt.trajectories import Experts, buffer_dir, experts_of, fill_command
 from networks import flatten_params, get_network
-from utils import (MARGIN, UsageError, check_fits, check_room, entry, free_memory, gigabytes, installed, is_main,
-                   make_folder, run_info, run_seed, save_json, save_torch, say, set_seed)
+from utils import (UsageError, installed, is_main, make_folder, run_seed, save_json, save_torch, say,
+                   set_seed)
 
 # DATM's flags and their defaults in DATM's code. They apply as a whole once any of them is given
 # with a value MTT does not have (DATM always learns its labels, from images an expert classifies
@@ -180,11 +180,11 @@ def check_args(args):
                          "written without it)")
     if not installed("matplotlib"):
         say("matplotlib is not installed: no curves.png (pip install matplotlib); log.jsonl holds the same figures")
-    check_model(args.model, args.dataset, args.res)
     channel, (h, w), num_classes = DATASETS[args.dataset].shape(args.res)
     tiles = args.canvas_size if args.texture else 1
-    check_fits(3 * 4 * args.ipc * num_classes * channel * h * w * tiles * tiles,  # images, gradient, momentum
-               f"--ipc {args.ipc}'s synthetic set" + f" of --canvas_size {tiles} canvases" * args.texture)
+    check_room(3 * 4 * args.ipc * num_classes * channel * h * w * tiles * tiles,  # images, gradient, momentum
+               f"--ipc {args.ipc}'s synthetic set" + f" of --canvas_size {tiles} canvases" * args.texture + " needs",
+               torch.device("cpu"))
     if args.texture and args.zca:
         raise UsageError("--texture cannot be combined with --zca (the original does not support it either)")
     if not args.min_start_epoch < min(args.max_start_epoch, start_epoch_window(args, 0)[1]):
@@ -196,7 +196,7 @@ def check_args(args):
                          f"evaluates BN runs with it too)")
 
 
-class Diverged(UsageError):
+class Stopped(UsageError):
     """The loss, a gradient or a learnable tensor left the range where training means anything, or the
     memory ran out: the line says what is kept and how to go on."""
 
@@ -271,17 +271,18 @@ def set_up(args, device, run_lock):
     new_folder = not save_path.exists()
     state, changes, log_rows = main_decides(lambda: open_run(save_path, args, run_lock))
     with one_verdict():  # no collective inside: a rank that fails goes straight to the verdict
+        num_params = check_model(args.model, args.dataset, args.res)  # before any file: a model too deep is one line
         set_seed(args.seed)
-        directory = buffer_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+        directory = experts_of(args)
         experts = Experts(directory, args.max_files, args.max_experts, args.load_all, args.seed, args.zca)
-        check_experts(args, experts, directory, check_model(args.model, args.dataset, args.res))
+        check_experts(args, experts, directory, num_params)
         data = get_dataset(args.dataset, args.data_path, args.zca, args.subset, args.res, device)  # the cache: last
         net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
         held_out, pool = validation_split(data, args.val_per_class, args.seed)
         # on the device before the forecast reads the free memory: what they take is not the step's
         test, validation = (data.images_test, data.labels_test), (data.images_train[held_out],
                                                                   data.labels_train[held_out])
-        check_room([*test, *validation], device, "the test and validation images")
+        check_room(moving([*test, *validation], device), "the test and validation images need", device)
         test, validation = (tuple(t.to(device) for t in pair) for pair in (test, validation))
         synset = initial_set(args, data, experts, net, pool, device)
         optimizers = {name: torch.optim.SGD([t], *OPTIMIZERS[name](args)) for name, t in synset.tensors.items()}
@@ -396,36 +397,6 @@ def open_run(save_path, args, run_lock):
     return state, resume_changes(state, args), run_folder.read_log(save_path / run_folder.LOG, state["iteration"])
 
 
-def room(free):
-    """What a forecast may take of `free` bytes, said: '16.92 GB (the 18.80 GB free less a 10% margin)'."""
-    return f"{gigabytes(free * (1 - MARGIN))} (the {gigabytes(free)} free less a {MARGIN:.0%} margin)"
-
-
-def choose_backward(args, peak, batch_syn, free):
-    """Whether to run the low-memory replay: --low_memory's answer, or, not given, the unroll where
-    its forecast peak fits in the free memory less MARGIN, else the replay (the same gradient, said
-    in a line). A forecast over it is one line naming the flags that would fit, before any work."""
-    chunk = args.chunk_syn
-    usable = free * (1 - MARGIN)
-    low_memory = args.low_memory if args.low_memory is not None else peak(False, batch_syn, chunk) > usable
-    if peak(low_memory, batch_syn, chunk) <= usable:
-        if low_memory and args.low_memory is None:
-            say(f"the full unroll would need about {gigabytes(peak(False, batch_syn, chunk))}, more than {room(free)}: "
-                f"running the low-memory replay instead (the same gradient), about "
-                f"{gigabytes(peak(True, batch_syn, chunk))}")
-        return low_memory
-    largest = lambda fits, n: max((k for k in range(1, n + 1) if fits(k)), default=None)
-    chunk_fits = largest(lambda k: peak(True, batch_syn, k) <= usable, min(chunk or batch_syn, batch_syn))
-    batch_fits = largest(lambda k: peak(low_memory, k, chunk) <= usable, batch_syn)
-    replay_fits = not low_memory and peak(True, batch_syn, chunk) <= usable
-    fits = (["--low_memory"] if replay_fits else [f"--low_memory --chunk_syn {chunk_fits}"] if chunk_fits else []) \
-        + ([f"--batch_syn {batch_fits}"] if batch_fits else [])
-    raise UsageError(f"one iteration with {'the low-memory replay' if low_memory else 'the full unroll'} needs about "
-                     f"{gigabytes(peak(low_memory, batch_syn, chunk))}, more than {room(free)}; "
-                     + (f"these would fit: {', or '.join(fits)}" if fits else
-                        "nothing fits, not even --low_memory --chunk_syn 1: lower --syn_steps"))
-
-
 @contextmanager
 def out_of_memory_is_one_line(args):
     """An allocation that fails in spite of the forecast (a GPU shared with others, RAM taken
@@ -435,7 +406,7 @@ def out_of_memory_is_one_line(args):
     except RuntimeError as err:  # torch.OutOfMemoryError on a GPU; the CPU allocator's RuntimeError
         if not any(said in str(err) for said in ("out of memory", "can't allocate memory")):
             raise
-        raise Diverged(f"out of memory ({str(err).splitlines()[0][:120]})", args, fix="lower the peak with "
+        raise Stopped(f"out of memory ({str(err).splitlines()[0][:120]})", args, fix="lower the peak with "
                        "--low_memory, --chunk_syn N or --batch_syn N") from None
 
 
@@ -468,7 +439,7 @@ def initial_set(args, data, experts, net, pool, device):
     """The SyntheticSet to start from: images by --pix_init, syn_lr = lr_teacher, label logits
     with --soft_label (DATM), from the experts' snapshot at --Label_Model_Timestamp."""
     uses_experts = args.soft_label or args.pix_init == "samples_predicted_correctly"
-    label_thetas = [torch.from_numpy(np.array(experts.trajectory(k)[args.Label_Model_Timestamp])).to(device)
+    label_thetas = [experts.snapshot(k, args.Label_Model_Timestamp, device)
                     for k in range(len(experts))] if uses_experts else []
     images, labels = init_images(data, args.ipc, args.pix_init, args.canvas_size if args.texture else 1, pool,
                                  label_thetas, net)
@@ -487,8 +458,7 @@ def init_images(data, ipc, pix_init="real", tiles=1, pool=None, expert_thetas=()
     if pix_init == "noise":
         return torch.randn(len(labels), c, h * tiles, w * tiles), labels
     pool = torch.ones(len(data.labels_train), dtype=torch.bool) if pool is None else pool
-    needed, smallest = ipc * tiles * tiles, min(int(pool[idx].sum()) for idx in images_per_class(
-        data.labels_train, data.num_classes))
+    needed, smallest = ipc * tiles * tiles, smallest_class(data.labels_train, data.num_classes, pool)
     if needed > smallest:
         raise UsageError(f"--ipc {ipc} needs {needed} real images per class for --pix_init {pix_init}, but the "
                          f"smallest class has {smallest}" + (" (after --val_per_class)" if not pool.all() else ""))
@@ -571,9 +541,7 @@ def draw_segment(experts, window, expert_epochs, device):
     """A random expert and start epoch t in the window: its parameters at t and t + expert_epochs."""
     expert = torch.randint(len(experts), ()).item()
     start = torch.randint(*window, ()).item()
-    trajectory = experts.trajectory(expert)
-    snapshot = lambda epoch: torch.from_numpy(np.array(trajectory[epoch])).to(device)
-    theta0, target = snapshot(start), snapshot(start + expert_epochs)
+    theta0, target = (experts.snapshot(expert, epoch, device) for epoch in (start, start + expert_epochs))
     if not (theta0.isfinite().all() and target.isfinite().all()):
         raise UsageError(f"expert {expert} of the buffer holds non-finite parameters at epoch {start} or "
                          f"{start + expert_epochs}: it diverged when buffer.py trained it; retrain it")
@@ -604,18 +572,18 @@ def check_diverged(synset, loss, bounds, it, args):
     """After the update, before anything is saved: a non-finite loss, gradient or value, a learnable
     tensor beyond DIVERGED x its largest initial magnitude, or a syn_lr no longer positive stop the run."""
     if not math.isfinite(loss):
-        raise Diverged(f"the matching loss became {loss} at iteration {it}", args, learned=it > 0)
+        raise Stopped(f"the matching loss became {loss} at iteration {it}", args, learned=it > 0)
     for name, tensor in synset.tensors.items():
         if tensor.grad is not None and not tensor.grad.isfinite().all():
-            raise Diverged(f"the gradient of {name} became non-finite at iteration {it}", args, learned=it > 0)
+            raise Stopped(f"the gradient of {name} became non-finite at iteration {it}", args, learned=it > 0)
         if not tensor.isfinite().all():
-            raise Diverged(f"{name} became non-finite at iteration {it}", args)
+            raise Stopped(f"{name} became non-finite at iteration {it}", args)
         largest = tensor.detach().abs().max().item()
         if name in bounds and largest > bounds[name]:
-            raise Diverged(f"{name} reached {largest:.3g} at iteration {it}, over {DIVERGED}x its largest initial "
+            raise Stopped(f"{name} reached {largest:.3g} at iteration {it}, over {DIVERGED}x its largest initial "
                            f"value ({bounds[name] / DIVERGED:.3g})", args)
     if not synset.syn_lr.item() > 0:
-        raise Diverged(f"syn_lr became {synset.syn_lr.item():.3g} at iteration {it}", args)
+        raise Stopped(f"syn_lr became {synset.syn_lr.item():.3g} at iteration {it}", args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,8 +699,8 @@ def run_description(args, data, device):
              "canvas_size", "canvas_samples", "dsa_strategy", "soft_label")  # subset and res: ImageNet's alone
     return {**{flag: getattr(args, flag) for flag in flags}, "channel": data.channel, "im_size": list(data.im_size),
             "num_classes": data.num_classes, "mean": data.mean, "std": data.std, "processes": parallel.world(),
-            **run_info(device), "args": vars(args)}
+            **run_folder.run_info(device), "args": vars(args)}
 
 
 if __name__ == "__main__":
-    entry(main)
+    run_and_exit(main)

@@ -15,6 +15,7 @@ DATM's lr_X.pt, else --lr; each row says which. --model defaults to the set's ru
 else ConvNet; baselines use the same models, so the rows compare. Under torchrun the networks
 (sets x models x num_eval) spread over the processes; the rows equal a one-process run's.
 """
+import argparse
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -22,20 +23,21 @@ from pathlib import Path
 import mtt  # noqa: F401  before torch loads: Ctrl-C or SIGTERM while the script starts is one line
 
 import numpy as np
-import torch
 
 from mtt import parallel
-from mtt.data import draw_per_class, get_dataset, images_per_class
+from mtt.data import draw_per_class, get_dataset, smallest_class
 from mtt.evaluation import EvalSet, eval_pool, evaluate_sets
 from mtt.evaluation import add_flags as add_eval_flags
 from mtt.flags import (Parser, add_common_args, check_model, checked, folder_path, non_negative_int, parse,
                        positive_float, positive_int, switch)
-from mtt.parallel import run_script
-from mtt.run_folder import load_saved_set
+from mtt.parallel import run_and_exit, run_script
+from mtt.run_folder import load_saved_set, run_info
 from mtt.training import predict
-from mtt.trajectories import Experts, buffer_dir
+from mtt.trajectories import Experts, experts_of
 from networks import get_network
-from utils import UsageError, entry, is_main, make_folder, run_info, save_json
+from utils import UsageError, is_main, make_folder, save_json
+
+unit = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def parse_args(argv=None):
@@ -73,7 +75,6 @@ def parse_args(argv=None):
     return args
 
 
-unit = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def main(argv=None):
@@ -141,7 +142,7 @@ def in_space(images, data, whitening):
 
 def random_subset(data, ipc, seed):
     """ipc real training images per class, drawn by their own generator so the draw depends on the seed only."""
-    smallest = min(len(idx) for idx in images_per_class(data.labels_train, data.num_classes))
+    smallest = smallest_class(data.labels_train, data.num_classes)
     if not 1 <= ipc <= smallest:
         raise UsageError(f"--ipc {ipc}: the random baseline needs 1 to {smallest} images per class "
                          f"(the smallest class of the training set has {smallest})")
@@ -207,10 +208,10 @@ def expert_logits(saved, images, num_classes, device):
     if run is None:
         raise UsageError(f"--scores on {saved.name}, a soft-label set with no run.json: the random subset's labels "
                          f"come from the experts of the run, which only a run.json names")
-    directory = buffer_dir(run["buffer_path"], run["dataset"], run["model"], run["zca"], run["subset"], run["res"])
+    directory = experts_of(argparse.Namespace(**run))
     experts, snapshot = Experts(directory, zca=run["zca"]), run["Label_Model_Timestamp"]
     net = get_network(run["model"], images.shape[1], num_classes, images.shape[2:]).to(device)
-    theta = torch.from_numpy(np.array(experts.trajectory(0)[snapshot])).to(device)
+    theta = experts.snapshot(0, snapshot, device)
     return predict(net, theta, images.to(device)).cpu(), f"logits of expert 0 at snapshot {snapshot} of {directory}"
 
 
@@ -237,24 +238,24 @@ def scores(rows, terms, model, w, g):
             "accuracies": {term: {"set": row["set"], "test_accs": row["test_accs"]} for term, row in used.items()}}
 
 
+def columns(lines):
+    """Lines of cells in left-aligned columns two spaces apart."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
 def scores_table(found, num_eval):
     shown = lambda s: f"{100 * s['mean']:.2f} +- {100 * s['std']:.2f}" if s else "n/a: needs DSA (--dsa True)"
-    cells = [("model", "HLR", "IOR", "LRS", "ARS")]
-    cells += [(model, *(shown(s.get(name)) for name in ("hlr", "ior", "lrs", "ars"))) for model, s in found.items()]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     return (f"DD-Ranking's scores x 100, mean +- std over {num_eval} networks (HLR, IOR: accuracy points; LRS, ARS: "
-            f"in [0, 100], higher is better):\n" + "\n".join("  ".join(cell.ljust(width) for cell, width in
-                                                                  zip(line, widths)).rstrip() for line in cells))
+            f"in [0, 100], higher is better):\n" + columns([("model", "HLR", "IOR", "LRS", "ARS")] + [
+                (model, *(shown(s.get(name)) for name in ("hlr", "ior", "lrs", "ars"))) for model, s in found.items()]))
 
 
 def format_table(rows):
-    cells = [("set", "model", "ipc", "lr", "test acc %", "n")]
-    cells += [(row["set"], row["model"], "all" if row["ipc"] is None else str(row["ipc"]),
-               f"{row['lr']:.4g} ({row['lr_from']})",
-               f"{100 * row['test_acc_mean']:.2f} +- {100 * row['test_acc_std']:.2f}", str(row["n"]))
-              for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)
+    return columns([("set", "model", "ipc", "lr", "test acc %", "n")] + [
+        (row["set"], row["model"], "all" if row["ipc"] is None else str(row["ipc"]),
+         f"{row['lr']:.4g} ({row['lr_from']})", f"{100 * row['test_acc_mean']:.2f} +- {100 * row['test_acc_std']:.2f}",
+         str(row["n"])) for row in rows])
 
 
 def evaluate_all(args, device):
@@ -287,4 +288,4 @@ def evaluate_all(args, device):
 
 
 if __name__ == "__main__":
-    entry(main)
+    run_and_exit(main)

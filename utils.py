@@ -1,6 +1,6 @@
-"""Plumbing the scripts share that is not the method: errors, seeds, devices, safe files, main().
-It imports no other module of the project."""
-import ctypes
+"""Plumbing the scripts share that is not the method: errors, the rank that prints, seeds, and
+files written whole, read with one line for what is wrong, one writer per folder. It imports no
+other module of the project."""
 import importlib.util
 import errno
 import fcntl
@@ -9,10 +9,6 @@ import json
 import os
 import random
 import re
-import shutil
-import signal
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +17,6 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 NUMPY_SEEDS = 2**32  # numpy takes seeds below this
 TORCH_SEEDS = 2**63  # torch.manual_seed takes seeds below this
 
@@ -35,88 +30,14 @@ class UsageError(Exception):
         self.rank = rank
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM (a cluster's pre-emption), with the one line that says what was kept."""
-
-
-def check_fits(needed, what, folder=None):
-    """Refuse, in one line, what needs more bytes than this machine's memory (or, with `folder`,
-    the free space of its disk) before anything is allocated or written."""
-    if folder is None:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
-    else:
-        existing = next(p for p in [Path(folder).absolute(), *Path(folder).absolute().parents] if p.exists())
-        have, where = shutil.disk_usage(existing).free, f"free space in {existing}"
-    if needed > have:
-        raise UsageError(f"{what} needs {needed / 2**30:.3g} GB, more than the {have / 2**30:.3g} GB of {where}")
-
-
-# Of the free memory, the part no forecast may take: cuDNN's workspaces, the allocator's rounding and
-# the forecast's own error (its constants were fitted on CPU peaks).
-MARGIN = 0.1
-CGROUP_FILES = {"v2": ("", "memory.max", "memory.current", "inactive_file"),
-                "v1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
-
-
-def free_memory(device):
-    """Bytes this process can still allocate on `device`. A GPU: its free memory plus what torch's
-    caching allocator holds but has freed (reserved, not allocated: free to torch, used to the
-    driver). The CPU: MemAvailable, or what the process's memory cgroup still allows where that is
-    less (a container, a Slurm job), shared by the torchrun processes of this machine."""
-    if device.type == "cuda":
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return torch.cuda.mem_get_info(device)[0] + cached
-    with open("/proc/meminfo") as meminfo:
-        fields = dict(line.split(":", 1) for line in meminfo)
-    available = int(fields["MemAvailable"].split()[0]) * 1024
-    room = cgroup_room()
-    return min(available, available if room is None else room) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def cgroup_room(root=Path("/sys/fs/cgroup"), membership=Path("/proc/self/cgroup")):
-    """Bytes the process's memory cgroup (v2 or v1) lets it allocate still: its limit less what it
-    uses, page cache the kernel can drop not counted (the kubelet's working set); None without a
-    limit. The group's folder is the one /proc/self/cgroup names, or the mount's root (inside a
-    container the mount is the container's own group)."""
-    try:
-        lines = membership.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, group = line.split(":", 2)
-        version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
-        if version is None:
-            continue
-        mount, limit_file, usage_file, cache_key = CGROUP_FILES[version]
-        for folder in (root / mount / group.lstrip("/"), root / mount):
-            try:
-                limit, usage = (folder / limit_file).read_text().strip(), int((folder / usage_file).read_text())
-                stat = dict(row.split() for row in (folder / "memory.stat").read_text().splitlines())
-            except (OSError, ValueError):
-                continue
-            if not limit.isdigit() or int(limit) >= 2**62:  # v2's "max", v1's 2^63 rounded to a page: no limit
-                break
-            return int(limit) - usage + int(stat.get(cache_key, 0))
-    return None
-
-
-def gigabytes(n):
-    return f"{n / 2**30:.2f} GB"
-
-
-def check_room(tensors, device, what):
-    """Refuse, in one line, tensors that would not fit in the GPU's free memory when moved there,
-    before any work. Those on the device already count nothing (on the CPU, all of them)."""
-    needed = sum(tensor.nbytes for tensor in tensors if tensor.device.type != device.type)
-    free = free_memory(device) if needed else 0
-    if needed > free:
-        raise UsageError(f"{what} need {gigabytes(needed)} on {device}, more than its {gigabytes(free)} free; free the "
-                         f"GPU or use --device cpu")
+def rank():
+    """This process's torchrun rank (0 under plain python): the one answer every module asks."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def is_main():
     """Whether this is the process that prints and writes: the only one, or torchrun's rank 0."""
-    return os.environ.get("RANK", "0") == "0"
+    return rank() == 0
 
 
 def say(line):
@@ -133,6 +54,11 @@ def installed(package):
         return False
 
 
+def cpu_threads():
+    """The CPU threads this process may run on (torch uses only the physical cores by default)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def set_seed(seed):
     """Seed python, numpy and torch (every device) so that a run repeats."""
     random.seed(seed)
@@ -144,81 +70,6 @@ def run_seed(seed, index):
     """The seed of the index-th run of a command seeded with `seed` (an evaluation network, an
     evaluation iteration): distinct for each index, and the same whatever else the command does."""
     return seed * 1_000_003 + index
-
-
-def pick_device(device=None):
-    """torch.device for --device: cuda when present unless given; a device that is absent or
-    unknown is a UsageError, not a traceback from the first tensor moved to it."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        picked = torch.device(device)
-    except RuntimeError as err:
-        raise UsageError(f"unknown --device {device!r}; use cuda, cuda:N or cpu") from err
-    if picked.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: this machine has no CUDA GPU (torch sees none); use --device cpu")
-    if picked.type == "cuda" and (picked.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if picked.type not in ("cuda", "cpu"):
-        raise UsageError(f"--device {device}: only cuda and cpu are supported")
-    return picked
-
-
-def keep_freed_memory():
-    """Make glibc's malloc keep the memory torch frees for its next tensors. By default it maps
-    every block over 32 MB afresh from the kernel and unmaps it when freed, so a CPU step whose
-    activations are that large faults them in again, 4 KB at a time, at every step (BENCHMARKS.md
-    section 8). The cost: freed blocks that later requests do not fit stay resident. No effect
-    where the C library is not glibc."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(M_MMAP_MAX, 0)  # every block from the heap, which is reused
-        mallopt(M_TRIM_THRESHOLD, -1)  # and never shrunk, so what the next step needs is mapped already
-
-
-def run_info(device):
-    """What a results file should say about where it came from: code version, torch, device."""
-    git = lambda *argv: subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True,
-                                       timeout=10).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD") or None
-        dirty = commit and bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"git_commit": commit, "git_dirty": dirty, "torch_version": torch.__version__, "device": str(device),
-            "device_name": name}
-
-
-def exit_status(main):
-    """main()'s exit status: Ctrl-C and SIGTERM end with Interrupted's one line (on rank 0 only) and
-    130, not a traceback; sys.exit's status is kept, and its message printed with 1."""
-    def terminate(signum, frame):
-        raise KeyboardInterrupt("stopped by SIGTERM")
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        main()
-    except KeyboardInterrupt as stop:
-        if is_main():
-            print(str(stop) or "stopped by Ctrl-C", file=sys.stderr)
-        return 130
-    except SystemExit as leaving:
-        if leaving.code is None or isinstance(leaving.code, int):
-            return leaving.code or 0
-        print(leaving.code, file=sys.stderr)  # as Python does for sys.exit("error: ...")
-        return 1
-    return 0
-
-
-def entry(main):
-    """`if __name__ == "__main__": entry(main)`. It exits without the interpreter's teardown, which
-    spends seconds freeing the modules torch loads: every file the script wrote is closed, and the
-    process group left, by the time main() returns."""
-    status = exit_status(main)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ with parallel and progress for every script. README.md, "How the code is laid ou
 
 The scripts import it before torch, which takes seconds to load: from then on Ctrl-C and SIGTERM
 (a cluster's pre-emption) while a script starts end with one line and status 130, as they do
-during its run (utils.exit_status), not with a traceback or in silence.
+during its run (parallel.exit_status), not with a traceback or in silence.
 """
 import os
 import signal

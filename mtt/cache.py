@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import UsageError, atomic_path, say
+from utils import UsageError, atomic_path, folder_lock, open_array, say
 
 VERSION = 1  # part of every key: raise it when what a cache file holds changes
 KEY_CHARS = 16
@@ -42,46 +42,42 @@ def hash_images(images, chunk=4096):
     return digest.hexdigest()
 
 
-def entry(in_folder, name, suffix, *key):
+def file_for(in_folder, name, suffix, *key):
     """The file of `name` whose contents the key's parts determine."""
     digest = hashlib.sha256("\n".join(map(str, [VERSION, *key])).encode()).hexdigest()
     return in_folder / f"{name}-{digest[:KEY_CHARS]}{suffix}"
 
 
-def older_entries(path):
-    """The files of the same name as `path` with other keys: stale, since `path` is what is current."""
-    pattern = path.name[:-len(path.suffix) - KEY_CHARS] + "?" * KEY_CHARS + path.suffix
-    return [old for old in path.parent.glob(pattern) if old != path]
+def get_or_make(path, load, make, save, doing):
+    """load(path), or under the cache folder's lock (a second process waits, then reads) make() it,
+    said in one line (`doing`: "decoding X: N images"), and keep it: save(value, temporary path).
+    A damaged file is said and made again; a failed write (a full disk) is said, not raised."""
+    with folder_lock(path.parent, "cache", wait=True):
+        if path.exists():
+            try:
+                return load(path)
+            except UsageError as err:
+                say(f"the cache {path} is damaged ({err}); {doing.split()[0]} again")
+        older = [old.name for old in path.parent.glob(path.name[:-len(path.suffix) - KEY_CHARS] + "?" * KEY_CHARS
+                                                      + path.suffix) if old != path]
+        said = f" (replacing {', '.join(older)}: its files have changed)" if older else ""
+        say(f"{doing}, once: later starts read {path}{said}")
+        value = make()
+        try:
+            with atomic_path(path) as tmp:
+                save(value, tmp)
+        except (OSError, UsageError) as err:
+            say(f"could not write {path} ({getattr(err, 'strerror', None) or err}); going on without caching it")
+            return value
+        for name in older:
+            (path.parent / name).unlink(missing_ok=True)
+        return value
 
 
-def replacing(path):
-    older = older_entries(path)
-    return f" (replacing {', '.join(old.name for old in older)}: its files have changed)" if older else ""
-
-
-def read(path, load, redo):
-    """load(path), or None when there is no such file; a damaged one is said (with `redo`, what is
-    done instead) and None."""
-    if not path.exists():
-        return None
-    try:
-        return load(path)
-    except UsageError as err:
-        say(f"the cache {path} is damaged ({err}); {redo}")
-        return None
-
-
-def write(path, write_to):
-    """write_to(temporary path), then rename it to `path` and delete the stale entries it replaces; a
-    failure (a full disk) is said, not raised: the run goes on without the file."""
-    try:
-        with atomic_path(path) as tmp:
-            write_to(tmp)
-    except (OSError, UsageError) as err:
-        say(f"could not write {path} ({getattr(err, 'strerror', None) or err}); going on without caching it")
-        return
-    for old in older_entries(path):
-        old.unlink(missing_ok=True)
+def cached_array(shape, dtype):
+    """A get_or_make loader of an array of exactly this shape and dtype, mapped copy-on-write: torch
+    wants a writable array, and a write must never reach the file."""
+    return lambda path: open_array(path, dtype, lambda found: found == shape, mode="c")
 
 
 def save_npy(array, path):

@@ -12,7 +12,6 @@ import gzip
 import multiprocessing
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,7 +22,8 @@ from PIL import Image
 
 from mtt import cache
 from mtt.progress import progress
-from utils import REPO, UsageError, folder_lock, free_memory, gigabytes, load_torch, open_array, say
+from mtt.zca import ZCA, cached_zca, whitened
+from utils import REPO, UsageError, cpu_threads
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
@@ -31,12 +31,6 @@ MINI_PATH = REPO / "assets" / "fashion_mnist_mini.npz"
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 RESIZE_RULE = "PIL convert RGB, resize (res, res) BILINEAR"  # how _decode makes a picture; part of its key
-ZCA_EPS = 0.1  # the original's kornia ZCAWhitening(eps=0.1)
-
-
-def cpu_threads():
-    """The CPU threads this process may run on (torch uses only the physical cores by default)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 @dataclass
@@ -96,6 +90,11 @@ def images_per_class(labels, num_classes):
     """Indices of each class's images, as a list of tensors."""
     order = torch.argsort(labels, stable=True)
     return list(torch.split(order, torch.bincount(labels, minlength=num_classes).tolist()))
+
+
+def smallest_class(labels, num_classes, pool=None):
+    """How many images the smallest class has (among `pool`, a mask of the images; default all)."""
+    return min(len(idx) if pool is None else int(pool[idx].sum()) for idx in images_per_class(labels, num_classes))
 
 
 def draw_per_class(labels, num_classes, per_class, seed):
@@ -235,20 +234,10 @@ def _read_images(files, res, data_path, name):
     if folder is None:
         return torch.from_numpy(_decode_all(files, res, desc))
     signatures = (file_signature(path, data_path) for path in files)
-    path = cache.entry(folder, f"{name}-{res}px", ".npy", RESIZE_RULE, res, *signatures)
-    with folder_lock(folder, "cache", wait=True):
-        images = cache.read(path, cached_array((len(files), 3, res, res), np.uint8), "decoding again")
-        if images is None:
-            say(f"{desc}: {len(files)} images, once: later starts read {path}{cache.replacing(path)}")
-            images = _decode_all(files, res, desc)
-            cache.write(path, partial(cache.save_npy, images))
-    return torch.from_numpy(images)
-
-
-def cached_array(shape, dtype):
-    """A cache.read loader of an array of exactly this shape and dtype, mapped copy-on-write: torch
-    wants a writable array, and a write must never reach the file."""
-    return lambda path: open_array(path, dtype, lambda found: found == shape, mode="c")
+    path = cache.file_for(folder, f"{name}-{res}px", ".npy", RESIZE_RULE, res, *signatures)
+    return torch.from_numpy(cache.get_or_make(path, cache.cached_array((len(files), 3, res, res), np.uint8),
+                                              lambda: _decode_all(files, res, desc), cache.save_npy,
+                                              f"{desc}: {len(files)} images"))
 
 
 def file_signature(path, data_path):
@@ -320,48 +309,6 @@ def _load_tiny(data_path, subset, res):
     return x_train, y_train, *_load_folders(test, classes, 64, "Tiny ImageNet", data_path, "Tiny-test"), classes
 
 
-def cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
-    """ZCA.fit on uint8 training images, read from {data_path}/cache/zca-{name}-{key}.pt when fitted
-    before; the key covers the images' bytes and eps. Returns the ZCA, the file it is kept in and
-    the images' hash, which keys their whitened copy too (data_path None: fitted, None and None)."""
-    folder = cache.folder(data_path) if data_path is not None else None
-    if folder is None:
-        return ZCA.fit(images, eps, device=device), None, None
-    digest = cache.hash_images(images)
-    path = cache.entry(folder, f"zca-{name}", ".pt", eps, digest)
-    with folder_lock(folder, "cache", wait=True):
-        whitener = cache.read(path, partial(ZCA.load, features=images[0].numel()), "fitting again")
-        if whitener is None:
-            shape = "x".join(map(str, images.shape[1:]))
-            say(f"fitting ZCA on {len(images)} images of {shape} on {device or 'cpu'}, once: later starts read "
-                f"{path}{cache.replacing(path)}")
-            whitener = ZCA.fit(images, eps, device=device)
-            cache.write(path, partial(torch.save, whitener.state_dict()))
-    return whitener, path if path.exists() else None, digest
-
-
-def whitened(images, whitener, zca_file, name, device=None, digest=None):
-    """uint8 images scaled to [0, 1] and whitened, float32, kept as {cache}/whitened-{name}-{key}.npy
-    beside the ZCA's file: at Tiny ImageNet's size whitening is a 12288 x 12288 product per image,
-    half a minute of every start on a CPU. The key covers that file (name and time of writing), the
-    images' bytes (`digest`, when hash_images has taken it) and the device type (another device
-    rounds the product differently)."""
-    # contiguous: CIFAR arrives channels last, and whitened images always were N x C x H x W
-    whiten = lambda: whitener.apply_(images.float().div_(255).contiguous(), device)
-    if zca_file is None:
-        return whiten()
-    path = cache.entry(zca_file.parent, f"whitened-{name}", ".npy", zca_file.name, zca_file.stat().st_mtime_ns,
-                       digest or cache.hash_images(images), torch.device(device or "cpu").type)
-    with folder_lock(zca_file.parent, "cache", wait=True):
-        cached = cache.read(path, cached_array(tuple(images.shape), np.float32), "whitening again")
-        if cached is not None:
-            return torch.from_numpy(cached)
-        say(f"whitening {name}: {len(images)} images, once: later starts read {path}{cache.replacing(path)}")
-        result = whiten()
-        cache.write(path, partial(cache.save_npy, result.numpy()))
-    return result
-
-
 IMAGENET_SUBSETS = {  # indices into the 1000 sorted ImageNet class folders (the original's Config)
     "imagenette": [0, 217, 482, 491, 497, 566, 569, 571, 574, 701],
     "imagewoof": [193, 182, 258, 162, 155, 167, 159, 273, 207, 229],
@@ -417,105 +364,3 @@ DATASETS = {
 }
 
 
-@contextmanager
-def all_cpu_threads(device):
-    """On the CPU, torch on every thread this process may use while the block runs."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-ZCA_MATRICES = 6  # d x d float64 matrices at the fit's peak: the covariance, eigh's vectors and work, two products
-
-
-def fit_device(features, device):
-    """Where the ZCA of `features` pixels is fitted: `device`, else the CPU where only it has the room
-    (said in one line), else a UsageError before any work (ImageNet at 128 px: 49,152 pixels)."""
-    needed = ZCA_MATRICES * 8 * features**2
-    free = {where: free_memory(where) for where in dict.fromkeys([device, torch.device("cpu")])}
-    if needed <= free[device]:
-        return device
-    if needed <= free[torch.device("cpu")]:
-        say(f"ZCA: the fit on {features} pixels needs about {gigabytes(needed)}, more than the "
-            f"{gigabytes(free[device])} free on {device}: fitting it on the CPU")
-        return torch.device("cpu")
-    raise UsageError(f"--zca on {features} pixels: fitting the whitening needs about {gigabytes(needed)}, more than "
-                     + " or ".join(f"the {gigabytes(room)} free on {where}" for where, room in free.items())
-                     + "; lower --res or drop --zca")
-
-
-class ZCA:
-    """x -> (x - mean) T with T = U diag(1 / sqrt(S + eps)) U^T, where U S U^T is the covariance
-    (the original's kornia ZCAWhitening(eps=0.1, compute_inv=True))."""
-
-    def __init__(self, mean, transform, inverse_transform, eps):
-        self.mean, self.transform, self.inverse_transform, self.eps = mean, transform, inverse_transform, eps
-
-    @classmethod
-    def fit(cls, images, eps=ZCA_EPS, chunk=4096, device=None):
-        """Fit on N x C x H x W images in [0, 1], or uint8 ones scaled by 1/255 a chunk at a time
-        (as get_dataset scales them, without a float copy of the set). The covariance is accumulated
-        in float64 in chunks of rows and decomposed on `device` (default: the images'), on the CPU
-        with all its threads."""
-        device = fit_device(images[0].numel(), torch.device(device or images.device))
-        pixels = lambda rows: (rows.to(device).float().div_(255) if rows.dtype == torch.uint8
-                               else rows.to(device).float()).flatten(1).double()
-        with all_cpu_threads(device):
-            mean = sum(pixels(rows).sum(0) for rows in torch.split(images, chunk)) / len(images)
-            cov = torch.zeros(len(mean), len(mean), dtype=torch.float64, device=device)
-            with progress(total=len(images), desc="ZCA covariance", unit="img") as bar:
-                for rows in torch.split(images, chunk):
-                    centred = pixels(rows) - mean
-                    cov += centred.T @ centred
-                    bar.update(len(rows))
-            cov /= len(images) - 1
-            if len(mean) >= 4096:  # minutes on a CPU, with nothing to count
-                say(f"ZCA: eigendecomposition of the {len(mean)} x {len(mean)} covariance on {device}")
-            s, u = torch.linalg.eigh(cov)
-            s = s.clamp_min(0)  # a rank-deficient covariance has tiny negative eigenvalues from rounding
-            transform = (u * (s + eps).rsqrt()) @ u.T
-            inverse = (u * (s + eps).sqrt()) @ u.T
-        return cls(*(t.float().cpu() for t in (mean, transform, inverse)), eps)
-
-    def __call__(self, images):
-        return ((images.flatten(1) - self.mean) @ self.transform).view_as(images)
-
-    def apply_(self, images, device=None, chunk=4096):
-        """Whiten CPU images in place, a chunk at a time on `device` (the GPU takes seconds where a
-        CPU takes minutes for Tiny ImageNet), without a second copy of the set."""
-        device = torch.device(device or "cpu")
-        on_device = self.to(device)
-        with all_cpu_threads(device):
-            for rows in torch.split(images, chunk):
-                rows.copy_(on_device(rows.to(device)))
-        return images
-
-    def inverse(self, images):
-        return (images.flatten(1) @ self.inverse_transform + self.mean).view_as(images)
-
-    def state_dict(self):
-        return {"mean": self.mean, "transform": self.transform, "inverse_transform": self.inverse_transform,
-                "eps": self.eps}
-
-    @classmethod
-    def load(cls, path, features=None, fix=""):
-        """The ZCA whose state_dict `path` holds, checked to transform `features` (C x H x W) pixels
-        (default: as many as its mean has), or a UsageError saying what it is not (and `fix`)."""
-        state = load_torch(path, "a ZCA transform", fix)
-        state = state if isinstance(state, dict) else {}  # a tensor indexed by a name warns before it fails
-        try:
-            zca = cls(state["mean"], state["transform"], state["inverse_transform"], state["eps"])
-            d = zca.mean.numel() if features is None else features
-            fits = (zca.mean.shape, zca.transform.shape, zca.inverse_transform.shape) == ((d,), (d, d), (d, d))
-        except (TypeError, KeyError, AttributeError):
-            fits = False
-        if not fits:
-            raise UsageError(f"{path} is not a ZCA transform of {features or 'its'} pixels" + (f"; {fix}" * bool(fix)))
-        return zca
-
-    def to(self, device):
-        return ZCA(self.mean.to(device), self.transform.to(device), self.inverse_transform.to(device), self.eps)

@@ -12,7 +12,9 @@ from mtt.flags import positive_int, switch
 from mtt.progress import progress
 from mtt.training import accuracy, decay_epoch, train_epoch
 from networks import get_network
-from utils import check_room, eta, run_seed, say, set_seed
+from mtt.memory import check_room, moving
+from utils import eta, run_seed, say, set_seed
+from utils import rank as this_rank
 
 EVAL_POOLS = {
     "M": ["ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18"],
@@ -94,7 +96,7 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
     networks spread over the ranks (network k of the list on rank k mod ranks) with the same results
     as one process; rank 0 prints the other ranks' network lines once they are gathered (their
     verbose epochs stay unprinted)."""
-    rank, ranks = parallel.rank(), parallel.world()
+    rank, ranks = this_rank(), parallel.world()
     # network k is run k % num_eval of pair k // num_eval, on rank k % ranks; ranges, not lists, so that
     # a huge --num_eval starts at once. The bar counts images trained on: a full-data network weighs its cost.
     mine = range(rank, len(pairs) * num_eval, ranks)
@@ -102,7 +104,8 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
     work = sum(len(eval_set.images) * (eval_set.epochs + 1) * (below((pair + 1) * num_eval) - below(pair * num_eval))
                for pair, (eval_set, _) in enumerate(pairs))
     for eval_set in {eval_set.name: eval_set for eval_set, _ in pairs}.values():
-        check_room([eval_set.images, *eval_set.test], torch.device(device), f"{eval_set.name}'s and the test images")
+        check_room(moving([eval_set.images, *eval_set.test], torch.device(device)),
+                   f"{eval_set.name}'s and the test images need", torch.device(device))
     results = {}
     networks = f"{len(mine)} network{'s' * (len(mine) != 1)}" + (f" of {len(pairs) * num_eval}" if ranks > 1 else "")
     with progress(total=work, desc=f"evaluating {networks}", unit="img") as bar:

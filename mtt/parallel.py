@@ -11,6 +11,7 @@ rank's share through `copy_to_ranks` (identity forward, gradients summed over ra
 a share's contribution leaves through `sum_over_ranks` (summed forward, identity backward, since
 everything after it is replicated).
 """
+import ctypes
 import os
 import signal
 import sys
@@ -20,7 +21,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from utils import Interrupted, UsageError, is_main, keep_freed_memory, pick_device, say
+import mtt
+from utils import UsageError, is_main, rank, say
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 # How long a rank may wait in a collective: evaluations spread unevenly over the ranks, so some
 # wait while others train a network for a thousand epochs; NCCL's default of 10 minutes is too short.
@@ -28,6 +32,10 @@ TIMEOUT = timedelta(hours=2)
 # The training step's collectives come every few seconds: a rank silent for this long has stopped.
 STEP_TIMEOUT = timedelta(minutes=5)
 _groups = {}  # "step": the step's collectives, with STEP_TIMEOUT; "monitor": Gloo, to name a rank that stopped
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (a cluster's pre-emption), with the one line that says what was kept."""
 
 
 class RankZeroStopped(UsageError):
@@ -98,6 +106,36 @@ def teardown():
         _groups.clear()
 
 
+def pick_device(device=None):
+    """torch.device for --device: cuda when present unless given; a device that is absent or
+    unknown is a UsageError, not a traceback from the first tensor moved to it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        picked = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"unknown --device {device!r}; use cuda, cuda:N or cpu") from err
+    if picked.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this machine has no CUDA GPU (torch sees none); use --device cpu")
+    if picked.type == "cuda" and (picked.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if picked.type not in ("cuda", "cpu"):
+        raise UsageError(f"--device {device}: only cuda and cpu are supported")
+    return picked
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep the memory torch frees for its next tensors. By default it maps
+    every block over 32 MB afresh from the kernel and unmaps it when freed, so a CPU step whose
+    activations are that large faults them in again, 4 KB at a time, at every step (BENCHMARKS.md
+    section 8). The cost: freed blocks that later requests do not fit stay resident. No effect
+    where the C library is not glibc."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_MAX, 0)  # every block from the heap, which is reused
+        mallopt(M_TRIM_THRESHOLD, -1)  # and never shrunk, so what the next step needs is mapped already
+
+
 def setup_device(args):
     """The device this process works on: --device (cuda:LOCAL_RANK under torchrun, which also
     joins the process group), with --tf32's and --deterministic's settings; on the CPU, freed
@@ -133,7 +171,7 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
         # Every rank reaches a verdict alike (the same flags and files, the replicated set), or one
         # that only some reach is carried to all (one_verdict, main_decides): rank 0 says it, or
         # rank 1 that rank 0 stopped answering
-        if int(os.environ.get("RANK", "0")) != (1 if isinstance(err, RankZeroStopped) else 0):
+        if rank() != (1 if isinstance(err, RankZeroStopped) else 0):
             sys.exit(1)
         sys.exit(f"error{f' (rank {err.rank})' if err.rank else ''}: {err}")
     except KeyboardInterrupt as stop:
@@ -142,6 +180,34 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
         said = interrupted(args) if args else "nothing was written"
         raise Interrupted(f"{str(stop) or 'stopped by Ctrl-C'}: {said}") from None
     return result
+
+
+def exit_status(main):
+    """main()'s exit status: Ctrl-C and SIGTERM end with Interrupted's one line (on rank 0 only) and
+    130, not a traceback; sys.exit's status is kept, and its message printed with 1."""
+    signal.signal(signal.SIGTERM, mtt.terminate)
+    try:
+        main()
+    except KeyboardInterrupt as stop:
+        if is_main():
+            print(str(stop) or "stopped by Ctrl-C", file=sys.stderr)
+        return 130
+    except SystemExit as leaving:
+        if leaving.code is None or isinstance(leaving.code, int):
+            return leaving.code or 0
+        print(leaving.code, file=sys.stderr)  # as Python does for sys.exit("error: ...")
+        return 1
+    return 0
+
+
+def run_and_exit(main):
+    """`if __name__ == "__main__": run_and_exit(main)`. It exits without the interpreter's teardown, which
+    spends seconds freeing the modules torch loads: every file the script wrote is closed, and the
+    process group left, by the time main() returns."""
+    status = exit_status(main)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @contextmanager
@@ -186,7 +252,10 @@ def main_decides(work):
             outcome = (work(), None)
         except UsageError as err:
             outcome = (None, str(err))
-    result, failure = broadcast_object(outcome)
+    box = [outcome]
+    if world() > 1:
+        dist.broadcast_object_list(box, 0)
+    result, failure = box[0]
     if failure is not None:
         raise UsageError(failure, rank=0)
     return result
@@ -207,10 +276,6 @@ def one_verdict():
     if failures:
         where, message = failures[0]
         raise UsageError(message, rank=where)
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world():
@@ -243,15 +308,6 @@ def broadcast_(tensors):
     if world() > 1:
         for tensor in tensors:
             dist.broadcast(tensor, 0)
-
-
-def broadcast_object(obj):
-    """Rank 0's obj (any picklable value) on every rank."""
-    if world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, 0)
-    return box[0]
 
 
 def gather_objects(obj):

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from mtt.data import ZCA
+from mtt.zca import ZCA
 from networks import MODELS
-from utils import (TEMP, UsageError, atomic_path, folder_lock, fsync, full_disk_is_one_line, is_ours, load_json,
-                   load_torch, save_json, schema_problem, temp_path, torch_bytes)
+from utils import (REPO, TEMP, UsageError, atomic_path, folder_lock, fsync, full_disk_is_one_line, is_ours, load_json,
+                   load_torch, save_json, say, schema_problem, temp_path, torch_bytes)
 
 CHECKPOINT, LOG, RUN_JSON, ZCA_FILE, JOURNAL = "checkpoint.pt", "log.jsonl", "run.json", "zca.pt", ".mtt-commit.json"
 GRID_SIDE = 128  # pixels a side an image is enlarged to (nearest) in the grid, so a 28-32 px image shows
@@ -40,6 +41,20 @@ GRID_ROW = 10  # images per row at ipc 1, as the original's grid: 200 classes wr
 CAPTION = 12  # pixels under each image of the grid for its class's name (Pillow's default font is 10)
 CURVES = "curves.png"
 COMMIT_WAIT = 5.0  # seconds a reader waits for a save between its renames to land (they take milliseconds)
+
+
+def run_info(device):
+    """What a results file should say about where it came from: code version, torch, device."""
+    git = lambda *argv: subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True,
+                                       timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") or None
+        dirty = commit and bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {"git_commit": commit, "git_dirty": dirty, "torch_version": torch.__version__, "device": str(device),
+            "device_name": name}
 
 
 def sibling(images_file, kind):
@@ -304,7 +319,7 @@ def read_log(path, resume_iteration):
         if isinstance(row, dict) and isinstance(row.get("it"), int) and isinstance(row.get("type"), str):
             rows.append(row)
         elif number == len(lines):
-            print(f"{path}: dropped its last line, torn by a kill")
+            say(f"{path}: dropped its last line, torn by a kill")
         else:
             raise UsageError(f"{path} line {number} is not a line distill.py writes ({line[:40]!r}); {LOG_FIX}")
     return [row for row in rows if row["it"] < resume_iteration

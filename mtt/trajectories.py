@@ -12,7 +12,7 @@ The sidecar is the one source of truth: a reader uses exactly the files and rows
 file that a killed run renamed into place but never listed is not an expert.
 
     experts = Experts(directory)
-    theta = torch.from_numpy(np.array(experts.trajectory(k)[epoch]))   # expert k at that epoch
+    theta = experts.snapshot(k, epoch, device)   # expert k's flat parameters at that epoch
 """
 import io
 import math
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from networks import unflatten
-from utils import UsageError, atomic_path, load_json, load_torch, open_array, save_torch, schema_problem
+from utils import UsageError, atomic_path, load_json, load_torch, open_array, save_torch, say, schema_problem
 
 SIDECAR = "buffer.json"
 NUMBERED = re.compile(r"replay_buffer_(\d+)\.(npy|pt)")  # ours, the original's; .orphan after it: set aside
@@ -43,6 +43,11 @@ def buffer_dir(buffer_path, dataset, model, zca, subset="imagenette", res=128):
     if dataset in ("CIFAR10", "CIFAR100") and not zca:
         path += "_NO_ZCA"
     return os.path.join(path, model)
+
+
+def experts_of(flags):
+    """The buffer directory a script's flags (or a run.json's "args", as a Namespace) name."""
+    return buffer_dir(flags.buffer_path, flags.dataset, flags.model, flags.zca, flags.subset, flags.res)
 
 
 def fill_command(directory, zca=False):
@@ -70,11 +75,6 @@ def numbered_files(directory, suffix):
     """replay_buffer_{n}.{suffix} in directory, sorted by n as a number (10 after 9)."""
     found = [p for p in Path(directory).glob(f"replay_buffer_*.{suffix}") if NUMBERED.fullmatch(p.name)]
     return sorted(found, key=lambda p: file_number(p.name))
-
-
-def expert_files(directory):
-    """The replay_buffer_{n}.npy files on disk, listed by the sidecar or not."""
-    return numbered_files(directory, "npy")
 
 
 def buffer_file(directory, number):
@@ -147,7 +147,7 @@ def set_aside(path, reason):
     if orphan.exists():
         raise UsageError(f"{path} is not listed in {SIDECAR} and {orphan} is in the way: move them both aside")
     os.rename(path, orphan)
-    print(f"set {path} aside as {orphan.name}: it is not listed in {SIDECAR} and {reason}")
+    say(f"set {path} aside as {orphan.name}: it is not listed in {SIDECAR} and {reason}")
 
 
 def choose(count, limit, generator):
@@ -192,6 +192,10 @@ class Experts:
         """Expert k's snapshots: a (num_snapshots, num_params) array, mapped or in RAM."""
         array, row = self.trajectories[k]
         return array[row]
+
+    def snapshot(self, k, epoch, device):
+        """Expert k's flat parameters at `epoch`, a tensor on `device` (read from the map only now)."""
+        return torch.from_numpy(np.array(self.trajectory(k)[epoch])).to(device)
 
 
 def read_original(path, shapes, train_epochs):

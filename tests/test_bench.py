@@ -72,7 +72,7 @@ def test_each_chunk_size_is_compared_with_the_code_before_at_the_same_threads():
 
 @pytest.mark.parametrize("low_memory", [False, True], ids=["unroll", "replay"])
 def test_the_forecast_is_within_35_percent_of_the_peak_a_fresh_process_measures(low_memory):
-    """distill.py picks the backward and refuses what would not fit by matching.forecast. Measured
+    """distill.py picks the backward and refuses what would not fit by memory.forecast. Measured
     independently: the growth of the peak resident set of a fresh process over one iteration's
     set-up (bench.measure), ConvNetW32 on 10 CIFAR-shaped images, syn_steps 20 (239 and 72 MB in
     BENCHMARKS.md section 10). A forecast off by 2x, either way, fails."""

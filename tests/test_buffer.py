@@ -19,7 +19,7 @@ from helpers import locked_by_another_process, one_line_error
 import buffer
 from mtt.augment import DSA_STRATEGY
 from mtt.training import train_epoch
-from mtt.trajectories import Experts, buffer_dir
+from mtt.trajectories import Experts, buffer_dir, numbered_files
 from networks import flatten_params, forward_flat, get_network, unflatten
 from utils import set_seed
 
@@ -48,7 +48,7 @@ def run(buffer_path, *flags, model=MODEL):
 
 
 def load_all(directory):
-    return [np.load(path) for path in buffer.expert_files(directory)]
+    return [np.load(path) for path in numbered_files(directory, "npy")]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def trained(tmp_path_factory):
 
 def test_a_run_writes_one_array_of_experts_by_snapshots_by_parameters(trained):
     directory, _ = trained
-    files = buffer.expert_files(directory)
+    files = numbered_files(directory, "npy")
     num_params = sum(p.numel() for p in get_network(MODEL, 1, 10, (28, 28)).parameters())
     assert [f.name for f in files] == ["replay_buffer_0.npy"]
     array = np.load(files[0], mmap_mode="r")
@@ -93,7 +93,7 @@ def test_the_sidecar_describes_the_run_and_every_expert(trained):
 def test_snapshot_zero_is_the_seeded_initialisation(trained):
     """Expert k of a directory starts from set_seed(expert_seed(--seed, k)), as buffer.py documents."""
     directory, _ = trained
-    array = np.load(buffer.expert_files(directory)[0])
+    array = np.load(numbered_files(directory, "npy")[0])
     for k in range(2):
         set_seed(buffer.expert_seed(0, k))
         assert torch.equal(torch.from_numpy(array[k, 0]), flatten_params(get_network(MODEL, 1, 10, (28, 28))))
@@ -104,7 +104,7 @@ def test_snapshot_t_is_the_network_after_epoch_t(trained, mini):
     """The network at snapshot t scores the test accuracy recorded for epoch t (instance norm:
     the flat forward is the network's eval-mode forward)."""
     directory, _ = trained
-    array = np.load(buffer.expert_files(directory)[0])
+    array = np.load(numbered_files(directory, "npy")[0])
     expert = buffer.read_sidecar(directory)["experts"][1]
     net = get_network(MODEL, 1, 10, (28, 28))
     for t in (1, 2):
@@ -152,7 +152,7 @@ def test_a_rerun_appends_new_experts(tmp_path, sliced):
     before = load_all(directory)
     run(tmp_path, *flags, model=FAST)
     after = load_all(directory)
-    assert [f.name for f in buffer.expert_files(directory)] == [f"replay_buffer_{n}.npy" for n in range(4)]
+    assert [f.name for f in numbered_files(directory, "npy")] == [f"replay_buffer_{n}.npy" for n in range(4)]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     first_run, second_run = np.concatenate(after[:2])[:, 0], np.concatenate(after[2:])[:, 0]
     assert not any(np.array_equal(a, b) for a in first_run for b in second_run)
@@ -293,7 +293,7 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, sliced):
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "model": "ConvNetW32"}))
     assert f"model 'ConvNetW32' (this run: '{MODEL}')" in error_of(*TINY, "--buffer_path", str(tmp_path),
                                                                    "--train_epochs", "1")
-    assert len(buffer.expert_files(directory)) == 1
+    assert len(numbered_files(directory, "npy")) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def test_an_import_that_does_not_fit_the_model_is_refused(tmp_path):
     argv = [*TINY, "--import_pt", str(tmp_path), "--buffer_path", str(tmp_path / "buffers")]
     assert "pass --train_epochs 2" in error_of(*argv)
     assert "parameter shapes [[32, 1, 3, 3]" in error_of(*argv, "--train_epochs", "2")
-    assert buffer.expert_files(directory_of(tmp_path / "buffers")) == []
+    assert numbered_files(directory_of(tmp_path / "buffers"), "npy") == []
     assert "no replay_buffer_{n}.pt files" in error_of(*TINY, "--import_pt", str(tmp_path / "buffers"))
     (tmp_path / "replay_buffer_0.pt").write_bytes(b"not a torch file")
     assert "cannot read" in error_of(*argv)

@@ -19,6 +19,7 @@ from distill import (
 )
 from mtt import matching
 from mtt.training import predict
+from mtt.trajectories import Experts
 from networks import ConvNet, flatten_params
 from utils import UsageError
 
@@ -56,6 +57,8 @@ class Trajectories:
 
     def trajectory(self, k):
         return self.arrays[k]
+
+    snapshot = Experts.snapshot  # the real reading of one snapshot from a trajectory
 
 
 def test_drawn_start_epochs_stay_inside_the_window_and_fill_it():

@@ -184,7 +184,8 @@ def test_files_sort_by_number_and_an_empty_directory_says_how_to_fill_it(tmp_pat
     for n in (10, 2, 9, 0):
         (tmp_path / f"replay_buffer_{n}.npy").write_bytes(b"")
     (tmp_path / "replay_buffer_1.npy.tmp123").write_bytes(b"")
-    assert [p.name for p in experts.expert_files(tmp_path)] == [f"replay_buffer_{n}.npy" for n in (0, 2, 9, 10)]
+    found = [p.name for p in experts.numbered_files(tmp_path, "npy")]
+    assert found == [f"replay_buffer_{n}.npy" for n in (0, 2, 9, 10)]
     empty = tmp_path / "buffers" / "CIFAR10" / "ConvNet"
     with pytest.raises(UsageError, match=re.escape(f"no expert trajectories in {empty}: train them with "
                                                    f"python buffer.py --dataset CIFAR10 --zca --model ConvNet "

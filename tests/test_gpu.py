@@ -11,8 +11,7 @@ import torch.distributed as dist
 from helpers import run_distill
 
 import distill
-import utils
-from mtt import data, parallel
+from mtt import memory, parallel, zca
 from mtt.matching import SyntheticSet, draw_schedule, replay_backward, unroll_backward
 from mtt.training import accuracy, train_epoch
 from networks import get_network
@@ -34,20 +33,20 @@ def fake_gpu(monkeypatch):
 
 
 def test_free_gpu_memory_counts_what_torch_holds_but_has_freed(fake_gpu):
-    assert utils.free_memory(CUDA) == 12 * GB
+    assert memory.free_memory(CUDA) == 12 * GB
 
 
 def on(device, gigabytes):
-    """A stand-in for a tensor of this many GB on `device` (check_room reads only these two)."""
+    """A stand-in for a tensor of this many GB on `device` (moving reads only these two)."""
     return types.SimpleNamespace(device=torch.device(device), nbytes=int(gigabytes * GB))
 
 
 def test_a_size_check_counts_only_what_is_still_to_move_to_the_gpu(fake_gpu):
     """The evaluation during distillation: the set and the test images are on the GPU already,
     larger than what is free; nothing is refused. Images still on the CPU are."""
-    utils.check_room([on("cuda:0", 20), on("cuda:0", 5)], CUDA, "the images")
+    memory.check_room(memory.moving([on("cuda:0", 20), on("cuda:0", 5)], CUDA), "the images need", CUDA)
     with pytest.raises(UsageError, match=r"^the images need 13.00 GB on cuda:0, more than its 12.00 GB free"):
-        utils.check_room([on("cuda:0", 20), on("cpu", 13)], CUDA, "the images")
+        memory.check_room(memory.moving([on("cuda:0", 20), on("cpu", 13)], CUDA), "the images need", CUDA)
 
 
 def test_the_test_images_are_on_the_device_before_the_forecast_reads_the_free_memory(buffers, tmp_path,
@@ -56,11 +55,11 @@ def test_the_test_images_are_on_the_device_before_the_forecast_reads_the_free_me
     their memory as the step's."""
     calls = []
     check_room, free_memory = distill.check_room, distill.free_memory
-    monkeypatch.setattr(distill, "check_room", lambda tensors, device, what: calls.append(what)
-                        or check_room(tensors, device, what))
+    monkeypatch.setattr(distill, "check_room", lambda needed, what, where: calls.append(what)
+                        or check_room(needed, what, where))
     monkeypatch.setattr(distill, "free_memory", lambda device: calls.append("free memory") or free_memory(device))
     run_distill(buffers, tmp_path, "--Iteration", "0")
-    assert calls[:2] == ["the test and validation images", "free memory"]
+    assert calls[1:3] == ["the test and validation images need", "free memory"]  # after the set's size check
 
 
 def test_a_forecast_within_the_margin_of_the_free_memory_does_not_run_the_unroll():
@@ -68,16 +67,16 @@ def test_a_forecast_within_the_margin_of_the_free_memory_does_not_run_the_unroll
     replay runs; forced, the unroll is one line saying the margin."""
     peak = lambda low_memory, batch, chunk: 0.3 * GB if low_memory else 0.95 * GB
     args = types.SimpleNamespace(low_memory=None, chunk_syn=None)
-    assert distill.choose_backward(args, peak, 10, 1 * GB) is True
+    assert memory.choose_backward(args, peak, 10, 1 * GB) is True
     said = r"needs about 0.95 GB, more than 0.90 GB \(the 1.00 GB free less a 10% margin\); these would fit: --low_mem"
     with pytest.raises(UsageError, match=said):
-        distill.choose_backward(types.SimpleNamespace(low_memory=False, chunk_syn=None), peak, 10, 1 * GB)
+        memory.choose_backward(types.SimpleNamespace(low_memory=False, chunk_syn=None), peak, 10, 1 * GB)
 
 
 def cgroup(tmp_path, version, limit, usage, cache):
     """Fake cgroup files of one version: a limit, a usage and reclaimable page cache, in the group
     /proc/self/cgroup names (v1 beside other controllers)."""
-    mount, limit_file, usage_file, cache_key = utils.CGROUP_FILES[version]
+    mount, limit_file, usage_file, cache_key = memory.CGROUP_FILES[version]
     folder = tmp_path / mount / "job"
     folder.mkdir(parents=True)
     (folder / limit_file).write_text(f"{limit}\n")
@@ -93,11 +92,11 @@ def test_the_cpus_free_memory_is_what_the_jobs_cgroup_allows(tmp_path, monkeypat
     """A 4 GB limit, 3 GB used of which 1 GB is page cache the kernel drops: 2 GB of room, less than
     the machine's MemAvailable; two torchrun processes on the machine share it."""
     files = cgroup(tmp_path, version, 4 * GB, 3 * GB, 1 * GB)
-    assert utils.cgroup_room(**files) == 2 * GB
-    monkeypatch.setattr(utils, "cgroup_room", partial(utils.cgroup_room, **files))
-    assert utils.free_memory(torch.device("cpu")) == 2 * GB
+    assert memory.cgroup_room(**files) == 2 * GB
+    monkeypatch.setattr(memory, "cgroup_room", partial(memory.cgroup_room, **files))
+    assert memory.free_memory(torch.device("cpu")) == 2 * GB
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert utils.free_memory(torch.device("cpu")) == 1 * GB
+    assert memory.free_memory(torch.device("cpu")) == 1 * GB
 
 
 @pytest.mark.parametrize("limit", ["max", str(2**63 - 4096)])
@@ -105,7 +104,7 @@ def test_a_cgroup_without_a_limit_leaves_memavailable(tmp_path, limit):
     files = cgroup(tmp_path, "v2" if limit == "max" else "v1", 4 * GB, 3 * GB, 0)
     limit_file = next(Path(tmp_path).rglob("memory.max" if limit == "max" else "memory.limit_in_bytes"))
     limit_file.write_text(limit)
-    assert utils.cgroup_room(**files) is None
+    assert memory.cgroup_room(**files) is None
 
 
 def test_nccl_raises_a_timed_out_collective_in_python(monkeypatch):
@@ -192,12 +191,12 @@ def test_accuracy_reads_its_count_back_once(monkeypatch):
 def test_a_zca_that_does_not_fit_on_the_gpu_is_fitted_on_the_cpu_or_is_one_line(monkeypatch, capsys):
     """ImageNet at 128 px: 49,152 pixels, six 19 GB float64 matrices at the fit's peak."""
     free = {"cuda": 80 * GB, "cpu": 512 * GB}
-    monkeypatch.setattr(data, "free_memory", lambda device: free[device.type])
-    assert data.fit_device(49152, CUDA) == torch.device("cpu")
+    monkeypatch.setattr(zca, "free_memory", lambda device: free[device.type])
+    assert zca.fit_device(49152, CUDA) == torch.device("cpu")
     assert capsys.readouterr().out == ("ZCA: the fit on 49152 pixels needs about 108.00 GB, more than the 80.00 GB "
                                        "free on cuda:0: fitting it on the CPU\n")
-    assert data.fit_device(3072, CUDA) == CUDA  # CIFAR's: 0.45 GB
+    assert zca.fit_device(3072, CUDA) == CUDA  # CIFAR's: 0.45 GB
     free["cpu"] = 64 * GB
     with pytest.raises(UsageError, match=r"^--zca on 49152 pixels: fitting the whitening needs about 108.00 GB, more "
                                          r"than the 80.00 GB free on cuda:0 or the 64.00 GB free on cpu; lower --res"):
-        data.fit_device(49152, CUDA)
+        zca.fit_device(49152, CUDA)

@@ -16,7 +16,7 @@ from helpers import run_distill, small
 
 import buffer
 import eval as eval_script
-from mtt import data, run_folder
+from mtt import data, run_folder, zca
 from mtt.trajectories import SIDECAR, buffer_dir
 
 # Commits at 0, 4 and 5; the kills strike the one of 4 (at seed 2 its evaluation improves on 0's)
@@ -173,13 +173,13 @@ CACHE_RENAMES = ["zca", "whitened train", "whitened test"]
 @pytest.fixture
 def one_thread(monkeypatch):
     """The ZCA fit on one thread: OpenMP's workers are not forked, so a child that asks for several waits forever."""
-    monkeypatch.setattr(data, "cpu_threads", lambda: 1)
+    monkeypatch.setattr(zca, "cpu_threads", lambda: 1)
 
 
 @pytest.fixture(scope="module")
 def whitened():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "cpu_threads", lambda: 1)
+        patch.setattr(zca, "cpu_threads", lambda: 1)
         found = data.get_dataset("FashionMNIST-mini", None, zca=True)
     return found.images_train, found.images_test
 

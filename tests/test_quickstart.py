@@ -241,6 +241,7 @@ CANNOT_RUN_HERE = {
     "DATM and FTD": "CIFAR-10 is downloaded",
     "Evaluating a distilled set": "CIFAR-10 is downloaded",
     "More than one GPU or machine": "torchrun over 8 GPUs or 2 machines",
+    "On a GPU": "needs a GPU; without one it is one line and exit 1 (tests/test_gpu_check.py)",
 }
 RUN_HERE = {"What the quickstart does", "Fair scores: DD-Ranking's LRS and ARS"}
 

@@ -23,7 +23,7 @@ import buffer
 import distill
 import eval as eval_script
 import utils
-from mtt import evaluation, matching, run_folder
+from mtt import evaluation, matching, parallel, run_folder
 from mtt.data import IDX_FILES, get_dataset
 from mtt.trajectories import buffer_dir
 
@@ -321,7 +321,7 @@ def test_ctrl_c_and_sigterm_end_with_one_line_saying_how_to_resume(buffers, tmp_
     interrupt_in_the_step(monkeypatch, signum)
     handler = signal.getsignal(signal.SIGTERM)
     try:
-        assert utils.exit_status(lambda: run_distill(buffers, tmp_path, "--Iteration", "3")) == 130
+        assert parallel.exit_status(lambda: run_distill(buffers, tmp_path, "--Iteration", "3")) == 130
     finally:
         signal.signal(signal.SIGTERM, handler)
     progress_bar = re.compile(r"^[\w ]+: +\d+% \d+/\d+ \[")  # the loops' progress lines share stderr

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torchrun_gradients import CASES, gradients
 
-import buffer
 import distill
+from mtt.trajectories import buffer_dir, numbered_files
 
 REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
@@ -99,9 +99,9 @@ def test_buffer_under_torchrun_writes_the_experts_of_one_process(tmp_path, gsam)
     one = python(*flags, "--buffer_path", tmp_path / "one")
     two = torchrun(*flags, "--buffer_path", tmp_path / "two")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    directories = [Path(buffer.buffer_dir(str(tmp_path / run), "FashionMNIST-mini", "ConvNetW8", False))
+    directories = [Path(buffer_dir(str(tmp_path / run), "FashionMNIST-mini", "ConvNetW8", False))
                    for run in ("one", "two")]
-    arrays = [[np.load(path) for path in buffer.expert_files(directory)] for directory in directories]
+    arrays = [[np.load(path) for path in numbered_files(directory, "npy")] for directory in directories]
     assert len(arrays[0]) == len(arrays[1]) == 3
     assert all(np.array_equal(a, b) for a, b in zip(*arrays))
     assert not np.array_equal(arrays[1][0][0, 1], arrays[1][0][0, 0])  # the experts trained

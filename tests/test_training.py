@@ -5,7 +5,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import utils
-from mtt import training
+from mtt import parallel, training
 from mtt.data import images_per_class
 from mtt.evaluation import eval_pool, evaluate_synset
 from networks import ConvNet, flatten_params
@@ -86,7 +86,7 @@ def test_eval_pools_follow_the_original():
 def picked(device):
     """pick_device's answer as text: the device, or its error message."""
     try:
-        return str(utils.pick_device(device))
+        return str(parallel.pick_device(device))
     except utils.UsageError as err:
         return str(err)
 

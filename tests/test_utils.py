@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import utils
-from mtt import flags
+from mtt import flags, memory, parallel
 from mtt.augment import DSA_STRATEGY
 from utils import UsageError
 
@@ -27,9 +27,9 @@ def interrupted():
     (lambda: None, 0, ""), (exits(None), 0, ""), (exits(2), 2, ""),  # 2: argparse's status
     (exits("error: --x is bad"), 1, "error: --x is bad\n"), (interrupted, 130, "stopped by Ctrl-C\n")])
 def test_the_exit_status_and_line_of_a_script(monkeypatch, capsys, main, status, said):
-    monkeypatch.setattr(utils.signal, "signal", lambda *args: None)  # the suite's own SIGTERM handling stays
+    monkeypatch.setattr(parallel.signal, "signal", lambda *args: None)  # the suite's own SIGTERM handling stays
     monkeypatch.delenv("RANK", raising=False)
-    assert utils.exit_status(main) == status
+    assert parallel.exit_status(main) == status
     assert capsys.readouterr().err == said
 
 
@@ -118,9 +118,10 @@ def test_a_torch_file_that_is_not_one_is_one_line(tmp_path):
 
 
 FAULTS_OF_TEN_64MB_TENSORS = """
-import resource, sys, torch, utils
+import resource, sys, torch
+from mtt import parallel
 if sys.argv[1] == "keep":
-    utils.keep_freed_memory()
+    parallel.keep_freed_memory()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):  # the heap settles: a small allocation may take the start of a freed block
     torch.ones(2**24).sum()  # 64 MB in float32, written then freed
@@ -148,9 +149,10 @@ def test_memory_freed_by_torch_is_reused_without_page_faults():
 
 
 def test_tensors_that_would_not_fit_on_the_gpu_are_one_line(monkeypatch):
-    monkeypatch.setattr(utils, "free_memory", lambda device: 2**30)
+    monkeypatch.setattr(memory, "free_memory", lambda device: 2**30)
     images = torch.zeros(1).expand(2**29)  # 2 GB of float32 that take no memory here
     with pytest.raises(UsageError, match=r"^the images need 2.00 GB on cuda:0, more than its 1.00 GB free; free the "
                                          r"GPU or use --device cpu$"):
-        utils.check_room([images], torch.device("cuda:0"), "the images")
-    utils.check_room([images], torch.device("cpu"), "the images")  # on the CPU they are in memory already
+        memory.check_room(memory.moving([images], torch.device("cuda:0")), "the images need", torch.device("cuda:0"))
+    # on the CPU they are in memory already
+    memory.check_room(memory.moving([images], torch.device("cpu")), "the images need", torch.device("cpu"))

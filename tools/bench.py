@@ -12,10 +12,10 @@ torchrun, each minibatch split over the processes (1 thread each on CPU, and 1 p
 threads beside them), ConvNetW32 at ipc 10 and 50, syn_steps 20; then buffer.py's images/s on
 FashionMNIST-mini, start-up included. Mode 3 (--chunks): the same problem in one process, each
 minibatch computed in chunks of --chunk_syn images, with 1 and 2 threads (CPU), against the code
-before: one chunk with glibc's malloc as it comes (without utils.keep_freed_memory).
+before: one chunk with glibc's malloc as it comes (without parallel.keep_freed_memory).
 
 Every figure comes from a fresh process (a torchrun job in mode 2) that on the CPU keeps freed
-memory as the scripts do (utils.keep_freed_memory) unless its row says 'glibc default': one
+memory as the scripts do (parallel.keep_freed_memory) unless its row says 'glibc default': one
 warm-up iteration, then --iterations timed ones (their median); peak memory is the peak resident
 set (CPU) or max_memory_allocated (CUDA) of the iterations less what the set-up holds, per rank. The
 configurations alternate, each once per round for --repeats rounds, so a drift of the machine
@@ -42,9 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from mtt import parallel  # noqa: E402
 from mtt.augment import DSA_STRATEGY  # noqa: E402
 from mtt.flags import positive_int  # noqa: E402
-from mtt.matching import BACKWARD, SyntheticSet, draw_schedule, forecast  # noqa: E402
+from mtt.matching import BACKWARD, SyntheticSet, draw_schedule  # noqa: E402
+from mtt.memory import forecast  # noqa: E402
 from networks import flatten_params, get_network  # noqa: E402
-from utils import REPO, is_main, keep_freed_memory, pick_device  # noqa: E402
+from mtt.parallel import keep_freed_memory, pick_device  # noqa: E402
+from utils import REPO, is_main  # noqa: E402
 
 DEFAULTS = {  # each mode's grid, where --model, --ipc or --syn_steps is not given
     "backward": {"model": "ConvNet", "ipc": [1, 10], "syn_steps": [10, 20]},
@@ -293,14 +295,14 @@ def describe(args, device):
     """The line before a table: the problem and the protocol."""
     params = sum(p.numel() for p in get_network(args.model, 3, 10, (32, 32)).parameters())
     memory = "max_memory_allocated" if device.type == "cuda" else "peak resident set"
-    kept = "" if device.type == "cuda" else ", freed memory kept (utils.keep_freed_memory) unless 'glibc default'"
+    kept = "" if device.type == "cuda" else ", freed memory kept (parallel.keep_freed_memory) unless 'glibc default'"
     return (f"{args.model} ({params:,} parameters), 3x32x32, 10 classes, batch_syn = all, DSA on{kept}; each figure "
             f"a fresh process: 1 warm-up + {args.iterations} timed iteration(s); median [min-max] over {args.repeats} "
             f"alternated rounds; peak MB = the iterations' {memory} less what the set-up holds.")
 
 
 def forecast_mode(args):
-    """Mode 4: for 1 and 3 channels, each --ipc and both backwards, the forecast (matching.forecast,
+    """Mode 4: for 1 and 3 channels, each --ipc and both backwards, the forecast (memory.forecast,
     what distill.py compares with the free memory) against the measured peak, one fresh process each."""
     device = pick_device(args.device)
     model, steps = args.model or "ConvNetW32", (args.syn_steps or [20])[0]

@@ -37,11 +37,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: python tools/bench_data.py
 import buffer  # noqa: E402
-from mtt.data import DATASETS, IMAGENET_SUBSETS, ZCA, cpu_threads, get_dataset  # noqa: E402
+from mtt.data import DATASETS, IMAGENET_SUBSETS, get_dataset  # noqa: E402
+from mtt.zca import ZCA  # noqa: E402
 from mtt.flags import boolean  # noqa: E402
 from mtt.trajectories import SIDECAR, buffer_dir  # noqa: E402
 from networks import flatten_params, get_network  # noqa: E402
-from utils import REPO, save_json  # noqa: E402
+from utils import REPO, cpu_threads, save_json  # noqa: E402
 
 MODEL_FOR_SIDE = {32: "ConvNet", 64: "ConvNetD4", 128: "ConvNetD5"}  # depth grows with the side, as in DATM
 DISTILL_FLAGS = ["--ipc", "1", "--syn_steps", "2", "--expert_epochs", "1", "--max_start_epoch", "1",

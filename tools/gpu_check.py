@@ -9,7 +9,7 @@
    each learnable tensor's gradient. With --device cpu: float32 against float64, both on the CPU.
    The ConvNet has sigmoids for ReLUs here: see step_net for why.
 2. The replay against the unroll on the device, from the same runs as section 1.
-3. matching.forecast (by which distill.py picks the backward) against the measured peak of one
+3. memory.forecast (by which distill.py picks the backward) against the measured peak of one
    iteration: the growth of max_memory_allocated over the set-up (CUDA, in this process) or of the
    peak resident set of a fresh process (CPU, tools/bench.py's measurement).
 4. Seconds per iteration of the unroll and the replay (tools/bench.py's measure), TF32 on and off.
