@@ -1,10 +1,7 @@
 """The architectures of the DC/DSA/MTT benchmarks, and a forward pass on a flat parameter vector.
 
-Distillation unrolls a student network as a single flat vector theta (the concatenation of
-`net.parameters()`, the layout of the original's trajectory buffers), so every update
-theta - lr * grad stays one differentiable tensor op. `forward_flat(net, theta, x)` runs a
-network at theta; for ConvNet it is hand-written from torch.nn.functional calls.
-"""
+Distillation unrolls a student as one flat vector theta (`net.parameters()` concatenated, the layout of the
+original's trajectory buffers), so every update theta - lr * grad stays one differentiable tensor op."""
 import math
 from functools import partial
 
@@ -30,18 +27,13 @@ FLAT_NORMS = {
     "batchnorm": lambda x, p: F.batch_norm(x, None, None, next(p), next(p), training=True),
 }
 FLAT_ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "leakyrelu": partial(F.leaky_relu, negative_slope=0.01)}
-FLAT_POOLS = {
-    "none": lambda x: x,
-    "avgpooling": partial(F.avg_pool2d, kernel_size=2, stride=2),
-    "maxpooling": partial(F.max_pool2d, kernel_size=2, stride=2),
-}
+FLAT_POOLS = {"none": lambda x: x, "avgpooling": partial(F.avg_pool2d, kernel_size=2, stride=2),
+              "maxpooling": partial(F.max_pool2d, kernel_size=2, stride=2)}
 
 
 class ConvNet(nn.Module):
-    """depth x [conv3x3 -> norm -> act -> pool], then one linear layer.
-
-    One-channel inputs get padding 3 on the first conv, so 28x28 digits become 32x32 maps.
-    """
+    """depth x [conv3x3 -> norm -> act -> pool], then one linear layer; one-channel inputs get padding 3
+    on the first conv, so 28x28 digits become 32x32 maps. forward_flat is written in torch.nn.functional."""
 
     def __init__(self, channel, num_classes, im_size, width=128, depth=3, act="relu",
                  norm="instancenorm", pool="avgpooling"):
@@ -73,17 +65,15 @@ class ConvNet(nn.Module):
         params = iter(unflatten(flat, self.shapes))
         for pad in self.paddings:
             x = F.conv2d(x, next(params), next(params), padding=pad)
-            x = FLAT_NORMS[self.norm](x, params)
-            x = FLAT_POOLS[self.pool](FLAT_ACTIVATIONS[self.act](x))
+            x = FLAT_POOLS[self.pool](FLAT_ACTIVATIONS[self.act](FLAT_NORMS[self.norm](x, params)))
         return F.linear(x.flatten(1), next(params), next(params))
 
 
 def _flat_size(features, channel, im_size):
-    """Number of features `features` makes of one image (runs a dummy image)."""
-    was_training = features.training
+    """Features per image, from a dummy image (in eval mode: batch norm's running statistics stay as built)."""
     with torch.no_grad():
         n = features.eval()(torch.zeros(1, channel, *im_size)).numel()
-    features.train(was_training)
+    features.train()
     return n
 
 
@@ -174,15 +164,9 @@ CONVNET_VARIANTS = {
 }
 MODELS = {
     **{name: partial(ConvNet, **kwargs) for name, kwargs in CONVNET_VARIANTS.items()},
-    "MLP": mlp,
-    "LeNet": lenet,
-    "AlexNet": alexnet,
-    "VGG11": vgg11,
-    "VGG11BN": partial(vgg11, norm="batchnorm"),
-    "ResNet18": ResNet18,
-    "ResNet18BN": partial(ResNet18, norm="batchnorm"),
-    "ResNet18_AP": partial(ResNet18, avgpool=True),
-    "ResNet18BN_AP": partial(ResNet18, norm="batchnorm", avgpool=True),
+    "MLP": mlp, "LeNet": lenet, "AlexNet": alexnet, "VGG11": vgg11, "VGG11BN": partial(vgg11, norm="batchnorm"),
+    "ResNet18": ResNet18, "ResNet18BN": partial(ResNet18, norm="batchnorm"),
+    "ResNet18_AP": partial(ResNet18, avgpool=True), "ResNet18BN_AP": partial(ResNet18, norm="batchnorm", avgpool=True),
 }
 
 
@@ -199,12 +183,10 @@ def param_shapes(net):
 
 def unflatten(flat, shapes):
     """Views of `flat` shaped like the parameters (differentiable; no copy)."""
-    chunks = torch.split(flat, [math.prod(s) for s in shapes])
-    return [chunk.view(shape) for chunk, shape in zip(chunks, shapes)]
+    return [chunk.view(shape) for chunk, shape in zip(torch.split(flat, [math.prod(s) for s in shapes]), shapes)]
 
 
 def flatten_params(net):
-    """The flat parameter vector of `net`: its parameters flattened and concatenated in order."""
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 

@@ -1,12 +1,9 @@
 """Differentiable Siamese augmentation (DSA, Zhao and Bilen 2021) and texture crops.
 
-draw_augmentation picks random parameters (a list of (op, tensor) pairs, one draw per image);
-apply_augmentation applies them, differentiably in the pixels. Keeping the two apart lets the
-low-memory backward of matching.py replay a step's exact augmentation. Every op draws from the
-generator the original's DiffAugment draws from, in its order: scale and rotate from the CPU's
-(their parameters then move to the images' device), flip, colour, crop and cutout from the
-images' device's; so a seeded run draws what the original draws, on a GPU too.
-"""
+draw_augmentation draws random parameters ((op, tensor) pairs, one draw per image), apply_augmentation applies them
+differentiably in the pixels: apart, so that matching.py's low-memory replay repeats a step's exact augmentation. Each
+op draws from the original DiffAugment's generator in its order (scale and rotate: the CPU's, moved to the images'
+device; flip, colour, crop and cutout: the images' device's), so a seeded run draws what the original does, GPU too."""
 import math
 from functools import partial
 
@@ -25,15 +22,13 @@ def strategy_groups(strategy):
     if strategy in ("", "none", "None"):
         return []
     groups = strategy.split("_")
-    unknown = set(groups) - set(DSA_GROUPS)
-    if unknown:
+    if unknown := set(groups) - set(DSA_GROUPS):
         raise ValueError(f"unknown DSA op(s) {', '.join(sorted(unknown))}; choose from {', '.join(DSA_GROUPS)}")
     return groups
 
 
 def draw_augmentation(x, strategy=DSA_STRATEGY):
-    """Random DSA parameters for the batch x: one group of the strategy, drawn at random (the
-    original's mode 'S'), with one draw of its parameters per image."""
+    """Random DSA parameters for x: one group of the strategy at random (the original's mode 'S'), a draw per image."""
     groups = strategy_groups(strategy)
     if not groups:
         return []
@@ -69,8 +64,7 @@ def bilinear_sample(x, grid):
 
 
 def _cpu_rand(n, x):
-    """n uniform numbers from the CPU's generator, as the original's scale and rotate draw them,
-    on x's device (a copy that does not wait for the device)."""
+    """n uniforms from the CPU's generator, as the original's scale and rotate draw them, on x's device (unwaited)."""
     return torch.rand(n).to(x.device, x.dtype, non_blocking=True)
 
 
@@ -127,14 +121,8 @@ def _cutout(x, centre):
     return x * (~(in_rows[:, :, None] & in_cols[:, None, :])).to(x.dtype)[:, None]
 
 
-def _saturation(x, u):
-    mean = x.mean(dim=1, keepdim=True)
-    return (x - mean) * (u * DSA_PARAMS["saturation"]) + mean
-
-
-def _contrast(x, u):
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (u + DSA_PARAMS["contrast"]) + mean
+def _blend(x, mean, factor):
+    return (x - mean) * factor + mean
 
 
 DSA_OPS = {  # op -> (draw(n, x), apply(x, params))
@@ -144,14 +132,13 @@ DSA_OPS = {  # op -> (draw(n, x), apply(x, params))
     "crop": (partial(_draw_shift, ratio=DSA_PARAMS["crop"]), _crop),
     "cutout": (_draw_cutout, _cutout),
     "brightness": (_uniform, lambda x, u: x + (u - 0.5) * DSA_PARAMS["brightness"]),
-    "saturation": (_uniform, _saturation),
-    "contrast": (_uniform, _contrast),
+    "saturation": (_uniform, lambda x, u: _blend(x, x.mean(dim=1, keepdim=True), u * DSA_PARAMS["saturation"])),
+    "contrast": (_uniform, lambda x, u: _blend(x, x.mean(dim=(1, 2, 3), keepdim=True), u + DSA_PARAMS["contrast"])),
 }
 
 
 def draw_texture_crops(canvases, samples):
-    """Texture mode (each learned item a canvas): random toroidal offsets for `samples` crops of
-    each canvas, (samples * n) x 2."""
+    """Texture mode (each item a canvas): random toroidal offsets of `samples` crops per canvas, (samples * n) x 2."""
     n, (h, w) = len(canvases), canvases.shape[2:]
     offsets = torch.stack([torch.randint(h, (samples * n,)), torch.randint(w, (samples * n,))], 1)
     return offsets.to(canvases.device, non_blocking=True)

@@ -9,10 +9,10 @@ import torch
 from mtt import parallel
 from mtt.augment import DSA_STRATEGY
 from mtt.flags import positive_int, switch
+from mtt.memory import check_room, moving
 from mtt.progress import progress
 from mtt.training import accuracy, decay_epoch, train_epoch
 from networks import get_network
-from mtt.memory import check_room, moving
 from utils import eta, run_seed, say, set_seed
 from utils import rank as this_rank
 
@@ -20,11 +20,9 @@ EVAL_POOLS = {
     "M": ["ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18"],
     "W": ["ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"],
     "D": ["ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4"],
-    "A": ["ConvNetAS", "ConvNetAR", "ConvNetAL"],
-    "P": ["ConvNetNP", "ConvNetMP", "ConvNetAP"],
+    "A": ["ConvNetAS", "ConvNetAR", "ConvNetAL"], "P": ["ConvNetNP", "ConvNetMP", "ConvNetAP"],
     "N": ["ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"],
 }
-EVAL_MODES = ["S", "C", *EVAL_POOLS]
 EVAL_MODE_HELP = ("models each evaluation trains: S = the distillation model (BN -> instance norm), C = it and "
                   "ConvNet, M = ConvNet AlexNet VGG11 ResNet18_AP ResNet18, W = widths, D = depths, "
                   "A = activations, P = poolings, N = norms")
@@ -32,7 +30,7 @@ EVAL_MODE_HELP = ("models each evaluation trains: S = the distillation model (BN
 
 def add_flags(parser, networks_help):
     """The evaluation's flags, distill.py's and eval.py's alike (the original's names and defaults)."""
-    parser.add_argument("--eval_mode", default="S", choices=EVAL_MODES, help=EVAL_MODE_HELP)
+    parser.add_argument("--eval_mode", default="S", choices=["S", "C", *EVAL_POOLS], help=EVAL_MODE_HELP)
     parser.add_argument("--num_eval", type=positive_int, default=5, help=networks_help)
     parser.add_argument("--epoch_eval_train", type=positive_int, default=1000, help="epochs of each evaluation network")
     switch(parser, "--verbose", "also print each evaluation network's training accuracy at every tenth of its epochs "
@@ -40,21 +38,16 @@ def add_flags(parser, networks_help):
 
 
 def eval_pool(eval_mode, model):
-    """The models to evaluate a set with: S = the distillation model (batch norm swapped for
-    instance norm, as the original does), C = that model and ConvNet, else a named pool."""
-    if eval_mode == "S":
-        return [model.split("BN")[0]]
-    if eval_mode == "C":
-        return list(dict.fromkeys([model, "ConvNet"]))
-    return EVAL_POOLS[eval_mode]
+    """The models to evaluate a set with: S = the distillation model (batch norm swapped for instance norm, as the
+    original does), C = that model and ConvNet, else a named pool."""
+    return {"S": [model.split("BN")[0]], "C": list(dict.fromkeys([model, "ConvNet"])), **EVAL_POOLS}[eval_mode]
 
 
 def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=1000, batch_train=256,
                     dsa_strategy=DSA_STRATEGY, texture=None, say=None, on_epoch=None):
-    """Train `net` (fresh) on images/labels with SGD (momentum 0.9, weight decay 5e-4), lr decayed
-    x0.1 after epoch decay_epoch(epochs), DSA on every batch unless dsa_strategy is None; return the
-    final (train accuracy, test accuracy). Like the original, it runs epochs + 1 passes and
-    restarts the optimiser (momentum included) at the decay; on_epoch() is called after each."""
+    """Train `net` (fresh) on images/labels with SGD (momentum 0.9, weight decay 5e-4), lr x0.1 after epoch
+    decay_epoch(epochs), DSA unless dsa_strategy is None; return the final (train accuracy, test accuracy). Like the
+    original: epochs + 1 passes, the optimiser (momentum too) restarted at the decay; on_epoch() after each pass."""
     device = next(net.parameters()).device
     images, labels = images.to(device), labels.to(device)
     sgd = lambda lr: torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=5e-4)
@@ -73,8 +66,7 @@ def evaluate_synset(net, images, labels, test_images, test_labels, lr, epochs=10
 
 @dataclass
 class EvalSet:
-    """A training set to evaluate (distilled, random real or full), with the real images it is
-    tested on, in the same space (ZCA or not) as its own images."""
+    """A set to evaluate (distilled, random real or full) and its real test images, in its own space (ZCA or not)."""
     name: str
     images: torch.Tensor
     labels: torch.Tensor  # class ids, or N x C label logits (trained with the soft cross-entropy)
@@ -90,15 +82,12 @@ class EvalSet:
 
 def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA_STRATEGY, device="cpu",
                   verbose=False):
-    """Train num_eval fresh networks for each (EvalSet, model) pair and test each; one row of the
-    table per pair, and a line per network (verbose: its epochs too). Network r of a pair is seeded
-    by (seed, r) alone, so a row repeats whatever else the command evaluates, and under torchrun the
-    networks spread over the ranks (network k of the list on rank k mod ranks) with the same results
-    as one process; rank 0 prints the other ranks' network lines once they are gathered (their
-    verbose epochs stay unprinted)."""
+    """Train num_eval fresh networks per (EvalSet, model) pair and test each: a table row per pair, a line per network
+    (verbose: its epochs too). Network r of a pair is seeded by (seed, r) alone, so a row repeats whatever else runs;
+    torchrun spreads the networks over the ranks (same results), and rank 0 prints their lines (not verbose epochs)."""
     rank, ranks = this_rank(), parallel.world()
-    # network k is run k % num_eval of pair k // num_eval, on rank k % ranks; ranges, not lists, so that
-    # a huge --num_eval starts at once. The bar counts images trained on: a full-data network weighs its cost.
+    # network k is run k % num_eval of pair k // num_eval, on rank k % ranks; ranges, not lists, so that a huge
+    # --num_eval starts at once. The bar counts images trained on: a full-data network weighs its cost.
     mine = range(rank, len(pairs) * num_eval, ranks)
     below = lambda k: len(range(rank, k, ranks))  # this rank's networks among the first k
     work = sum(len(eval_set.images) * (eval_set.epochs + 1) * (below((pair + 1) * num_eval) - below(pair * num_eval))
@@ -117,8 +106,7 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
             bar.set_postfix_str(tag[1:-1])
             _, test_acc = evaluate_synset(net, eval_set.images, eval_set.labels, *eval_set.test, eval_set.lr,
                                           eval_set.epochs, batch_train, dsa_strategy if eval_set.augment else None,
-                                          eval_set.texture,
-                                          say=(lambda line: say(tag + line)) if verbose else None,
+                                          eval_set.texture, say=(lambda line: say(tag + line)) if verbose else None,
                                           on_epoch=lambda: bar.update(len(eval_set.images)))
             val_acc = accuracy(net, *(t.to(device) for t in eval_set.validation)) if eval_set.validation else None
             validation = "" if val_acc is None else f", validation {100 * val_acc:.2f}%"
@@ -136,9 +124,8 @@ def evaluate_sets(pairs, data, num_eval, seed, batch_train=256, dsa_strategy=DSA
         test_accs, val_accs, _ = zip(*(results[pair, run] for run in range(num_eval)))
         row = {"set": eval_set.name, "model": model, "ipc": eval_set.ipc, "images": len(eval_set.images),
                "lr": eval_set.lr, "lr_from": eval_set.lr_from, "epochs": eval_set.epochs,
-               "dsa": bool(dsa_strategy) and eval_set.augment,
-               "test_acc_mean": float(np.mean(test_accs)), "test_acc_std": float(np.std(test_accs)),
-               "test_accs": list(test_accs), "n": num_eval}
+               "dsa": bool(dsa_strategy) and eval_set.augment, "test_acc_mean": float(np.mean(test_accs)),
+               "test_acc_std": float(np.std(test_accs)), "test_accs": list(test_accs), "n": num_eval}
         if eval_set.validation:
             row.update(val_acc_mean=float(np.mean(val_accs)), val_acc_std=float(np.std(val_accs)),
                        val_accs=list(val_accs))

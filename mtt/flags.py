@@ -1,16 +1,13 @@
-"""The scripts' flags: the ones buffer.py, distill.py and eval.py share, the checked types of all
-of them, and --cfg FILE.yaml, which reads them from a file in DATM's format.
+"""The scripts' flags: those buffer.py, distill.py and eval.py share, the checked types of all, and --cfg FILE.yaml.
 
     python distill.py --cfg configs/mtt/cifar10_ipc10.yaml
     python distill.py --cfg configs/mtt/cifar10_ipc10.yaml --Iteration 1000 --eval_it 100   # flags win
     python distill.py --cfg DATM/configs/CIFAR-10/ConvIN/IPC10.yaml     # DATM's own files, as they are
 
-A file is one `key: value` line per flag, the key named as the flag (`ipc: 10`, `zca: True`,
-`lr_lr: 1e-5`). argparse parses each value as it would the command line's (as DATM's loader hands
-its values to argparse), and they become the flags' defaults, so a flag given on the command line
-wins. Every key is applied, or ignored with its reason in one printed line (DATM's wandb `project`,
-its GPU list `device: [3]`, ...); any other key is an error naming it. PyYAML is needed only here.
-"""
+A --cfg file (DATM's format; read with PyYAML) is one `key: value` line per flag, named as the flag (`ipc: 10`,
+`zca: True`, `lr_lr: 1e-5`). argparse parses each value as it would the command line's (as DATM's loader hands them to
+argparse) into the flags' defaults, so a flag given on the command line wins. Every key is applied, or ignored with its
+reason in one printed line (DATM's wandb `project`, its GPU list `device: [3]`, ...); any other key is an error."""
 import argparse
 import sys
 
@@ -94,8 +91,8 @@ def switch(parser, name, help, default=False):
 
 
 def add_common_args(parser, from_set=False):
-    """The flags buffer.py, distill.py and eval.py share, with the original's names and defaults;
-    from_set (eval.py): those that describe the set default to its run.json's (None until read)."""
+    """The flags buffer.py, distill.py and eval.py share, with the original's names and defaults; from_set (eval.py):
+    those that describe the set default to its run.json's (None until read)."""
     default = lambda value: None if from_set else value
     of_set = " (default: the set's run.json, else {})".format if from_set else lambda value: ""
     parser.add_argument("--dataset", default=default("CIFAR10"), choices=list(DATASETS),
@@ -126,11 +123,10 @@ def add_common_args(parser, from_set=False):
 
 
 def parse(parser, argv, ignore=lambda values: {}):
-    """The flags, after those of a --cfg file (`ignore(values)`: the keys a script ignores given the
-    whole file, with why), with `augmentation` resolved once: the DSA strategy, or None without --dsa."""
+    """The flags, after those of a --cfg file (`ignore(values)`: the keys a script ignores given the whole file, with
+    why), with `augmentation` resolved once: the DSA strategy, or None without --dsa."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    path = cfg_path(argv)
-    if path is not None:
+    if (path := cfg_path(argv)) is not None:
         try:
             ignored = apply_cfg(parser, path, ignore)
         except UsageError as err:
@@ -143,9 +139,9 @@ def parse(parser, argv, ignore=lambda values: {}):
 
 
 def take_defaults(args, defaults, otherwise, active, said):
-    """A method's defaults ({flag: value}) for the flags left at None when `active`, else `otherwise`'s
-    values (the plain method's; a flag missing there takes the method's too). The ones taken are
-    printed after `said` and kept in args.method_defaults (run.json, buffer.json)."""
+    """A method's defaults ({flag: value}) for the flags left at None when `active`, else `otherwise`'s values (the
+    plain method's; a flag missing there takes the method's too). The ones taken are printed after `said` and kept in
+    args.method_defaults (run.json, buffer.json)."""
     args.method_defaults = {}
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -158,8 +154,7 @@ def take_defaults(args, defaults, otherwise, active, said):
 
 
 def check_model(model, dataset, res):
-    """The network's parameter count, checked that it builds for the dataset's images (a deep
-    ConvNet on small ones has no pixels left)."""
+    """The network's parameter count, checked to build for the dataset's images (deep ConvNets pool small ones away)."""
     channel, im_size, num_classes = DATASETS[dataset].shape(res)
     try:
         with torch.device("meta"):  # shapes only, no memory
@@ -169,16 +164,7 @@ def check_model(model, dataset, res):
                          f"{str(err).splitlines()[0]}") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# --cfg FILE.yaml
-
-
-def _gpu_list(value):
-    if isinstance(value, list):
-        return f"DATM's GPUs {value} for CUDA_VISIBLE_DEVICES; here --device cuda:N, or torchrun for several"
-    return None  # a device name such as cuda:1 is the --device flag
-
-
+# --- --cfg FILE.yaml ---------------------------------------------------------------------------
 def _label_model(value):
     if value:
         raise UsageError("Initialize_Label_With_Another_Model: True (labels from a model other than the experts) "
@@ -186,11 +172,11 @@ def _label_model(value):
     return "False: the experts label the images, as here"
 
 
-# Keys that are not flags here but that DATM's files hold: value -> why the key is ignored (None: it
-# is a flag after all).
+# Keys of DATM's files that are not flags here: value -> why the key is ignored (None: it is a flag after all).
 IGNORED = {
     "project": lambda value: "DATM's wandb project (no wandb here: log.jsonl holds the curves)",
-    "device": _gpu_list,
+    "device": lambda value: (f"DATM's GPUs {value} for CUDA_VISIBLE_DEVICES; here --device cuda:N, or torchrun for "
+                             "several") if isinstance(value, list) else None,  # a name such as cuda:1 is --device
     "record_loss": lambda value: "DATM.py reads it nowhere",
     "parall_eva": lambda value: "DATM's evaluation on several GPUs (here torchrun spreads the evaluations)",
     "Initialize_Label_With_Another_Model": _label_model,
@@ -214,8 +200,7 @@ def cfg_path(argv):
 
 
 def read_cfg(path):
-    """The file's mapping of keys to values, DATM's older names renamed; a key given twice is an
-    error rather than the last one winning."""
+    """The file's keys and values, DATM's older names renamed; a key given twice is an error, not a silent override."""
     try:
         import yaml  # optional: only --cfg needs it
     except ModuleNotFoundError:
@@ -235,11 +220,9 @@ def read_cfg(path):
         problem = getattr(err, "problem", None) or str(err)
         raise UsageError(f"not valid YAML: {' '.join(problem.split())}{where}") from None
     if not isinstance(values, dict) or not values:
-        raise UsageError(f"holds {type(values).__name__ if values is not None else 'nothing'}, "
-                         f"not `flag: value` lines")
+        raise UsageError(f"holds {type(values).__name__ if values is not None else 'nothing'}, not `flag: value` lines")
     keys = [key.value for key, _ in node.value]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
+    if repeated := sorted({key for key in keys if keys.count(key) > 1}):
         raise UsageError(f"{', '.join(repeated)} given more than once (line {node.start_mark.line + 1})")
     for old, new in RENAMED.items():
         if old in values and new in values:
@@ -248,17 +231,15 @@ def read_cfg(path):
 
 
 def apply_cfg(parser, path, ignore):
-    """Make the file's values the parser's defaults, parsed by argparse as the same flags on the
-    command line (a list is a repeated flag, eval.py's --baseline; null is the flag's default);
-    {key: why} of the keys ignored."""
+    """Make the file's values the parser's defaults, parsed by argparse as the same flags on the command line (a list is
+    a repeated flag, eval.py's --baseline; null is the flag's default); {key: why} of the keys ignored."""
     values = read_cfg(path)
     actions = {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
     ignored_here, ignored, argv = ignore(values), {}, []
     for key, value in values.items():
         if key == "cfg":
             raise UsageError("cfg: a --cfg file cannot name another; give both flags' values in one file")
-        why = ignored_here.get(key) or IGNORED.get(key, lambda value: None)(value)
-        if why:
+        if why := ignored_here.get(key) or IGNORED.get(key, lambda value: None)(value):
             ignored[key] = why
             continue
         if key not in actions:

@@ -1,17 +1,8 @@
-"""The trajectory-matching step of MTT: the learnable state, one student update, the matching
-loss, and its exact gradient by two routes.
-
-A SyntheticSet holds every learnable tensor by name: images, syn_lr and optionally label logits
-(DATM's soft labels). `student_update` is the one student step,
-theta_{i+1} = theta_i - syn_lr * grad CE(forward(theta_i, x), y), hard or soft targets, summed
-over chunks of the minibatch (`chunk_update`). The gradient of the matching loss
-||theta_N - theta*||^2 / ||theta_0 - theta*||^2 with respect to every learnable tensor comes
-either from backpropagating through the whole unroll (unroll_backward: memory grows with
-syn_steps x batch) or from replaying the unroll in reverse, one vector-Jacobian product of a
-chunk of a step at a time (replay_backward: the same gradient, with the memory of one chunk plus
-the stored theta_0..theta_N). Under torchrun each process computes its share of every
-minibatch, in chunks of chunk_syn images; the results equal one process's to rounding.
-"""
+"""The trajectory-matching step of MTT: the learnable state, one student update
+theta_{i+1} = theta_i - syn_lr * grad CE(forward(theta_i, x), y) (hard or soft targets), and the exact gradient of the
+matching loss ||theta_N - theta*||^2 / ||theta_0 - theta*||^2 through the whole unroll (memory grows with syn_steps x
+batch) or by replaying it in reverse (the memory of one chunk of a step plus theta_0..theta_N). Under torchrun each
+process computes its share of every minibatch, in chunks; the results equal one process's to rounding."""
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,9 +14,8 @@ from networks import forward_flat
 
 
 class SyntheticSet:
-    """The learnable tensors of a distillation by name: images (N x C x H x W), syn_lr (a scalar)
-    and, with soft labels, label_logits (N x classes). The optimisers, the checkpoint, the
-    outputs and the evaluation iterate over `tensors`; `labels` are the images' fixed class ids."""
+    """The learnable `tensors` by name, which the optimisers, checkpoint, outputs and evaluation iterate over: images
+    (N x C x H x W), syn_lr (a scalar), with DATM's soft labels label_logits (N x classes); `labels`: class ids."""
 
     def __init__(self, images, labels, syn_lr, label_logits=None):
         self.labels = labels
@@ -35,17 +25,9 @@ class SyntheticSet:
         for tensor in self.tensors.values():
             tensor.requires_grad_()
 
-    @property
-    def images(self):
-        return self.tensors["images"]
-
-    @property
-    def syn_lr(self):
-        return self.tensors["syn_lr"]
-
-    @property
-    def soft(self):
-        return "label_logits" in self.tensors
+    images = property(lambda self: self.tensors["images"])
+    syn_lr = property(lambda self: self.tensors["syn_lr"])
+    soft = property(lambda self: "label_logits" in self.tensors)
 
     def targets(self, rows):
         """The student's targets for these items: label logits (soft labels) or class ids."""
@@ -64,10 +46,8 @@ class SyntheticSet:
 
 @dataclass
 class Step:
-    """One student update's minibatch, one entry per image: the synthetic item it comes from
-    (rows), its texture crop and its DSA draw, kept so that the replay rebuilds exactly the batch
-    the forward pass used. `batch` is the size of the whole minibatch, whose mean loss the step
-    descends, whichever share of it a process computes."""
+    """One student update's minibatch, an entry per image: its item (rows), texture crop and DSA draw, kept for the
+    replay to rebuild the exact batch. `batch`: the whole minibatch's size, whose mean loss every share descends."""
     rows: torch.Tensor
     augmentation: list
     batch: int
@@ -90,8 +70,7 @@ class Step:
         return self.part(parallel.share(len(self.rows)))
 
     def chunks(self, size=None):
-        """This process's share in consecutive pieces of at most `size` images (None: one piece; none
-        when the share is empty), which the student update computes one after another."""
+        """This process's share in consecutive pieces of at most `size` images (None: one; none if it is empty)."""
         share = self.share()
         size = size or len(share.rows) or 1
         return [share.part(slice(start, start + size)) for start in range(0, len(share.rows), size)]
@@ -99,9 +78,8 @@ class Step:
 
 @torch.no_grad()
 def draw_schedule(images, syn_steps, batch_syn, dsa_strategy=None, texture=None):
-    """syn_steps minibatches: a random permutation of the set (from the CPU generator) cut into
-    chunks of batch_syn, taken from the last, redrawn when used up; then each step's crops and
-    DSA draw. This consumes the random stream in the original's order.
+    """syn_steps minibatches: a random permutation of the set (from the CPU generator) cut into chunks of batch_syn,
+    taken from the last, redrawn when used up; then each step's crops and DSA draw, in the original's order.
     texture = (crop size, crops per canvas); dsa_strategy None: no DSA."""
     schedule, chunks = [], []
     for _ in range(syn_steps):
@@ -113,32 +91,28 @@ def draw_schedule(images, syn_steps, batch_syn, dsa_strategy=None, texture=None)
         if texture is not None:
             step.crop_size, samples = texture
             step.crops = draw_texture_crops(images[rows], samples)
-            step.rows = rows.repeat(samples)
-            step.batch = len(step.rows)
+            step.rows, step.batch = rows.repeat(samples), len(rows) * samples
             shape = (step.batch, images.shape[1], *step.crop_size)
         if dsa_strategy:
-            step.augmentation = draw_augmentation(torch.empty(shape, device=images.device, dtype=images.dtype),
-                                                  dsa_strategy)
+            step.augmentation = draw_augmentation(images.new_empty(shape), dsa_strategy)
         schedule.append(step)
     return schedule
 
 
 def chunk_update(net, theta, synset, chunk, batch):
-    """-syn_lr * the gradient of the student's loss on one chunk of a minibatch of `batch` images,
-    weighted by the chunk's share of it, so that the chunks' updates sum to the whole minibatch's;
-    differentiable (the unroll and the replay's VJP backpropagate through it)."""
+    """-syn_lr * the gradient of the student's loss on one chunk of a minibatch of `batch` images, weighted by the
+    chunk's share so that the chunks' updates sum to the minibatch's; differentiable (the unroll and the VJP use it)."""
     logits = forward_flat(net, theta, chunk.inputs(synset.images))
     loss = cross_entropy(logits, synset.targets(chunk.rows)) * (len(chunk.rows) / batch)
     return -synset.syn_lr * torch.autograd.grad(loss, theta, create_graph=True)[0]
 
 
 def student_update(net, theta, synset, step, chunk_syn=None):
-    """This process's part of one student step: the updates of its share of the minibatch in chunks
-    of chunk_syn images (None: one chunk), summed. theta_{i+1} = theta_i + the sum over processes."""
+    """This process's part of one student step: the updates of its share of the minibatch in chunks of chunk_syn
+    images (None: one chunk), summed. theta_{i+1} = theta_i + the sum over processes."""
     updates = [chunk_update(net, theta, synset, chunk, step.batch) for chunk in step.chunks(chunk_syn)]
-    if not updates:  # more processes than images: nothing to add, but stay in the graph
-        return theta * 0
-    return sum(updates[1:], updates[0])
+    # more processes than images: nothing to add, but theta * 0 stays in the graph
+    return sum(updates[1:], updates[0]) if updates else theta * 0
 
 
 def matching_loss(theta, theta0, target):
@@ -154,8 +128,7 @@ def accumulate(tensors, grads):
 
 
 def unroll_backward(net, synset, theta0, target, schedule, chunk_syn=None):
-    """The matching loss of the unrolled student, backpropagated through every step at once
-    (memory grows with syn_steps x batch). Fills the .grad of every learnable tensor."""
+    """The matching loss, backpropagated through the whole unroll at once; fills every learnable tensor's .grad."""
     learnables = list(synset.tensors.values())
     theta = start = theta0.detach().requires_grad_()
     for step in schedule:
@@ -172,11 +145,10 @@ def unroll_backward(net, synset, theta0, target, schedule, chunk_syn=None):
 def replay_backward(net, synset, theta0, target, schedule, chunk_syn=None):
     """The same loss and gradient, computed in reverse one step at a time.
 
-    The forward pass keeps only theta_0..theta_N. Then, with lam = dL/dtheta_{i+1}, step i is
-    rebuilt from theta_i and the same minibatch, and one vector-Jacobian product of its update
-    with lam gives lam's contribution through it to every learnable tensor and to theta_i:
-    dL/dtheta_i = lam + (d update_i / d theta_i)^T lam. The update is a sum over chunks, and so is
-    its VJP: both passes hold one chunk's graph at a time. Fills the .grad of every learnable tensor."""
+    The forward pass keeps only theta_0..theta_N. Then, with lam = dL/dtheta_{i+1}, step i is rebuilt from theta_i and
+    the same minibatch, and one vector-Jacobian product of its update with lam gives lam's contribution through it to
+    every learnable tensor and to theta_i: dL/dtheta_i = lam + (d update_i / d theta_i)^T lam. The update is a sum over
+    chunks, and so is its VJP: both passes hold one chunk's graph at a time."""
     learnables, frozen = list(synset.tensors.values()), synset.detached()
     # theta_0..theta_N in one block allocated up front: one vector appended after each step's freed
     # activations pinned the heap, which grew by 0.4 MB a step (ConvNetW8, 100 images)
@@ -195,8 +167,7 @@ def replay_backward(net, synset, theta0, target, schedule, chunk_syn=None):
     lam = torch.autograd.grad(loss, theta_n)[0]
     grads = [torch.zeros_like(t) for t in learnables]
     for theta, step in zip(reversed(thetas[:-1]), reversed(schedule)):
-        theta = theta.detach().requires_grad_()
-        through_theta = torch.zeros_like(theta)
+        theta, through_theta = theta.detach().requires_grad_(), torch.zeros_like(theta)
         for chunk in step.chunks(chunk_syn):
             update = chunk_update(net, theta, synset, chunk, step.batch)
             through_chunk, *parts = torch.autograd.grad(update, [theta, *learnables], lam, allow_unused=True)

@@ -30,10 +30,9 @@ def gigabytes(n):
 
 
 def free_memory(device):
-    """Bytes this process can still allocate on `device`. A GPU: its free memory plus what torch's
-    caching allocator holds but has freed (free to torch, used to the driver). The CPU: MemAvailable,
-    or what the process's cgroup still allows where that is less (a container, a Slurm job), shared
-    by the torchrun processes of this machine."""
+    """Bytes this process can still allocate on `device`. A GPU: its free memory plus what torch's caching allocator
+    holds but has freed (free to torch, used to the driver). The CPU: MemAvailable, or what the process's cgroup still
+    allows where that is less (a container, a Slurm job), shared by the torchrun processes of this machine."""
     if device.type == "cuda":
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return torch.cuda.mem_get_info(device)[0] + cached
@@ -44,9 +43,8 @@ def free_memory(device):
 
 
 def cgroup_room(root=Path("/sys/fs/cgroup"), membership=Path("/proc/self/cgroup")):
-    """Bytes the process's memory cgroup (v2 or v1) still allows: its limit less its usage, page cache
-    the kernel can drop not counted (the kubelet's working set); None without a limit. The group's
-    folder is the one /proc/self/cgroup names, or the mount's root (a container's own group)."""
+    """Bytes the process's memory cgroup (v2 or v1) still allows: limit - usage + droppable page cache (the kubelet's
+    working set); None without a limit. Its folder: /proc/self/cgroup's, else the mount's root (a container's own)."""
     try:
         lines = membership.read_text().splitlines()
     except OSError:
@@ -74,8 +72,8 @@ def moving(tensors, device):
 
 
 def check_room(needed, what, where):
-    """Refuse in one line, before any work, `needed` bytes that `where` cannot give: a device's free
-    memory, or a folder's disk. `what` says what needs them, with its verb ("the images need")."""
+    """Refuse in one line, before any work, `needed` bytes that `where` cannot give: a device's free memory, or a
+    folder's disk. `what` says what needs them, with its verb ("the images need")."""
     if not needed:
         return
     if isinstance(where, torch.device):
@@ -89,8 +87,7 @@ def check_room(needed, what, where):
 
 
 def saved_bytes(net, theta, synset, step):
-    """The bytes of the tensors autograd keeps for one chunk_update of `step`: what the unroll
-    holds for every student step, and the replay for one chunk at a time."""
+    """Bytes autograd keeps for one chunk_update of `step`: the unroll holds them per step, the replay per chunk."""
     storages = {}
 
     def keep(tensor):
@@ -103,10 +100,9 @@ def saved_bytes(net, theta, synset, step):
 
 
 def forecast(net, theta0, synset, syn_steps, augmentation=None, texture=None):
-    """peak(low_memory, batch_syn, chunk_syn): the bytes one iteration adds at its peak, with the
-    unroll (low_memory False) or the replay, from the graph of one student step measured on one and
-    two of the set's items and extended linearly to this process's share of a minibatch. It draws
-    from a forked random stream: the run's own is untouched."""
+    """peak(low_memory, batch_syn, chunk_syn): the bytes one iteration adds at its peak, with the unroll (low_memory
+    False) or the replay, from the graph of one student step measured on one and two of the set's items and extended
+    linearly to this process's share of a minibatch. It draws from a forked random stream: the run's is untouched."""
     with torch.random.fork_rng(devices=[theta0.device] if theta0.device.type == "cuda" else []):
         one, two = (draw_schedule(synset.images[:k], 1, k, augmentation, texture)[0] for k in (1, 2))
         first, second = (saved_bytes(net, theta0, synset, step) for step in (one, two))
@@ -127,9 +123,8 @@ def room(free):
 
 
 def choose_backward(args, peak, batch_syn, free):
-    """Whether to run the low-memory replay: --low_memory's answer, or, not given, the unroll where
-    its forecast peak fits in the free memory less MARGIN, else the replay (the same gradient, said
-    in a line). A forecast over it is one line naming the flags that would fit, before any work."""
+    """Whether to run the low-memory replay: --low_memory's answer; not given, the unroll if its forecast peak fits in
+    the free memory less MARGIN, else the replay (said in a line). A forecast over it: a line naming flags that fit."""
     chunk, usable = args.chunk_syn, free * (1 - MARGIN)
     low_memory = args.low_memory if args.low_memory is not None else peak(False, batch_syn, chunk) > usable
     if peak(low_memory, batch_syn, chunk) <= usable:

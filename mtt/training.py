@@ -13,9 +13,8 @@ def decay_epoch(epochs):
 
 
 def cross_entropy(logits, targets):
-    """Class ids: the usual cross-entropy. N x C label logits (DATM's soft labels): the
-    cross-entropy against softmax(targets) at temperature 1, summed over classes, averaged over
-    the batch, as DATM trains its students and evaluation networks."""
+    """Class ids: the usual cross-entropy. N x C label logits (DATM's soft labels): the cross-entropy against
+    softmax(targets) at temperature 1, summed over classes, averaged over the batch, as DATM trains its networks."""
     if targets.is_floating_point():
         return -(F.log_softmax(logits, 1) * F.softmax(targets, 1)).sum() / len(logits)
     return F.cross_entropy(logits, targets)
@@ -38,24 +37,22 @@ def predict(net, theta, images):
 def sgd_step(net, x, y, optimizer):
     """train_epoch's update: one gradient step of `optimizer` on the batch; returns the outputs."""
     out = net(x)
-    loss = cross_entropy(out, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    cross_entropy(out, y).backward()
     optimizer.step()
     return out
 
 
 def train_epoch(net, images, labels, optimizer, batch_size, dsa_strategy=None, texture=None, step=sgd_step):
-    """One shuffled pass over (images, labels) with DSA on every batch (one draw per image) and
-    `step` on each (buffer.py's GSAM takes sgd_step's place); labels are class ids or label logits;
-    texture = (res, samples) trains on random crops of canvases. Returns the training accuracy as
-    a 0-dim tensor: reading it waits for the GPU, which a 1000-epoch evaluation should not do per step."""
+    """One shuffled pass over (images, labels: class ids or label logits), DSA on every batch (one draw per image),
+    `step` on each (buffer.py's GSAM takes sgd_step's place); texture = (res, samples) trains on random crops of
+    canvases. Returns the training accuracy as a 0-dim tensor: reading it (a wait for the GPU) every epoch is slow."""
     net.train()
     correct, seen = torch.zeros((), device=images.device), 0
     for idx in torch.randperm(len(images), device=images.device).split(batch_size):
         x, y = images[idx], labels[idx]
         if texture is not None:
-            (res, samples) = texture
+            res, samples = texture
             x = texture_crops(x, draw_texture_crops(x, samples), res)
             y = y.repeat(samples, *[1] * (y.ndim - 1))
         if dsa_strategy:
