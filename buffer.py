@@ -8,25 +8,21 @@
     python buffer.py --import_pt OLD_DIR --dataset CIFAR10 --zca   # the original's replay_buffer_{n}.pt files
     python buffer.py --export_pt NEW_DIR --dataset CIFAR10 --zca   # ... and back, for MTT, TESLA and DATM
 
-Each expert is a network trained from random init with SGD on the full real training set (DSA on
-every batch); its flat parameters are recorded at init and after every epoch, into the buffer
-directory mtt/trajectories.py describes and reads. With --rho_max > 0 every batch takes FTD's GSAM step
-(gsam_step) whose gradient the same SGD then applies; rho is --rho_max, then --rho_min after
---decay (GSAM scales rho with the lr, which --decay divides by ten). As in FTD's code, GSAM is
-adaptive with alpha 0.4 unless --adaptive False or --alpha say otherwise (printed at start).
+Each expert is a network trained from random init with SGD on the full real training set (DSA on every
+batch); its flat parameters at init and after every epoch go into the buffer directory mtt/trajectories.py
+describes. With --rho_max > 0 SGD applies FTD's GSAM gradient instead (gsam_step; the GSAM flags below say how).
 
-A rerun into a directory appends experts: expert k of a directory starts from
-set_seed(expert_seed(--seed, k)), and the sidecar's next_index counts every expert the directory
-ever held, so no index or seed is used twice; a rerun with other settings is refused rather
-than mixing trajectories. One buffer.py at a time writes a directory (its .lock). A file is
-written under a temporary name and renamed when complete, then listed in the sidecar; the next
-run lists a complete file that a kill left unlisted if its experts are the seeded ones it
-expects ("recovered": true), else sets it aside as replay_buffer_{n}.npy.orphan.
+A rerun appends experts: expert k of a directory starts from set_seed(expert_seed(--seed, k)), and the
+sidecar's next_index counts every expert the directory ever held, so no index or seed is used twice; other
+settings are refused rather than mixing trajectories. One buffer.py at a time writes a directory (its .lock).
+A file is written under a temporary name, renamed when complete, then listed in the sidecar; the next run
+lists a complete file that a kill left unlisted if its experts are the seeded ones it expects
+("recovered": true), else sets it aside as replay_buffer_{n}.npy.orphan.
 
-Under torchrun the run's files are numbered up front and file j is trained by rank j mod ranks,
-each expert with the index and seed one process gives it (the same arrays, bit for bit on CPU).
-Rank 0 alone holds the lock, recovers, prints and writes the sidecar after every round of files;
-its "pending" entry lets the next run list a file finished in a round that was cut short.
+Under torchrun the files are numbered up front and file j is trained by rank j mod ranks, each expert with
+the index and seed one process would give it (the same arrays, bit for bit on CPU). Rank 0 alone holds the
+lock, recovers, prints and writes the sidecar after every round; its "pending" entry lets the next run list
+a file finished in a round that was cut short.
 """
 import hashlib
 import time
@@ -56,11 +52,9 @@ from mtt.trajectories import (SIDECAR, Experts, buffer_file, experts_of, new_buf
 from networks import flatten_params, get_network
 from utils import UsageError, eta, folder_lock, is_main, make_folder, rank, save_json, say, set_seed
 
-# Settings every expert of a directory must share; the sidecar states them once for all.
-SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa",
-          "dsa_strategy", "mom", "l2", "decay", "rho_max", "rho_min", "alpha", "adaptive")
-# What a sidecar written before GSAM was added describes.
-PLAIN_SGD = {"rho_max": 0, "rho_min": 0, "alpha": 0, "adaptive": False}
+SHARED = ("dataset", "model", "zca", "num_params", "train_epochs", "lr_teacher", "batch_train", "dsa", "dsa_strategy",
+          "mom", "l2", "decay", "rho_max", "rho_min", "alpha", "adaptive")  # all experts of a directory, in its sidecar
+PLAIN_SGD = {"rho_max": 0, "rho_min": 0, "alpha": 0, "adaptive": False}  # what a sidecar from before GSAM means
 # GSAM's defaults as FTD's buffer code runs it (and DATM's copy of it): its --adaptive is declared
 # type=bool, so any text, even False, parses as True, and its --alpha defaults to 0.4.
 FTD_GSAM = {"adaptive": True, "alpha": 0.4}
@@ -122,23 +116,16 @@ def interrupted(args):
     """What an interrupted buffer.py leaves, in one line."""
     if args.export_pt:
         return f"the replay_buffer_{{n}}.pt files listed above are complete in {args.export_pt}"
-    directory = experts_of(args)
-    return (f"the experts listed in {directory}/{SIDECAR} are complete and kept; the file being written was "
-            f"discarded; run the command again to add experts")
+    return (f"the experts listed in {experts_of(args)}/{SIDECAR} are complete and kept; the file being written "
+            f"was discarded; run the command again to add experts")
 
 
 def run(args, device):
-    """Train experts, or convert the original's files."""
-    if args.import_pt:
-        return import_pt(args)
-    if args.export_pt:
-        return export_pt(args)
-    return train(args, device)
+    return import_pt(args) if args.import_pt else export_pt(args) if args.export_pt else train(args, device)
 
 
 def expert_seed(seed, index):
-    """The seed of expert `index` of a directory: a hash of both, so that no two experts of a
-    directory share one, whatever --seed the runs that made them were given."""
+    """A hash of --seed and the index, so that no two experts of a directory share a seed, whatever --seed made them."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
@@ -159,8 +146,7 @@ def count(experts):
 
 
 def open_directory(directory, settings, seed):
-    """Check that the experts the (locked) directory holds were made like the new ones, list or
-    set aside the files killed runs left unlisted, and return the sidecar to add experts to."""
+    """The locked directory's sidecar, its experts checked to be made like these and unlisted files recovered."""
     meta = {**PLAIN_SGD, **read_sidecar(directory)} if (Path(directory) / SIDECAR).exists() else settings
     defaults = settings["method_defaults"]
     differences = [f"{key} {meta.get(key)!r} (this run: {settings[key]!r}"
@@ -187,10 +173,8 @@ def initialisation(meta, seed):
 
 
 def recover(path, meta, seed, first):
-    """List an unlisted file if its experts start from the initialisations of indices first..
-    under `seed` (a run killed before its sidecar write; `first` is the sidecar's next index, or
-    the one a multi-process run planned for the file), else set it aside. Either way the indices
-    of its experts are never given again."""
+    """List a file a killed run left unlisted if its experts start from the initialisations of indices `first`..
+    under `seed`, else set it aside; either way its indices are never given again."""
     try:
         array = open_checked(path, 1, meta["train_epochs"] + 1, meta["num_params"])
     except UsageError as err:
@@ -206,26 +190,16 @@ def recover(path, meta, seed, first):
     meta["next_index"] = max(meta["next_index"], first + len(array))
 
 
-def plan_files(args, directory, meta):
-    """This run's files as (path, index of its first expert, experts), numbered up front in the
-    order one process writes them, so that every rank knows them all."""
-    number, index = next_number(directory, meta), meta["next_index"]
-    return [(buffer_file(directory, number + j), index + first, min(args.save_interval, args.num_experts - first))
-            for j, first in enumerate(range(0, args.num_experts, args.save_interval))]
-
-
 def gsam_step(net, x, y, optimizer, rho, alpha, adaptive):
-    """One GSAM step (Zhuang et al. 2022; FTD's flat experts) on the batch (x, y): the gradient g
-    at w and g_p at w + e_w (e_w = rho g / ||g||, or rho g w**2 / || |w| g || with `adaptive`),
-    then `optimizer` steps from w with g_p - alpha * (the part of g orthogonal to g_p). Norms
-    and inner products run over all parameters together; batch norm's running statistics see the
-    first pass only, as in GSAM. Returns the outputs at w."""
+    """One GSAM step (Zhuang et al. 2022; FTD's flat experts): gradients g at w and g_p at w + e_w (e_w = rho g / ||g||,
+    or rho g w**2 / || |w| g || with `adaptive`), then `optimizer` steps from w with g_p - alpha * (the part of g
+    orthogonal to g_p). Batch norm's running statistics see the first pass only, as in GSAM. Returns outputs at w."""
+    norm = lambda tensors: torch.stack([t.norm() for t in tensors]).norm()  # all as one vector: GSAM's _grad_norm
     params = list(net.parameters())
     out = net(x)
     g = torch.autograd.grad(F.cross_entropy(out, y), params)
     with torch.no_grad():
-        scaled = [p.abs() * gi for p, gi in zip(params, g)] if adaptive else g
-        scale = rho / (norm(scaled) + GSAM_EPS)
+        scale = rho / (norm([p.abs() * gi for p, gi in zip(params, g)] if adaptive else g) + GSAM_EPS)
         e_w = [gi * scale * (p ** 2 if adaptive else 1) for p, gi in zip(params, g)]
         for p, e in zip(params, e_w):
             p.add_(e)
@@ -237,30 +211,22 @@ def gsam_step(net, x, y, optimizer, rho, alpha, adaptive):
         g_norm, g_p_norm = norm(g), norm(g_p)
         cos = sum((a * b).sum() for a, b in zip(g, g_p)) / (g_p_norm * g_norm + GSAM_EPS)
         for p, a, b in zip(params, g, g_p):
-            vertical = a - cos * g_norm * b / (g_p_norm + GSAM_EPS)
-            p.grad = b - alpha * vertical
+            p.grad = b - alpha * (a - cos * g_norm * b / (g_p_norm + GSAM_EPS))
     optimizer.step()
     return out.detach()
 
 
 @contextmanager
 def frozen_running_stats(net):
-    """Batch norm layers with momentum 0, so that a forward pass leaves their running mean and
-    variance as they were (GSAM's disable_running_stats)."""
-    layers = [m for m in net.modules() if isinstance(m, _BatchNorm)]
-    momenta = [m.momentum for m in layers]
-    for m in layers:
+    """Batch norm momentum 0, so a forward pass leaves the running statistics (GSAM's disable_running_stats)."""
+    momenta = {m: m.momentum for m in net.modules() if isinstance(m, _BatchNorm)}
+    for m in momenta:
         m.momentum = 0
     try:
         yield
     finally:
-        for m, momentum in zip(layers, momenta):
+        for m, momentum in momenta.items():
             m.momentum = momentum
-
-
-def norm(tensors):
-    """The 2-norm of a list of tensors taken as one vector (GSAM's _grad_norm)."""
-    return torch.stack([t.norm() for t in tensors]).norm()
 
 
 def train_expert(args, data, snapshots):
@@ -279,20 +245,17 @@ def train_expert(args, data, snapshots):
         test_acc = accuracy(net, data.images_test, data.labels_test)
         snapshots[epoch + 1] = flatten_params(net).cpu().numpy()
         if args.decay and epoch == decay_epoch(args.train_epochs):
-            # a new optimiser, so momentum restarts too; GSAM's rho follows the lr down to rho_min
-            optimizer, rho = sgd(args.lr_teacher * 0.1), args.rho_min
+            optimizer, rho = sgd(args.lr_teacher * 0.1), args.rho_min  # momentum restarts; GSAM's rho follows the lr
         yield train_acc, test_acc, images_per_second
 
 
 def train_file(args, data, num_params, file, entries):
-    """Train the experts of one file (path, index of its first expert, experts) and write it;
-    append their sidecar entries to `entries`; yield (index, epoch, train acc, test acc, images/s)
-    per epoch. The file appears, complete, only when the last epoch has been yielded."""
+    """Train and write one planned file, appending its sidecar entries to `entries`; yield (index, epoch,
+    train acc, test acc, images/s) per epoch. The file appears, complete, only after the last epoch."""
     path, first, size = file
     with new_buffer_file(path, (size, args.train_epochs + 1, num_params)) as array:
         for row in range(size):
-            index = first + row
-            seed = expert_seed(args.seed, index)
+            index, seed = first + row, expert_seed(args.seed, first + row)
             set_seed(seed)
             entry = {"file": path.name, "index": index, "row": row, "seed": seed, "train_acc": [], "test_acc": []}
             for epoch, (train_acc, test_acc, speed) in enumerate(train_expert(args, data, array[row]), 1):
@@ -308,8 +271,7 @@ def train_file(args, data, num_params, file, entries):
 
 
 def failures_reported(epochs):
-    """The epochs of a rank's file, then, if they stop on a UsageError, one last item: ("failed",
-    its message), which the per-epoch gather carries to every rank."""
+    """The epochs, then, if they stop on a UsageError, ("failed", its message) for the gather to carry to every rank."""
     try:
         yield from epochs
     except UsageError as err:
@@ -326,11 +288,13 @@ def load_data(args, device, settings):
 
 
 def open_run(args, directory, settings, world, run_lock):
-    """On rank 0, alone in the locked directory before the others start: clean it up, recover,
-    and number this run's files. Returns the sidecar and the plan of files."""
+    """On rank 0, alone in the locked directory before the others start: recover, and number this run's files up
+    front as (path, index of its first expert, experts), in the order one process writes them, for every rank."""
     run_lock.enter_context(folder_lock(make_folder(directory, "--buffer_path"), "buffer.py run"))
     meta = open_directory(directory, settings, args.seed)
-    plan = plan_files(args, directory, meta)
+    number, index = next_number(directory, meta), meta["next_index"]
+    plan = [(buffer_file(directory, number + j), index + first, min(args.save_interval, args.num_experts - first))
+            for j, first in enumerate(range(0, args.num_experts, args.save_interval))]
     if world > 1:  # ranks finish the files of a round in any order: the next run must know which indices each holds
         meta["pending"] = {path.name: first for path, first, _ in plan}
         save_json(meta, Path(directory) / SIDECAR)
@@ -357,9 +321,8 @@ def train(args, device):
 
 
 def train_rounds(args, data, settings, directory, meta, plan, world):
-    """Train the planned files, a round of one file per rank at a time, listing each round's experts
-    in the sidecar when it ends. The bar counts every rank's expert-epochs (each rank reports each
-    epoch in the per-epoch gather); the ETA counts the rounds' steps, which set the wall time."""
+    """Train the planned files, a round of one file per rank at a time, listing each round's experts in the sidecar
+    when it ends. The bar counts every rank's expert-epochs; the ETA counts the rounds' steps (the wall time)."""
     rounds = [plan[j:j + world] for j in range(0, len(plan), world)]  # file j on rank j mod world
     steps = [max(size for _, _, size in files) * args.train_epochs for files in rounds]
     start, done, total = time.time(), 0, sum(steps)
@@ -394,9 +357,8 @@ def train_rounds(args, data, settings, directory, meta, plan, world):
 
 
 def stopped(stop, args, directory, plan):
-    """The line a Ctrl-C (or SIGTERM) during training ends with. The experts kept are those of this
-    run's files that are complete: a file appears only then, and one the sidecar does not list yet
-    (a round cut short) is listed by the next run. A rerun with the number left ends with those asked."""
+    """The line a Ctrl-C (or SIGTERM) during training ends with. The experts kept are those of this run's
+    complete files: a file appears only then, and one the sidecar does not list yet is listed by the next run."""
     said, kept = str(stop) or "stopped by Ctrl-C", sum(size for path, _, size in plan if path.exists())
     left = args.num_experts - kept
     if not left:
@@ -414,7 +376,11 @@ def import_pt(args):
     with folder_lock(directory, "buffer.py run"):
         meta = open_directory(directory, describe(args, seed=None), args.seed)
         for source in sources:
-            digest = sha256(source)
+            digest = hashlib.sha256()
+            with open(source, "rb") as f:  # in blocks: an original file can be gigabytes (3.10 has no file_digest)
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            digest = digest.hexdigest()
             imported = {entry.get("source_sha256"): entry["file"] for entry in meta["experts"]}
             if digest in imported:
                 say(f"skipped {source}: its experts are already imported, in {imported[digest]}")
@@ -425,27 +391,16 @@ def import_pt(args):
                 for row, expert in enumerate(experts):
                     for epoch, snapshot in enumerate(expert):
                         array[row, epoch] = torch.cat([p.reshape(-1) for p in snapshot]).float().numpy()
-            first = meta["next_index"]
-            meta["experts"] += [{"file": path.name, "index": first + row, "row": row, "seed": None, "train_acc": [],
-                                 "test_acc": [], "source": str(source), "source_sha256": digest}
+            meta["experts"] += [{"file": path.name, "index": meta["next_index"] + row, "row": row, "seed": None,
+                                 "train_acc": [], "test_acc": [], "source": str(source), "source_sha256": digest}
                                 for row in range(len(experts))]
             meta["next_index"] += len(experts)
             save_json(meta, Path(directory) / SIDECAR)
             say(f"{source} -> {path} ({count(len(experts))})")
 
 
-def sha256(path):
-    """The file's SHA-256, read in blocks (an original buffer file can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_pt(args):
-    """The directory's experts as the original's files: --save_interval experts per
-    replay_buffer_{n}.pt, each a list of snapshots, each a list of per-parameter CPU tensors."""
+    """The directory's experts as the original's replay_buffer_{n}.pt files, --save_interval experts each."""
     experts = Experts(experts_of(args), zca=args.zca)
     shapes = [torch.Size(shape) for shape in experts.meta["param_shapes"]]
     folder = make_folder(args.export_pt, "--export_pt")

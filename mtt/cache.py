@@ -1,10 +1,8 @@
-"""{data_path}/cache/: what is slow to make from the data is made once and kept, one file per name.
-
-A file is {name}-{key}{suffix}, its key a hash of everything that determines its contents (the
-image files' names, sizes and times of change, or the images' bytes), so a changed folder or
---res never reads a stale file: it is made again, replacing the old one. Files are written
-atomically under the folder's lock, which a second process waits for and then reads what the
-first wrote. Deleting the folder only costs the time to rebuild it.
+"""{data_path}/cache/: what is slow to make from the data is made once and kept, one file per name. A file is
+{name}-{key}{suffix}, its key a hash of everything that determines its contents (the image files' names, sizes
+and times of change, or the images' bytes), so a changed folder or --res never reads a stale file: it is made
+again, replacing the old one. Files are written atomically under the folder's lock, which a second process waits
+for and then reads what the first wrote. Deleting the folder only costs the time to rebuild it.
 """
 import functools
 import hashlib
@@ -43,15 +41,13 @@ def hash_images(images, chunk=4096):
 
 
 def file_for(in_folder, name, suffix, *key):
-    """The file of `name` whose contents the key's parts determine."""
     digest = hashlib.sha256("\n".join(map(str, [VERSION, *key])).encode()).hexdigest()
     return in_folder / f"{name}-{digest[:KEY_CHARS]}{suffix}"
 
 
 def get_or_make(path, load, make, save, doing):
-    """load(path), or under the cache folder's lock (a second process waits, then reads) make() it,
-    said in one line (`doing`: "decoding X: N images"), and keep it: save(value, temporary path).
-    A damaged file is said and made again; a failed write (a full disk) is said, not raised."""
+    """load(path), or make() it, said in one line (`doing`: "decoding X: N images"), and keep it with save(value,
+    temporary path). A damaged file is said and made again; a failed write (a full disk) is said, not raised."""
     with folder_lock(path.parent, "cache", wait=True):
         if path.exists():
             try:
@@ -74,12 +70,11 @@ def get_or_make(path, load, make, save, doing):
         return value
 
 
-def cached_array(shape, dtype):
-    """A get_or_make loader of an array of exactly this shape and dtype, mapped copy-on-write: torch
-    wants a writable array, and a write must never reach the file."""
-    return lambda path: open_array(path, dtype, lambda found: found == shape, mode="c")
-
-
-def save_npy(array, path):
-    with open(path, "wb") as f:  # a file, not a name, or numpy appends .npy to the temporary name
-        np.save(f, array)
+def cached_array(path, shape, dtype, make, doing):
+    """get_or_make for an array of exactly this shape and dtype, as a tensor mapped copy-on-write from the file:
+    torch wants a writable array, and a write must never reach the file."""
+    def save(array, tmp):
+        with open(tmp, "wb") as f:  # a file, not a name, or numpy appends .npy to the temporary name
+            np.save(f, array)
+    load = lambda path: open_array(path, dtype, lambda found: found == shape, mode="c")
+    return torch.from_numpy(get_or_make(path, load, make, save, doing))

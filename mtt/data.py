@@ -1,12 +1,7 @@
-"""Real data: the datasets of the benchmarks as float tensors, normalised or ZCA-whitened.
-
-Each loader returns uint8 N x C x H x W images, int64 labels and the class names; get_dataset
-scales to [0, 1] and then normalises by the dataset's mean and std, or (--zca) whitens with a
-ZCA fitted on the training set, as the original does.
-
-What is slow is done once and kept in {data_path}/cache/ (mtt/cache.py): the decoded images of
-the folder datasets (Tiny ImageNet, the ImageNet subsets) as uint8 .npy files, memory-mapped on
-later starts, every fitted ZCA, and the images it whitens (float32 .npy files, memory-mapped).
+"""Real data: each loader returns uint8 N x C x H x W images, int64 labels and the class names; get_dataset scales
+to [0, 1], then normalises by the dataset's mean and std or (--zca) whitens with a ZCA fitted on the training set,
+as the original does. Decoded folder datasets (Tiny ImageNet, the ImageNet subsets), ZCA fits and whitened images
+are kept in {data_path}/cache/ (mtt/cache.py), the images memory-mapped on later starts.
 """
 import gzip
 import multiprocessing
@@ -26,11 +21,9 @@ from mtt.zca import ZCA, cached_zca, whitened
 from utils import REPO, UsageError, cpu_threads
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-
 MINI_PATH = REPO / "assets" / "fashion_mnist_mini.npz"
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-RESIZE_RULE = "PIL convert RGB, resize (res, res) BILINEAR"  # how _decode makes a picture; part of its key
+RESIZE_RULE = "PIL convert RGB, resize (res, res) BILINEAR"  # how _decode_chunk makes a picture; part of its key
 
 
 @dataclass
@@ -50,8 +43,7 @@ class Data:
     data_path: "str | None" = None  # whose cache/ holds them; None: nothing is cached
 
     def fitted_zca(self, device=None):
-        """The ZCA that --zca whitens with: Data.zca, or fitted on the training set now (read from
-        the cache when get_dataset(zca=True) or an earlier call fitted it)."""
+        """Data.zca, or the ZCA that --zca whitens with, fitted on the training set now (or read from the cache)."""
         if self.zca is not None:
             return self.zca
         pixels = self.to_pixels(self.images_train).mul_(255).round_().to(torch.uint8)  # exactly the decoded images
@@ -66,9 +58,7 @@ class Data:
 
 
 def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=128, device=None):
-    """Training and test images as float tensors on the CPU: normalised by the dataset's mean and
-    std, or, with zca, scaled to [0, 1] and whitened by a ZCA fitted on the training set (Data.zca),
-    fitted and applied on `device` (default: the CPU)."""
+    """The dataset's images as float tensors on the CPU; with zca, the ZCA is fitted and applied on `device`."""
     info = DATASETS[dataset]
     name = f"{dataset}-{subset}-{res}px" if dataset == "ImageNet" else dataset
     x_train, y_train, x_test, y_test, class_names = info.load(data_path, subset, res)
@@ -78,8 +68,7 @@ def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=1
         x_train = whitened(x_train, whitener, zca_file, f"{name}-train", device, train_digest)
         x_test = whitened(x_test, whitener, zca_file, f"{name}-test", device)
     else:
-        mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-        std = torch.tensor(info.std).view(1, -1, 1, 1)
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (info.mean, info.std))
         x_train, x_test = (x.float().div_(255).sub_(mean).div_(std) for x in (x_train, x_test))
     return Data(x_train, y_train, x_test, y_test, channel=x_train.shape[1], im_size=tuple(x_train.shape[2:]),
                 num_classes=len(class_names), class_names=list(class_names), mean=list(info.mean),
@@ -87,9 +76,7 @@ def get_dataset(dataset, data_path="data", zca=False, subset="imagenette", res=1
 
 
 def images_per_class(labels, num_classes):
-    """Indices of each class's images, as a list of tensors."""
-    order = torch.argsort(labels, stable=True)
-    return list(torch.split(order, torch.bincount(labels, minlength=num_classes).tolist()))
+    return list(torch.split(torch.argsort(labels, stable=True), torch.bincount(labels, minlength=num_classes).tolist()))
 
 
 def smallest_class(labels, num_classes, pool=None):
@@ -98,8 +85,7 @@ def smallest_class(labels, num_classes, pool=None):
 
 
 def draw_per_class(labels, num_classes, per_class, seed):
-    """per_class random indices of each class's images, drawn by their own generator seeded with
-    `seed`, so that the draw depends on the seed alone (not on the global random stream)."""
+    """per_class random indices of each class's images, drawn by a generator seeded with `seed` (not the global one)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.cat([idx[torch.randperm(len(idx), generator=generator)[:per_class]]
                       for idx in images_per_class(labels, num_classes)])
@@ -113,13 +99,10 @@ def _nchw(images):
 def _load_torchvision(name, data_path, subset, res):
     import torchvision  # here, not at the top: importing it takes a second, which the other datasets need not pay
     cls = getattr(torchvision.datasets, name)
-    missing = [folder for folder in (Path(data_path).absolute(), *Path(data_path).absolute().parents)
-               if not folder.exists()]
+    missing = [p for p in (Path(data_path).absolute(), *Path(data_path).absolute().parents) if not p.exists()]
+    splits = [{"split": "train"}, {"split": "test"}] if name == "SVHN" else [{"train": True}, {"train": False}]
     try:
-        if name == "SVHN":
-            train, test = (cls(data_path, split=s, download=True) for s in ("train", "test"))
-        else:
-            train, test = (cls(data_path, train=t, download=True) for t in (True, False))
+        train, test = (cls(data_path, download=True, **split) for split in splits)
     except Exception as err:
         if missing:  # the folders torchvision made to download into, and what it left there
             shutil.rmtree(missing[-1], ignore_errors=True)
@@ -139,8 +122,7 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 
 
 def read_idx(path):
-    """An IDX file (the MNIST format, gzipped or not) as a numpy array; a truncated or foreign file
-    is one line naming it."""
+    """An IDX file (the MNIST format, gzipped or not) as a numpy array; a truncated or foreign one is one line."""
     try:
         with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
@@ -182,24 +164,20 @@ def _load_fashion_mnist_mini(data_path, subset, res):
     return _nchw(arrays[0]), arrays[1].long(), _nchw(arrays[2]), arrays[3].long(), FASHION_CLASSES
 
 
-def _decode(path, res):
-    # PIL, as before the cache: torchvision's decoder gives PIL's pixels on JPEG, but its resize is
-    # not PIL's bilinear (1 level off on many pixels), and cached pixels must equal uncached ones.
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((res, res), Image.BILINEAR)).transpose(2, 0, 1)
-    except OSError as err:
-        raise UsageError(f"cannot read image {path}: {err}") from None
-
-
 def _decode_chunk(files, res):
     """The files decoded, or the UsageError of one that cannot be: returned, not raised, because a
     pool stopped while it still hands out work can hang (seen here: Pool.terminate waiting forever
     for its task thread, in about one test run in twenty)."""
-    try:
-        return np.stack([_decode(path, res) for path in files])
-    except UsageError as err:
-        return err
+    # PIL, as before the cache: torchvision's decoder gives PIL's pixels on JPEG, but its resize is
+    # not PIL's bilinear (1 level off on many pixels), and cached pixels must equal uncached ones.
+    pictures = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                pictures.append(np.asarray(im.convert("RGB").resize((res, res), Image.BILINEAR)).transpose(2, 0, 1))
+        except OSError as err:
+            return UsageError(f"cannot read image {path}: {err}")
+    return np.stack(pictures)
 
 
 def _decode_all(files, res, desc):
@@ -210,8 +188,7 @@ def _decode_all(files, res, desc):
     starts = range(0, len(files), size)
     errors = []
     with multiprocessing.Pool(workers) as pool, progress(total=len(files), desc=desc, unit="img") as bar:
-        for start, rows in zip(starts, pool.imap(partial(_decode_chunk, res=res), [files[i:i + size]
-                                                                                      for i in starts])):
+        for start, rows in zip(starts, pool.imap(partial(_decode_chunk, res=res), [files[i:i + size] for i in starts])):
             if isinstance(rows, UsageError):
                 errors.append(rows)
                 continue
@@ -225,30 +202,21 @@ def _decode_all(files, res, desc):
 
 
 def _read_images(files, res, data_path, name):
-    """Decode image files into one uint8 N x 3 x res x res tensor. Each is squashed to res x res
-    (PIL bilinear), as the original's Resize((res, res)) does: the whole picture stays, uncropped.
-    Decoded once into {data_path}/cache/{name}-{res}px-{key}.npy and memory-mapped from there after;
-    the key covers each file's name, size and time of change, res and the resize rule."""
+    """Image files as one uint8 N x 3 x res x res tensor, each squashed to res x res (PIL bilinear) as the original's
+    Resize((res, res)) does: the whole picture stays, uncropped. Cached as {name}-{res}px-{key}.npy, keyed by each
+    file's name (relative: a moved data folder keeps its cache), size and time of change, res and the resize rule."""
     desc = f"decoding {name}"
     folder = cache.folder(data_path)
     if folder is None:
         return torch.from_numpy(_decode_all(files, res, desc))
-    signatures = (file_signature(path, data_path) for path in files)
+    signatures = (f"{os.path.relpath(path, data_path)}|{stat.st_size}|{stat.st_mtime_ns}"
+                  for path, stat in zip(files, map(os.stat, files)))
     path = cache.file_for(folder, f"{name}-{res}px", ".npy", RESIZE_RULE, res, *signatures)
-    return torch.from_numpy(cache.get_or_make(path, cache.cached_array((len(files), 3, res, res), np.uint8),
-                                              lambda: _decode_all(files, res, desc), cache.save_npy,
-                                              f"{desc}: {len(files)} images"))
-
-
-def file_signature(path, data_path):
-    """What tells a changed image file: its name (relative, so that a moved data folder keeps its
-    cache), size and time of change."""
-    stat = os.stat(path)
-    return f"{os.path.relpath(path, data_path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    return cache.cached_array(path, (len(files), 3, res, res), np.uint8, lambda: _decode_all(files, res, desc),
+                              f"{desc}: {len(files)} images")
 
 
 def _class_folders(root, what):
-    """The sorted class folder names under root (torchvision's find_classes), or one line."""
     from torchvision.datasets.folder import find_classes
     try:
         return find_classes(root)[0]
@@ -257,8 +225,8 @@ def _class_folders(root, what):
 
 
 def _load_folders(root, classes, res, what, data_path, name):
-    """ImageFolder layout root/{class}/**/image: the images of `classes` (folder names), labelled
-    by position, read with torchvision's make_dataset (cached as `name`). A class without images is an error."""
+    """ImageFolder root/{class}/**/image: the images of `classes` (folder names), labelled by position, cached as
+    `name`; a class without images is an error (torchvision's make_dataset)."""
     from torchvision.datasets.folder import make_dataset
     try:
         found = make_dataset(str(root), {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
@@ -267,9 +235,10 @@ def _load_folders(root, classes, res, what, data_path, name):
     return _read_images([path for path, _ in found], res, data_path, name), torch.tensor([label for _, label in found])
 
 
-def _require_dir(path, what, how):
-    if not Path(path).is_dir():
-        raise UsageError(f"{what} not found: no folder {str(path)!r}; {how}")
+def _require_dirs(what, how, *paths):
+    for path in paths:
+        if not Path(path).is_dir():
+            raise UsageError(f"{what} not found: no folder {str(path)!r}; {how}")
 
 
 def _load_tiny_annotated(images, classes, data_path):
@@ -280,8 +249,7 @@ def _load_tiny_annotated(images, classes, data_path):
     annotations = images.parent / "val_annotations.txt"
     if not annotations.is_file():
         raise UsageError(f"Tiny ImageNet: {annotations} is missing; it labels the images in {images}")
-    rows = (line.split() for line in annotations.read_text().splitlines())
-    wnid = {row[0]: row[1] for row in rows if len(row) >= 2}
+    wnid = {row[0]: row[1] for row in map(str.split, annotations.read_text().splitlines()) if len(row) >= 2}
     index = {name: i for i, name in enumerate(classes)}
     unlabelled = [f.name for f in files if wnid.get(f.name) not in index]
     if unlabelled:
@@ -297,8 +265,7 @@ def _load_tiny(data_path, subset, res):
     root = root if root.is_dir() else Path(data_path)
     how = "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into --data_path"
     train, test = root / "train", root / "val" / "images"
-    _require_dir(train, "Tiny ImageNet", how)
-    _require_dir(test, "Tiny ImageNet", how)
+    _require_dirs("Tiny ImageNet", how, train, test)
     classes = _class_folders(train, "Tiny ImageNet")
     x_train, y_train = _load_folders(train, classes, 64, "Tiny ImageNet", data_path, "Tiny-train")
     if not any(p.is_dir() for p in test.iterdir()):
@@ -323,8 +290,7 @@ def _load_imagenet_subset(data_path, subset, res):
     """Ten ImageNet classes from data_path/train/{wnid} and data_path/val/{wnid}, at res x res."""
     how = "put ImageNet in ImageFolder layout (train/{wnid}/*.JPEG, val/{wnid}/*.JPEG) under --data_path"
     train, test = Path(data_path) / "train", Path(data_path) / "val"
-    _require_dir(train, "ImageNet", how)
-    _require_dir(test, "ImageNet", how)
+    _require_dirs("ImageNet", how, train, test)
     wnids = _class_folders(train, "ImageNet")
     if len(wnids) != 1000:
         raise UsageError(f"ImageNet: expected 1000 class folders in {train}, found {len(wnids)}")
@@ -344,8 +310,7 @@ class DatasetInfo:
 
     def shape(self, res):
         """(channel, (h, w), classes) of the images get_dataset returns, known without loading them."""
-        side = self.side or res
-        return len(self.mean), (side, side), self.num_classes
+        return len(self.mean), (self.side or res,) * 2, self.num_classes
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -354,13 +319,10 @@ DATASETS = {
     "MNIST": DatasetInfo(partial(_load_torchvision, "MNIST"), (0.1307,), (0.3081,), 28, 10),
     "FashionMNIST": DatasetInfo(_load_fashion_mnist, (0.2861,), (0.3530,), 28, 10),
     "FashionMNIST-mini": DatasetInfo(_load_fashion_mnist_mini, (0.2861,), (0.3530,), 28, 10),
-    "SVHN": DatasetInfo(partial(_load_torchvision, "SVHN"), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
-                        32, 10),
+    "SVHN": DatasetInfo(partial(_load_torchvision, "SVHN"), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 32, 10),
     "CIFAR10": DatasetInfo(partial(_load_torchvision, "CIFAR10"), CIFAR_MEAN, CIFAR_STD, 32, 10),
     # CIFAR-10's constants, as the original normalises CIFAR-100: buffers and sets move between the codebases
     "CIFAR100": DatasetInfo(partial(_load_torchvision, "CIFAR100"), CIFAR_MEAN, CIFAR_STD, 32, 100),
     "Tiny": DatasetInfo(_load_tiny, IMAGENET_MEAN, IMAGENET_STD, 64, 200),
     "ImageNet": DatasetInfo(_load_imagenet_subset, IMAGENET_MEAN, IMAGENET_STD, None, 10),
 }
-
-

@@ -1,7 +1,6 @@
-"""Expert trajectories on disk: the buffer directory buffer.py writes and distill.py reads, and the
-original's replay_buffer_{n}.pt files that convert to and from it.
-
-A buffer directory is {buffer_path}/{dataset}[_NO_ZCA]/{model}/ (ImageNet adds {subset}/{res}):
+"""Expert trajectories on disk: the buffer directory buffer.py writes and distill.py reads, and the original's
+replay_buffer_{n}.pt files that convert to and from it. A buffer directory is
+{buffer_path}/{dataset}[_NO_ZCA]/{model}/ (ImageNet adds {subset}/{res}):
 
     replay_buffer_{n}.npy  float32 (experts, train_epochs + 1, num_params): flat parameters
                            (networks.flatten_params) at init and after every epoch
@@ -10,9 +9,6 @@ A buffer directory is {buffer_path}/{dataset}[_NO_ZCA]/{model}/ (ImageNet adds {
 
 The sidecar is the one source of truth: a reader uses exactly the files and rows it lists, so a
 file that a killed run renamed into place but never listed is not an expert.
-
-    experts = Experts(directory)
-    theta = experts.snapshot(k, epoch, device)   # expert k's flat parameters at that epoch
 """
 import io
 import math
@@ -29,7 +25,6 @@ from utils import UsageError, atomic_path, load_json, load_torch, open_array, sa
 
 SIDECAR = "buffer.json"
 NUMBERED = re.compile(r"replay_buffer_(\d+)\.(npy|pt)")  # ours, the original's; .orphan after it: set aside
-
 # What a reader needs from the sidecar, with the JSON type buffer.py writes.
 SIDECAR_KEYS = {"dataset": str, "model": str, "zca": bool, "num_params": int, "param_shapes": list,
                 "train_epochs": int, "experts": list}
@@ -37,12 +32,8 @@ SIDECAR_KEYS = {"dataset": str, "model": str, "zca": bool, "num_params": int, "p
 
 def buffer_dir(buffer_path, dataset, model, zca, subset="imagenette", res=128):
     """The original's expert directory: {buffer_path}/{dataset}[/{subset}/{res}][_NO_ZCA]/{model}."""
-    path = os.path.join(buffer_path, dataset)
-    if dataset == "ImageNet":
-        path = os.path.join(path, subset, str(res))
-    if dataset in ("CIFAR10", "CIFAR100") and not zca:
-        path += "_NO_ZCA"
-    return os.path.join(path, model)
+    name = os.path.join(dataset, subset, str(res)) if dataset == "ImageNet" else dataset
+    return os.path.join(buffer_path, name + "_NO_ZCA" * (dataset in ("CIFAR10", "CIFAR100") and not zca), model)
 
 
 def experts_of(flags):
@@ -82,20 +73,9 @@ def buffer_file(directory, number):
 
 
 def next_number(directory, meta):
-    """The number after every numbered file on disk (set-aside ones too) or in the sidecar, so
-    that none is ever reused."""
+    """The number after every numbered file on disk (set-aside ones too) or in the sidecar: none is ever reused."""
     names = [p.name for p in Path(directory).glob("replay_buffer_*")] + [e["file"] for e in meta["experts"]]
     return max((file_number(name) for name in names if NUMBERED.match(name)), default=-1) + 1
-
-
-def sidecar_problem(meta):
-    """What makes `meta` something other than a sidecar buffer.py wrote, or None."""
-    problem = schema_problem(meta, SIDECAR_KEYS)
-    for k, entry in enumerate([] if problem else meta["experts"]):
-        if schema_problem(entry, {"file": str, "row": int}) or not NUMBERED.fullmatch(entry["file"]) \
-                or not entry["file"].endswith(".npy") or entry["row"] < 0:
-            return f"expert entry {k} is not {{\"file\": \"replay_buffer_N.npy\", \"row\": R, ...}}"
-    return problem
 
 
 def read_sidecar(directory, zca=False):
@@ -107,7 +87,12 @@ def read_sidecar(directory, zca=False):
                              f"{fill_command(directory, zca)} --import_pt {directory}")
         raise UsageError(f"no expert trajectories in {directory}: train them with {fill_command(directory, zca)}")
     meta = load_json(path, "a buffer.py sidecar")
-    problem = sidecar_problem(meta)
+    problem = schema_problem(meta, SIDECAR_KEYS)
+    for k, entry in enumerate([] if problem else meta["experts"]):
+        if schema_problem(entry, {"file": str, "row": int}) or not NUMBERED.fullmatch(entry["file"]) \
+                or not entry["file"].endswith(".npy") or entry["row"] < 0:
+            problem = f"expert entry {k} is not {{\"file\": \"replay_buffer_N.npy\", \"row\": R, ...}}"
+            break
     if problem:
         raise UsageError(f"{path} is not a buffer.py sidecar: {problem}")
     return meta
@@ -124,10 +109,9 @@ def open_checked(path, rows, num_snapshots, num_params):
 
 @contextmanager
 def new_buffer_file(path, shape):
-    """A float32 array memory-mapped onto a temporary file, so that a big buffer never sits whole
-    in RAM; it becomes `path` when the block completes and is deleted if the block raises. The
-    file's blocks are allocated before it is mapped: a disk too small is then one line here, not
-    a SIGBUS at the first page written to it."""
+    """A float32 array memory-mapped onto a temporary file (a big buffer never sits whole in RAM) that becomes
+    `path` when the block completes, deleted if it raises. Its blocks are allocated before it is mapped: a disk
+    too small is then one line here, not a SIGBUS at the first page written to it."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
     offset = len(header.getvalue())
@@ -150,20 +134,10 @@ def set_aside(path, reason):
     say(f"set {path} aside as {orphan.name}: it is not listed in {SIDECAR} and {reason}")
 
 
-def choose(count, limit, generator):
-    """Indices 0..count-1, or `limit` of them drawn at random (kept in order)."""
-    if limit is None or limit >= count:
-        return list(range(count))
-    return sorted(torch.randperm(count, generator=generator)[:limit].tolist())
-
-
 class Experts:
-    """The trajectories a buffer directory's sidecar lists, memory-mapped (an iteration reads only
-    the snapshots it uses) or, with load_all, read into RAM.
-
-    max_files: a random subset of that many files, drawn from a generator seeded with `seed`, so
-    the global RNG stream is untouched; max_experts: the first that many experts of each file.
-    Experts are numbered by file number, then row."""
+    """The trajectories a buffer directory's sidecar lists, memory-mapped (an iteration reads only the snapshots
+    it uses) or, with load_all, read into RAM; max_files: that many files drawn by a generator seeded with `seed`
+    (not the global RNG); max_experts: the first that many of each file. Numbered by file number, then row."""
 
     def __init__(self, directory, max_files=None, max_experts=None, load_all=False, seed=0, zca=False):
         self.meta = read_sidecar(directory, zca)
@@ -175,12 +149,13 @@ class Experts:
         for entry in self.meta["experts"]:
             rows.setdefault(entry["file"], []).append(entry["row"])
         files = sorted(rows, key=file_number)
-        chosen = choose(len(files), max_files, torch.Generator().manual_seed(seed))
+        if max_files is not None and max_files < len(files):  # drawn at random, kept in order
+            drawn = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:max_files]
+            files = [files[i] for i in sorted(drawn.tolist())]
         self.trajectories = []  # (array, row) per expert
-        for name in (files[i] for i in chosen):
+        for name in files:
             wanted = sorted(rows[name])[:max_experts]
-            array = open_checked(Path(directory) / name, max(wanted) + 1, self.num_snapshots,
-                                 self.meta["num_params"])
+            array = open_checked(Path(directory) / name, max(wanted) + 1, self.num_snapshots, self.meta["num_params"])
             if load_all:
                 array, wanted = array[wanted], range(len(wanted))  # a fancy index copies into RAM
             self.trajectories += [(array, row) for row in wanted]
@@ -199,9 +174,8 @@ class Experts:
 
 
 def read_original(path, shapes, train_epochs):
-    """The original's replay_buffer_{n}.pt (a list of experts, each a list of snapshots, each a list
-    of per-parameter tensors), checked against the model's parameter shapes and for snapshots that
-    are all one tensor."""
+    """The original's replay_buffer_{n}.pt (a list of experts, each a list of snapshots, each a list of
+    per-parameter tensors), checked against the model's parameter shapes and for snapshots all one tensor."""
     experts = load_torch(path, "the original's buffer")
     if not (isinstance(experts, list) and all(isinstance(expert, list) for expert in experts)):
         raise UsageError(f"{path} is not the original's buffer (a list of experts, each a list of snapshots)")
@@ -222,7 +196,6 @@ def read_original(path, shapes, train_epochs):
 
 
 def write_original(path, trajectories, shapes):
-    """Flat trajectories (experts x snapshots x num_params) as the original's file: per-parameter
-    CPU tensors, each its own storage."""
+    """Flat trajectories (experts x snapshots x params) as the original's file: CPU tensors, each its own storage."""
     save_torch([[[p.clone() for p in unflatten(torch.from_numpy(np.array(snapshot)), shapes)]
                  for snapshot in trajectory] for trajectory in trajectories], path)

@@ -12,8 +12,6 @@ from mtt.progress import progress
 from utils import UsageError, cpu_threads, load_torch, say
 
 ZCA_EPS = 0.1  # the original's kornia ZCAWhitening(eps=0.1)
-
-
 ZCA_MATRICES = 6  # d x d float64 matrices at the fit's peak: the covariance, eigh's vectors and work, two products
 
 
@@ -34,18 +32,15 @@ def fit_device(features, device):
 
 
 class ZCA:
-    """x -> (x - mean) T with T = U diag(1 / sqrt(S + eps)) U^T, where U S U^T is the covariance
-    (the original's kornia ZCAWhitening(eps=0.1, compute_inv=True))."""
+    """x -> (x - mean) T, T = U diag(1 / sqrt(S + eps)) U^T where U S U^T is the covariance (kornia's, compute_inv)."""
 
     def __init__(self, mean, transform, inverse_transform, eps):
         self.mean, self.transform, self.inverse_transform, self.eps = mean, transform, inverse_transform, eps
 
     @classmethod
     def fit(cls, images, eps=ZCA_EPS, chunk=4096, device=None):
-        """Fit on N x C x H x W images in [0, 1], or uint8 ones scaled by 1/255 a chunk at a time
-        (as get_dataset scales them, without a float copy of the set). The covariance is accumulated
-        in float64 in chunks of rows and decomposed on `device` (default: the images'), on the CPU
-        with all its threads."""
+        """Fit on N x C x H x W images in [0, 1], or uint8 ones scaled by 1/255 a chunk at a time (as get_dataset
+        scales them, without a float copy of the set); the float64 covariance is decomposed on `device`."""
         device = fit_device(images[0].numel(), torch.device(device or images.device))
         pixels = lambda rows: (rows.to(device).float().div_(255) if rows.dtype == torch.uint8
                                else rows.to(device).float()).flatten(1).double()
@@ -83,8 +78,7 @@ class ZCA:
         return (images.flatten(1) @ self.inverse_transform + self.mean).view_as(images)
 
     def state_dict(self):
-        return {"mean": self.mean, "transform": self.transform, "inverse_transform": self.inverse_transform,
-                "eps": self.eps}
+        return {key: getattr(self, key) for key in ("mean", "transform", "inverse_transform", "eps")}
 
     @classmethod
     def load(cls, path, features=None, fix=""):
@@ -108,7 +102,6 @@ class ZCA:
 
 @contextmanager
 def all_cpu_threads(device):
-    """On the CPU, torch on every thread this process may use while the block runs."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())
@@ -119,9 +112,8 @@ def all_cpu_threads(device):
 
 
 def cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
-    """ZCA.fit on uint8 training images, read from {data_path}/cache/zca-{name}-{key}.pt when fitted
-    before; the key covers the images' bytes and eps. Returns the ZCA, the file it is kept in and
-    the images' hash, which keys their whitened copy too (data_path None: fitted, None and None)."""
+    """ZCA.fit on uint8 training images, kept as {data_path}/cache/zca-{name}-{key}.pt (key: the images' bytes
+    and eps). Returns the ZCA, its file and the images' hash, which key their whitened copy (None, None: not kept)."""
     folder = cache.folder(data_path) if data_path is not None else None
     if folder is None:
         return ZCA.fit(images, eps, device=device), None, None
@@ -136,17 +128,14 @@ def cached_zca(images, data_path, name, device=None, eps=ZCA_EPS):
 
 
 def whitened(images, whitener, zca_file, name, device=None, digest=None):
-    """uint8 images scaled to [0, 1] and whitened, float32, kept as {cache}/whitened-{name}-{key}.npy
-    beside the ZCA's file: at Tiny ImageNet's size whitening is a 12288 x 12288 product per image,
-    half a minute of every start on a CPU. The key covers that file (name and time of writing), the
-    images' bytes (`digest`, when hash_images has taken it) and the device type (another device
-    rounds the product differently)."""
+    """uint8 images scaled to [0, 1] and whitened, float32, kept as whitened-{name}-{key}.npy beside the ZCA's file:
+    at Tiny ImageNet's size that is a 12288 x 12288 product per image, half a minute of every start on a CPU. The
+    key covers that file, the images (`digest`, if taken) and the device type (another rounds differently)."""
     # contiguous: CIFAR arrives channels last, and whitened images always were N x C x H x W
     whiten = lambda: whitener.apply_(images.float().div_(255).contiguous(), device)
     if zca_file is None:
         return whiten()
     path = cache.file_for(zca_file.parent, f"whitened-{name}", ".npy", zca_file.name, zca_file.stat().st_mtime_ns,
                        digest or cache.hash_images(images), torch.device(device or "cpu").type)
-    return torch.from_numpy(cache.get_or_make(path, cache.cached_array(tuple(images.shape), np.float32),
-                                              lambda: whiten().numpy(), cache.save_npy,
-                                              f"whitening {name}: {len(images)} images"))
+    return cache.cached_array(path, tuple(images.shape), np.float32, lambda: whiten().numpy(),
+                              f"whitening {name}: {len(images)} images")
