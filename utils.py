@@ -1,6 +1,5 @@
-"""Plumbing the scripts share that is not the method: errors, the rank that prints, seeds, and
-files written whole, read with one line for what is wrong, one writer per folder. It imports no
-other module of the project."""
+"""Plumbing the scripts share that is not the method: errors, the rank that prints, seeds, and files written whole,
+read with one line for what is wrong, one writer per folder. It imports no other module of the project."""
 import importlib.util
 import errno
 import fcntl
@@ -15,15 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 REPO = Path(__file__).resolve().parent
-NUMPY_SEEDS = 2**32  # numpy takes seeds below this
 TORCH_SEEDS = 2**63  # torch.manual_seed takes seeds below this
 
 
 class UsageError(Exception):
-    """Bad input (a missing file, an impossible flag) or a failure the user can act on (a full disk):
-    the scripts print it as one line and exit. `rank`: the torchrun rank it happened on."""
+    """Bad input or a failure the user can act on (a full disk), said in one line; `rank`: the torchrun rank it hit."""
 
     def __init__(self, message, rank=None):
         super().__init__(message)
@@ -62,27 +58,23 @@ def cpu_threads():
 def set_seed(seed):
     """Seed python, numpy and torch (every device) so that a run repeats."""
     random.seed(seed)
-    np.random.seed(seed % NUMPY_SEEDS)
+    np.random.seed(seed % 2**32)  # numpy takes seeds below 2**32
     torch.manual_seed(seed)
 
 
 def run_seed(seed, index):
-    """The seed of the index-th run of a command seeded with `seed` (an evaluation network, an
-    evaluation iteration): distinct for each index, and the same whatever else the command does."""
+    """The seed of the index-th run (an evaluation network or iteration): the same whatever else the command does."""
     return seed * 1_000_003 + index
 
 
-# ---------------------------------------------------------------------------------------------
 # Files: written whole or not at all, read with one line for what is wrong, one writer per folder
 
 TEMP = re.compile(r"\.(.+)\.mtt-partial-(\d+)")  # .{name}.mtt-partial-{pid}: hidden, and no name a user picks
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 def temp_path(path):
     """Where `path` is written before it is renamed into place (the writing process's id in the name)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.mtt-partial-{os.getpid()}")
+    return Path(path).with_name(f".{Path(path).name}.mtt-partial-{os.getpid()}")
 
 
 def is_ours(name):
@@ -101,9 +93,8 @@ def fsync(path):
 
 @contextmanager
 def atomic_path(path, size=None):
-    """Yield a temporary name to write to; it replaces `path` only if the writing finished.
-    The file is fsynced before the rename and the folder after it, so that after a power loss
-    `path` holds either the old contents or the complete new ones, never an empty file."""
+    """Yield a temporary name to write to, which replaces `path` only if the writing finished; fsynced before the rename
+    and the folder after it, so that after a power loss `path` holds its old or all its new contents, never nothing."""
     path, tmp = Path(path), temp_path(path)
     try:
         with full_disk_is_one_line(path, size):
@@ -121,7 +112,7 @@ def full_disk_is_one_line(path, size=None):
     try:
         yield
     except OSError as err:
-        if err.errno not in FULL_DISK:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         needed = f" ({size / 2**20:.1f} MB)" if size else ""
         raise UsageError(f"no space left in {Path(path).parent} for {Path(path).name}{needed}; free some space and "
@@ -177,9 +168,8 @@ def schema_problem(value, types):
 
 
 def open_array(path, dtype, fits, mode="r", expected=""):
-    """The .npy array in `path`, memory-mapped (mode "c": copy-on-write, so that torch may write
-    to it and nothing reaches the file), or a UsageError: it is no .npy file, or not one of `dtype`
-    whose shape passes fits(shape) (`expected` says what was)."""
+    """The .npy array in `path`, memory-mapped (mode "c": copy-on-write, so that torch may write to it and nothing
+    reaches the file), or a UsageError: not a .npy file, or not of `dtype` with a shape that passes fits(shape)."""
     try:
         array = np.load(path, mmap_mode=mode)
     except (OSError, ValueError, EOFError):
@@ -200,8 +190,7 @@ def process_alive(pid):
 
 
 def remove_stale_temps(folder):
-    """Delete the partial writes of processes killed mid-write in `folder` (a buffer's can be
-    hundreds of MB): only files named by temp_path, and only of processes no longer alive."""
+    """Delete the partial writes (named by temp_path; a buffer's can be hundreds of MB) of dead processes in folder."""
     removed = []
     for path in Path(folder).glob(".*.mtt-partial-*"):
         match = TEMP.fullmatch(path.name)
@@ -216,13 +205,10 @@ _locked = set()  # the folders this process holds the lock of
 
 @contextmanager
 def folder_lock(folder, what, wait=False, finish=None):
-    """Hold an exclusive lock on `folder` (fcntl on folder/.lock) while the block runs, so that
-    two processes never write one folder; the lock goes with the process, however it ends. Taking
-    it first runs finish(folder), which completes what a killed writer left half done (a run
-    folder's commit renames the temporary files its journal lists), then removes the partial
-    writes of killed processes (remove_stale_temps). Held already by this process: nothing more;
-    held by another: a UsageError, or with `wait` (a cache, which the second process then reads
-    instead of doing the work again) a wait for it."""
+    """Hold an exclusive lock on `folder` (fcntl on folder/.lock, which goes with the process, however it ends) while
+    the block runs. Taking it runs finish(folder), which completes what a killed writer left half done (a run folder's
+    commit), then remove_stale_temps. Held already by this process: nothing more; by another: a UsageError, or with
+    `wait` (a cache, which the second process then reads instead of doing the work again) a wait for it."""
     key = Path(folder).resolve()
     if key in _locked:
         yield
@@ -244,8 +230,7 @@ def folder_lock(folder, what, wait=False, finish=None):
         try:
             if finish:
                 finish(folder)
-            removed = remove_stale_temps(folder)
-            if removed:
+            if removed := remove_stale_temps(folder):
                 say(f"removed the temporary files of killed runs in {folder}: {', '.join(sorted(removed))}")
             yield
         finally:

@@ -1,17 +1,12 @@
-"""The package behind buffer.py, distill.py and eval.py, one module per step of the data's way:
-flags -> data (cache, augment) -> training -> trajectories -> matching -> run_folder -> evaluation,
-with parallel and progress for every script. README.md, "How the code is laid out", says what each holds.
+"""The package behind buffer.py, distill.py and eval.py: one module per step of the data's way (README.md's layout).
 
-The scripts import it before torch, which takes seconds to load: from then on Ctrl-C and SIGTERM
-(a cluster's pre-emption) while a script starts end with one line and status 130, as they do
-during its run (parallel.exit_status), not with a traceback or in silence.
+The scripts import it before torch, which takes seconds to load: from then on Ctrl-C and SIGTERM (a cluster's
+pre-emption) while a script starts end with one line and status 130, as during its run (parallel.exit_status).
 """
 import os
 import signal
 import sys
 from pathlib import Path
-
-SCRIPTS = ("buffer.py", "distill.py", "eval.py")
 
 
 def terminate(signum, frame):
@@ -27,6 +22,6 @@ def stopped_while_starting(kind, value, traceback):
     os._exit(130)
 
 
-if Path(sys.argv[0]).name in SCRIPTS:
+if Path(sys.argv[0]).name in ("buffer.py", "distill.py", "eval.py"):
     signal.signal(signal.SIGTERM, terminate)
     sys.excepthook = stopped_while_starting

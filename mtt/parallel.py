@@ -1,15 +1,8 @@
-"""One process or many: every script's main() (run_script), and torchrun, one process per device,
-the same code on one machine or many.
+"""One process or many: every script's main() (run_script), and torchrun: a process per device, on one machine or many.
 
-Under `torchrun` (WORLD_SIZE > 1 in the environment) `setup` joins the process group: NCCL on
-cuda:LOCAL_RANK, or Gloo on the CPU. Under plain `python` no group is created and every function
-here acts as for a single process, so the scripts have one code path.
-
-The distillation step splits each student minibatch among the ranks. Two autograd functions carry
-that split through the unrolled graph (Megatron's "f" and "g" pair): a replicated tensor enters a
-rank's share through `copy_to_ranks` (identity forward, gradients summed over ranks backward), and
-a share's contribution leaves through `sum_over_ranks` (summed forward, identity backward, since
-everything after it is replicated).
+Under `torchrun` (WORLD_SIZE > 1 in the environment) `setup` joins the process group: NCCL on cuda:LOCAL_RANK, or Gloo
+on the CPU. Under plain `python` no group is created and every function here acts as for a single process, so the
+scripts have one code path.
 """
 import ctypes
 import os
@@ -24,13 +17,10 @@ import torch.distributed as dist
 import mtt
 from utils import UsageError, is_main, rank, say
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-# How long a rank may wait in a collective: evaluations spread unevenly over the ranks, so some
-# wait while others train a network for a thousand epochs; NCCL's default of 10 minutes is too short.
+# How long a rank may wait in a collective: evaluations spread unevenly over the ranks, so some wait while others
+# train a network for a thousand epochs; NCCL's default of 10 minutes is too short.
 TIMEOUT = timedelta(hours=2)
-# The training step's collectives come every few seconds: a rank silent for this long has stopped.
-STEP_TIMEOUT = timedelta(minutes=5)
+STEP_TIMEOUT = timedelta(minutes=5)  # the step's collectives come every few seconds: a rank this silent has stopped
 _groups = {}  # "step": the step's collectives, with STEP_TIMEOUT; "monitor": Gloo, to name a rank that stopped
 
 
@@ -47,8 +37,7 @@ def launched():
 
 
 def setup(picked, step_timeout=STEP_TIMEOUT):
-    """The device this process works on (`picked`: utils.pick_device's choice, whose CUDA index
-    torchrun's LOCAL_RANK replaces); joins the process group when started by torchrun."""
+    """The device to work on: `picked` (pick_device's), under torchrun on cuda:LOCAL_RANK, with the group joined."""
     if not launched():
         return picked
     if picked.type == "cuda":
@@ -64,12 +53,10 @@ def setup(picked, step_timeout=STEP_TIMEOUT):
 
 
 def stopped_ranks(seconds=5):
-    """{rank: why} of the ranks that stopped, asked on the way out of a failed collective: "closed"
-    when its connection closed (the process ended), "silent" when it did not answer in time (it
-    hangs or was stopped). Every rank sends rank 0 a token and waits for its answer, so rank 0
-    learns about them all, the others only about rank 0. Gloo's monitored barrier would not do: its
-    message names no rank once a connection closed, and on the other ranks it waits for rank 0 for
-    the group's whole timeout."""
+    """{rank: why} of the ranks that stopped, asked after a failed collective: "closed" (the process ended) or "silent"
+    (it hangs or was stopped). Every rank sends rank 0 a token and waits for its answer, so rank 0 learns about them
+    all, the others about rank 0. Gloo's monitored barrier would not do: its message names no rank once a connection
+    closed, and on the other ranks it waits for rank 0 for the group's whole timeout."""
     # torchrun's agent SIGTERMs the others once a rank ended: that must not cut this answer short
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     token = torch.zeros(1)
@@ -98,8 +85,8 @@ def named(ranks):
 
 
 def teardown():
-    """Leave the process group together: a rank that destroys it while another still uses it can
-    abort at exit ("terminate called without an active exception")."""
+    """Leave the process group together: a rank that destroys it while another still uses it can abort at exit
+    ("terminate called without an active exception")."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -107,8 +94,8 @@ def teardown():
 
 
 def pick_device(device=None):
-    """torch.device for --device: cuda when present unless given; a device that is absent or
-    unknown is a UsageError, not a traceback from the first tensor moved to it."""
+    """torch.device for --device: cuda when present unless given; a device that is absent or unknown is a UsageError,
+    not a traceback from the first tensor moved to it."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -125,21 +112,18 @@ def pick_device(device=None):
 
 
 def keep_freed_memory():
-    """Make glibc's malloc keep the memory torch frees for its next tensors. By default it maps
-    every block over 32 MB afresh from the kernel and unmaps it when freed, so a CPU step whose
-    activations are that large faults them in again, 4 KB at a time, at every step (BENCHMARKS.md
-    section 8). The cost: freed blocks that later requests do not fit stay resident. No effect
-    where the C library is not glibc."""
+    """Make glibc's malloc keep the memory torch frees for its next tensors. By default it maps every block over 32 MB
+    afresh and unmaps it when freed, so a CPU step whose activations are that large faults them in again, 4 KB at a
+    time, at every step (BENCHMARKS.md section 8). Cost: freed blocks that no later request fits stay resident."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(M_MMAP_MAX, 0)  # every block from the heap, which is reused
-        mallopt(M_TRIM_THRESHOLD, -1)  # and never shrunk, so what the next step needs is mapped already
+    if mallopt is not None:  # parameters from malloc.h
+        mallopt(-4, 0)  # M_MMAP_MAX: every block from the heap, which is reused
+        mallopt(-1, -1)  # M_TRIM_THRESHOLD: and never shrunk, so what the next step needs is mapped already
 
 
 def setup_device(args):
-    """The device this process works on: --device (cuda:LOCAL_RANK under torchrun, which also
-    joins the process group), with --tf32's and --deterministic's settings; on the CPU, freed
-    memory is kept for reuse (keep_freed_memory)."""
+    """The device this process works on: --device (cuda:LOCAL_RANK under torchrun, which also joins the process
+    group), with --tf32's and --deterministic's settings; on the CPU, freed memory is kept for reuse."""
     step_timeout = timedelta(seconds=getattr(args, "step_timeout", STEP_TIMEOUT.total_seconds()))
     device = setup(pick_device(args.device), step_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
@@ -151,26 +135,33 @@ def setup_device(args):
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return device
 
 
 def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was written"):
-    """The three scripts' main(): parse and check the flags, set up the device, run. Bad input
-    (a UsageError) ends the script with one line, `error: ...`, printed by one process: rank 0,
-    naming the rank it happened on when another (rank 1 when rank 0 stopped answering). Ctrl-C and
-    SIGTERM become Interrupted with interrupted(args), the line saying what is kept."""
+    """The three scripts' main(): parse and check the flags, set up the device, run. Bad input (a UsageError) ends it
+    with one line, `error: ...`, printed by rank 0, naming the rank it happened on when another (or by rank 1 when
+    rank 0 stopped answering). Ctrl-C and SIGTERM become Interrupted with interrupted(args): what is kept."""
     args = None
     try:
         args = parse_args(argv)
-        with ended_ranks_are_one_line():
+        try:
             result = run(args, setup_device(args))
             teardown()
+        except (RuntimeError, KeyboardInterrupt) as err:
+            # a rank whose process ended (killed, out of memory) closes its connections: the others' collectives fail
+            # ("Connection closed by peer", "Connection reset by peer") or, when torchrun's agent saw it first, they
+            # get its SIGTERM; either way rank 0 names it in one line, not in a traceback or as "stopped by SIGTERM"
+            if not _groups or isinstance(err, RuntimeError) and "by peer" not in str(err):
+                raise
+            ended = [peer for peer, why in stopped_ranks().items() if why == "closed"]
+            if isinstance(err, KeyboardInterrupt) and not ended:
+                raise  # Ctrl-C or SIGTERM to the job, not one of its ranks ending
+            raise UsageError(f"{named(ended)} stopped (its connection closed): the job stops here") from None
     except UsageError as err:
-        # Every rank reaches a verdict alike (the same flags and files, the replicated set), or one
-        # that only some reach is carried to all (one_verdict, main_decides): rank 0 says it, or
-        # rank 1 that rank 0 stopped answering
+        # every rank reaches a verdict alike (the same flags and files, the replicated set), or one that only some
+        # reach is carried to all (one_verdict, main_decides)
         if rank() != (1 if isinstance(err, RankZeroStopped) else 0):
             sys.exit(1)
         sys.exit(f"error{f' (rank {err.rank})' if err.rank else ''}: {err}")
@@ -183,8 +174,8 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
 
 
 def exit_status(main):
-    """main()'s exit status: Ctrl-C and SIGTERM end with Interrupted's one line (on rank 0 only) and
-    130, not a traceback; sys.exit's status is kept, and its message printed with 1."""
+    """main()'s exit status: Ctrl-C and SIGTERM end with Interrupted's one line (on rank 0 only) and 130, not a
+    traceback; sys.exit's status is kept, and its message printed with 1."""
     signal.signal(signal.SIGTERM, mtt.terminate)
     try:
         main()
@@ -201,9 +192,8 @@ def exit_status(main):
 
 
 def run_and_exit(main):
-    """`if __name__ == "__main__": run_and_exit(main)`. It exits without the interpreter's teardown, which
-    spends seconds freeing the modules torch loads: every file the script wrote is closed, and the
-    process group left, by the time main() returns."""
+    """`if __name__ == "__main__": run_and_exit(main)`. It exits without the interpreter's teardown, which spends
+    seconds freeing the modules torch loads: every file is closed, and the process group left, when main() returns."""
     status = exit_status(main)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -211,26 +201,9 @@ def run_and_exit(main):
 
 
 @contextmanager
-def ended_ranks_are_one_line():
-    """A rank whose process ended (killed, out of memory) closes its connections: the others'
-    collectives fail ("Connection closed by peer", "Connection reset by peer") or, when torchrun's
-    agent saw it first, they get its SIGTERM. Either way rank 0 names it in one line, not in a
-    traceback or as "stopped by SIGTERM"."""
-    try:
-        yield
-    except (RuntimeError, KeyboardInterrupt) as err:
-        if not _groups or isinstance(err, RuntimeError) and "by peer" not in str(err):
-            raise
-        ended = [peer for peer, why in stopped_ranks().items() if why == "closed"]
-        if isinstance(err, KeyboardInterrupt) and not ended:
-            raise  # Ctrl-C or SIGTERM to the job, not one of its ranks ending
-        raise UsageError(f"{named(ended)} stopped (its connection closed): the job stops here") from None
-
-
-@contextmanager
 def stalls_are_one_line():
-    """A training-step collective that timed out (torchrun: a rank stopped or hangs) becomes one
-    line naming the silent rank (stopped_ranks) instead of a wait of hours."""
+    """A training-step collective that timed out (a rank stopped or hangs) becomes one line naming the silent rank
+    instead of a wait of hours."""
     try:
         yield
     except RuntimeError as err:
@@ -244,15 +217,14 @@ def stalls_are_one_line():
 
 
 def main_decides(work):
-    """work() on rank 0 alone, its result on every rank, and a UsageError it raises on every rank
-    too (said by rank 0): the others never wait in a collective for a rank that stopped."""
-    outcome = None
+    """work() on rank 0 alone, its result on every rank, and a UsageError it raises on every rank too (said by rank 0):
+    the others never wait in a collective for a rank that stopped."""
+    box = [None]
     if is_main():
         try:
-            outcome = (work(), None)
+            box = [(work(), None)]
         except UsageError as err:
-            outcome = (None, str(err))
-    box = [outcome]
+            box = [(None, str(err))]
     if world() > 1:
         dist.broadcast_object_list(box, 0)
     result, failure = box[0]
@@ -263,19 +235,16 @@ def main_decides(work):
 
 @contextmanager
 def one_verdict():
-    """Run the block on every rank; when it fails on any of them with a UsageError, it fails on
-    all of them alike (rank 0 saying why, naming the rank), so that no rank is left waiting in a
-    collective for one that stopped: a torchrun job with bad input ends with one line. The block
-    must hold no collective (a rank that failed would skip it and wait in the verdict's)."""
+    """Run the block on every rank; a UsageError on any of them fails it on all alike (rank 0 saying why, naming the
+    rank), so that no rank waits in a collective for one that stopped: a torchrun job with bad input ends with one
+    line. The block must hold no collective: a rank that failed would skip it and wait in the verdict's."""
     failure = None
     try:
         yield
     except UsageError as err:
         failure = (rank() if err.rank is None else err.rank, str(err))
-    failures = [found for found in gather_objects(failure) if found]
-    if failures:
-        where, message = failures[0]
-        raise UsageError(message, rank=where)
+    if failures := [found for found in gather_objects(failure) if found]:
+        raise UsageError(failures[0][1], rank=failures[0][0])
 
 
 def world():
@@ -284,8 +253,7 @@ def world():
 
 def share(n):
     """This rank's contiguous part of n items: sizes differ by at most one, the first ranks larger."""
-    r, w = rank(), world()
-    size, extra = divmod(n, w)
+    r, (size, extra) = rank(), divmod(n, world())
     start = r * size + min(r, extra)
     return slice(start, start + size + (r < extra))
 
@@ -303,8 +271,7 @@ def sum_(tensors):
 
 @torch.no_grad()
 def broadcast_(tensors):
-    """Rank 0's values of the tensors, on every rank (in place, outside autograd: no gradient flows
-    through a copy of rank 0's values)."""
+    """Rank 0's values of the tensors, on every rank (in place, outside autograd: no gradient flows through them)."""
     if world() > 1:
         for tensor in tensors:
             dist.broadcast(tensor, 0)
@@ -319,35 +286,29 @@ def gather_objects(obj):
     return found
 
 
-class _SumOverRanks(torch.autograd.Function):
+def _summed(x):
+    total = x.clone()
+    dist.all_reduce(total, group=_groups["step"])
+    return total
+
+
+class _AllReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        total = x.clone()
-        dist.all_reduce(total, group=_groups["step"])
-        return total
+    def forward(ctx, x, summed_forward):
+        ctx.summed_forward = summed_forward
+        return _summed(x) if summed_forward else x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
-
-
-class _CopyToRanks(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        total = grad.clone()
-        dist.all_reduce(total, group=_groups["step"])
-        return total
+        return grad if ctx.summed_forward else _summed(grad), None
 
 
 def sum_over_ranks(x):
-    """The sum of every rank's x; differentiable, for a result every rank then uses alike."""
-    return x if world() == 1 else _SumOverRanks.apply(x)
+    """A rank's share's contribution, summed over the ranks; identity backward, as all after it is replicated. With
+    copy_to_ranks, Megatron's "g" and "f" pair: they carry the step's split among ranks through the unrolled graph."""
+    return x if world() == 1 else _AllReduce.apply(x, True)
 
 
 def copy_to_ranks(x):
-    """x (the same on every rank) as an input to this rank's share: gradients sum over the ranks."""
-    return x if world() == 1 else _CopyToRanks.apply(x)
+    """x (replicated) as an input to this rank's share: identity forward, gradients summed over the ranks backward."""
+    return x if world() == 1 else _AllReduce.apply(x, False)

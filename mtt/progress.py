@@ -1,18 +1,8 @@
-"""Progress of the long loops: a tqdm bar on a terminal, plain lines in a log file (or without
-tqdm), nothing on torchrun ranks other than 0.
-
-    with progress(total=len(files), desc="decoding", unit="img") as bar:
-        for chunk in chunks:
-            ...
-            bar.update(len(chunk))
-            bar.set_postfix_str(f"loss {loss:.4f}")    # shown after the rate and the ETA
-
-A bar redrawn in place is unreadable in a log file (a cluster job's output, `> run.log`): one
-line of carriage returns. There the same figures come as whole lines: the first at once, then one
-whenever a tenth of the work is done or LINE_SECONDS have passed, whichever comes first, and the
-last at the end. The rate is the average over the time outside `with bar.pause():` blocks (distill.py's
-evaluations, which would otherwise count as slow steps), and the time left adds their mean for each
-one still to come (pauses_left(n)), so a first evaluation does not make a 20-minute run read 4 hours.
+"""Progress of the long loops: a tqdm bar on a terminal, nothing on torchrun ranks other than 0, and in a log file
+(`> run.log`, where a bar redrawn in place is one unreadable line of carriage returns) or without tqdm, whole lines:
+the first at once, then one per tenth of the work or LINE_SECONDS, and the last at the end. The rate leaves out the
+time in `with bar.pause():` blocks (distill.py's evaluations, which would otherwise count as slow steps), and the time
+left adds their mean for each one still to come, so a first evaluation does not make a 20-minute run read 4 hours.
 """
 import contextlib
 import statistics
@@ -26,8 +16,7 @@ try:
 except ImportError:  # optional: without it, progress comes as lines on a terminal too
     tqdm = None
 
-LINE_SECONDS = 60
-LINE_FRACTION = 0.1
+LINE_SECONDS, LINE_FRACTION = 60, 0.1
 
 
 def clock(seconds):
@@ -38,8 +27,7 @@ def clock(seconds):
 
 
 class Pauses:
-    """What both kinds of bar share: time spent in pause() blocks is kept out of the rate, and the time
-    left adds their mean for each of the pauses_left(n) still to come."""
+    """What both kinds of bar share: the time in pause() blocks, kept out of the rate and added to the time left."""
 
     def count_pauses(self, pauses_left):
         self.pauses, self.pauses_left = [], pauses_left
@@ -61,9 +49,8 @@ class Pauses:
         return done / working, (self.total - self.n) * working / done + later
 
     def speed(self, rate):
-        if rate is None:
-            return f"?{self.unit}/s"
-        return f"{rate:.2f}{self.unit}/s" if rate >= 1 else f"{1 / rate:.2f}s/{self.unit}"
+        return (f"?{self.unit}/s" if rate is None else f"{rate:.2f}{self.unit}/s" if rate >= 1
+                else f"{1 / rate:.2f}s/{self.unit}")
 
 
 class Lines(Pauses):
@@ -107,9 +94,8 @@ class Lines(Pauses):
 
 
 class Above:
-    """stdout while a bar is drawn: each whole line is written with every bar cleared first and
-    redrawn after it, so that it lands above the bars, never inside one (tqdm.write misses bars on
-    stderr while stdout is redirected, and a printed line then ran into the bar's)."""
+    """stdout while a bar is drawn: each whole line is written with every bar cleared first and redrawn after it
+    (tqdm.write misses bars on stderr while stdout is redirected, and a printed line then ran into the bar's)."""
 
     def __init__(self, stream):
         self.stream, self.pending = stream, ""
@@ -161,10 +147,8 @@ if tqdm is not None:
 
 
 def progress(total, desc, unit="it", initial=0, file=None, pauses_left=lambda n: 0):
-    """A bar counting from `initial` to `total` on stderr: drawn in place on a terminal (with
-    tqdm), plain lines otherwise, silent on torchrun ranks other than 0. Use it as a context
-    manager, so that on a terminal what the loop prints goes above the bar; `with bar.pause():`
-    around work that is not the units' (pauses_left(n): how many such blocks are still to come)."""
+    """A bar from `initial` to `total` on stderr, as a context manager, so that what the loop prints goes above it;
+    `with bar.pause():` around work that is not the units' (pauses_left(n): how many such blocks are to come)."""
     file = file or sys.stderr
     if tqdm is None or not getattr(file, "isatty", lambda: False)():
         return Lines(total, desc, unit, initial, file, not is_main(), pauses_left)

@@ -1,19 +1,7 @@
-"""The run folder: everything distill.py writes under --save_path, and eval.py's reading of it.
-
-    images_{tag}.pt, labels_{tag}.pt    the set (the original's names); tag = an iteration or best;
-                                        labels are class ids, or N x C logits with soft labels
-    syn_lr_{tag}.pt, lr_{tag}.pt        the learned lr (lr_ is DATM's name for it)
-    images_zca_{tag}.pt                 with ZCA: the images de-whitened, for viewing
-    ema_images_{tag}.pt, ema_...        FTD's EMA of the images, with the lr and labels beside it
-    synthetic_{it}.png                  the image grid (ema_synthetic_{it}.png for the EMA)
-    log.jsonl                           one line per iteration, evaluated model and resume
-    run.json                            what eval.py needs to evaluate the set, and provenance
-    zca.pt                              with ZCA: the transform the set lives in
-    checkpoint.pt                       everything --resume needs to continue bit for bit
-    .mtt-commit.json                    the journal that makes one evaluation's files appear together
-
-Every file is written under a temporary name and renamed into place (utils.atomic_path); the
-files of one evaluation, checkpoint included, are committed as one (commit).
+"""The run folder: everything distill.py writes under --save_path (README.md lists the files: the original's, DATM's lr_
+beside syn_lr_, FTD's ema_), and eval.py's reading of it. Every file is written under a temporary name and renamed into
+place (utils.atomic_path); the files of one evaluation, checkpoint.pt included, are committed as one through the
+journal .mtt-commit.json (commit).
 """
 import difflib
 import io
@@ -64,36 +52,27 @@ def sibling(images_file, kind):
 
 
 def set_files(prefix, tags, images, labels, syn_lr, zca=None):
-    """{file name: tensor} of one set under each tag: images, labels, syn_lr and DATM's lr, and with
-    ZCA the de-whitened images; `prefix` is ema_ for the EMA images."""
-    tensors = {"images": images, "labels": labels, "syn_lr": syn_lr, "lr": syn_lr}
-    if zca is not None:
-        tensors["images_zca"] = zca.inverse(images)
+    """{file name: tensor} of one set under each tag (`prefix` ema_: the EMA's), with ZCA the de-whitened images too."""
+    tensors = {"images": images, "labels": labels, "syn_lr": syn_lr, "lr": syn_lr,
+               **({} if zca is None else {"images_zca": zca.inverse(images)})}
     return {f"{prefix}{name}_{tag}.pt": tensor.detach().cpu() for tag in tags for name, tensor in tensors.items()}
 
 
 def grid(images, to_pixels, ipc, classes):
-    """One row per class (at ipc 1, the classes in rows of GRID_ROW), de-whitened or de-normalised,
-    clipped to [0, 1] and enlarged (nearest) to about GRID_SIDE pixels a side, each class named
-    under its first image (`classes`: each image's class name): uint8 H x W x 3."""
-    scale = max(1, GRID_SIDE // max(images.shape[2:]))
+    """The set as a uint8 H x W x 3 picture, one row per class (at ipc 1, the classes in rows of GRID_ROW), in [0, 1]
+    pixels enlarged to about GRID_SIDE a side, each class named under its first image (`classes`: of each image)."""
+    scale, pad = max(1, GRID_SIDE // max(images.shape[2:])), 2
     pixels = F.interpolate(to_pixels(images.detach().cpu()).clamp(0, 1), scale_factor=scale, mode="nearest")
-    captions = [name if k == 0 or name != classes[k - 1] else "" for k, name in enumerate(classes)]
-    return image_grid(pixels, ipc if ipc > 1 else min(GRID_ROW, len(images)), captions)
-
-
-def image_grid(pixels, per_row, captions, padding=2):
-    """[0, 1] images (N x C x H x W) in rows of per_row on white, each with its caption (or none:
-    "") in a strip under it, as a uint8 H x W x 3 array."""
-    n, _, h, w = pixels.shape
-    rows, cell = -(-n // per_row), h + CAPTION + padding
-    grid = torch.ones(3, padding + rows * cell, padding + per_row * (w + padding))
-    corners = [(padding + cell * (k // per_row), padding + (w + padding) * (k % per_row)) for k in range(n)]
+    (n, _, h, w), per_row = pixels.shape, ipc if ipc > 1 else min(GRID_ROW, len(images))
+    rows, cell = -(-n // per_row), h + CAPTION + pad
+    canvas = torch.ones(3, pad + rows * cell, pad + per_row * (w + pad))
+    corners = [(pad + cell * (k // per_row), pad + (w + pad) * (k % per_row)) for k in range(n)]
     for image, (top, left) in zip(pixels, corners):
-        grid[:, top:top + h, left:left + w] = image.expand(3, h, w)
-    picture = Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+        canvas[:, top:top + h, left:left + w] = image.expand(3, h, w)
+    picture = Image.fromarray(canvas.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
     draw, font = ImageDraw.Draw(picture), ImageFont.load_default()
-    for caption, (top, left) in zip(captions, corners):
+    for k, (name, (top, left)) in enumerate(zip(classes, corners)):
+        caption = name if k == 0 or name != classes[k - 1] else ""
         while font.getlength(caption) > w:  # cut to the image's width
             caption = caption[:-1]
         draw.text((left, top + h), caption, fill=(0, 0, 0), font=font)
@@ -101,8 +80,7 @@ def image_grid(pixels, per_row, captions, padding=2):
 
 
 def file_bytes(name, value):
-    """A .pt file's bytes (torch.save of a contiguous copy, so a loaded tensor views like any other),
-    or a .png's (a uint8 H x W x 3 array)."""
+    """A .pt's bytes (of a contiguous copy, so a loaded tensor views like any other), or a .png's (uint8 H x W x 3)."""
     if name.endswith(".png"):
         buffer = io.BytesIO()
         Image.fromarray(value).save(buffer, format="png")
@@ -111,11 +89,9 @@ def file_bytes(name, value):
 
 
 def commit(folder, files, iteration):
-    """Write `files` ({name: value}) as one: each under its temporary name, then the journal
-    listing the renames, then the renames, then the journal marked done. A kill before the
-    journal leaves every old file (the partial ones are a dead process's temporary files); a kill
-    after it is finished by the next start (finish_commit). Readers wait while a commit is in
-    flight (read_consistent), so they never see half of one evaluation's files."""
+    """Write `files` ({name: value}) as one: each under its temporary name, then the journal listing the renames, then
+    the renames, then the journal marked done. A kill before the journal leaves every old file (the partial ones are a
+    dead process's temporary files); a kill after it is finished by the next start, or by a reader (read_consistent)."""
     folder, renames = Path(folder), {}
     try:
         for name, value in files.items():
@@ -133,7 +109,6 @@ def commit(folder, files, iteration):
     finish_commit(folder)
 
 
-# The only names a journal may rename into place: the files of one evaluation, which commit writes.
 SET_FILE = re.compile(r"(ema_)?((images|labels|syn_lr|lr|images_zca)_(\d+|best)\.pt|synthetic_\d+\.png)"
                       r"|checkpoint\.pt|curves\.png")
 JOURNAL_TYPES = {"generation": int, "iteration": (int, type(None)), "renaming": dict}
@@ -141,9 +116,8 @@ JOURNAL_FIX = "if the folder came from elsewhere, move the journal away and chec
 
 
 def journal(folder):
-    """The folder's commit journal, checked before it is acted on: a run folder may come from
-    elsewhere, so it renames only this project's set files, each from its own temporary name in
-    the folder (never a file of the user's, never outside the folder)."""
+    """The folder's commit journal, checked before it is acted on: a run folder may come from elsewhere, so it renames
+    only this project's set files, each from its own temporary name in the folder (never a user's file, nor outside)."""
     path = Path(folder) / JOURNAL
     if not path.exists():
         return {"generation": 0, "iteration": None, "renaming": {}}
@@ -155,47 +129,42 @@ def journal(folder):
             problem = f"it would rename {str(tmp)[:60]!r} to {name[:60]!r}, which is not one of a run's files"
             break
     if problem:
-        raise UsageError(f"{path} is not a journal distill.py writes ({problem}); nothing was renamed: "
-                         f"{JOURNAL_FIX}")
+        raise UsageError(f"{path} is not a journal distill.py writes ({problem}); nothing was renamed: {JOURNAL_FIX}")
     return state
 
 
 def finish_commit(folder):
     """Rename into place what a commit that was cut short left listed in its journal."""
     folder, state = Path(folder), journal(folder)
-    if not state["renaming"]:
-        return
-    for name, tmp in state["renaming"].items():
-        if (folder / tmp).exists():
-            os.replace(folder / tmp, folder / name)
-    fsync(folder)
-    save_json({**state, "renaming": {}}, folder / JOURNAL)
+    if state["renaming"]:
+        for name, tmp in state["renaming"].items():
+            if (folder / tmp).exists():
+                os.replace(folder / tmp, folder / name)
+        fsync(folder)
+        save_json({**state, "renaming": {}}, folder / JOURNAL)
 
 
 def lock(folder):
-    """The run folder's lock, taken (by distill.py or a reader) only after a commit that a kill cut
-    short is finished: the temporary files its journal lists are renamed into place before the
-    lock's clean-up of dead processes' temporary files could take them."""
+    """The run folder's lock, taken (by distill.py or a reader) only after a commit that a kill cut short is finished:
+    its journal's temporary files are renamed into place before the lock's clean-up of dead processes' takes them."""
     return folder_lock(folder, "distill.py run", finish=finish_commit)
 
 
 def last_iteration(folder):
-    """The iteration of the last committed checkpoint in `folder`, or None."""
+    """The iteration of the last committed checkpoint, or None."""
     return journal(folder)["iteration"] if Path(folder).is_dir() else None
 
 
 def resume_hint(folder):
     """What an interrupted distill.py leaves, in one line."""
     kept = last_iteration(folder)
-    if kept is None:
-        return "no checkpoint was saved yet; nothing to resume"
-    return f"the checkpoint of iteration {kept} is in {folder}; run the same command with --resume to continue"
+    return ("no checkpoint was saved yet; nothing to resume" if kept is None else
+            f"the checkpoint of iteration {kept} is in {folder}; run the same command with --resume to continue")
 
 
 def read_consistent(folder, read):
-    """read() of files of one commit: again while a commit is in flight or one landed meanwhile. A
-    commit that no live process is making (a run killed between its renames: none holds the lock) is
-    finished first, as distill.py's next start would, so the folder is never read half-saved."""
+    """read() of files of one commit: again while a commit is in flight or one landed meanwhile. A commit that no live
+    process is making (none holds the lock) is finished first, as distill.py's next start would: never half-saved."""
     deadline, blocked = time.monotonic() + COMMIT_WAIT, "its writer is still saving"
     while time.monotonic() < deadline:
         before = journal(folder)
@@ -215,24 +184,20 @@ def read_consistent(folder, read):
 
 
 class Log:
-    """log.jsonl: one line per iteration and per evaluated model, kept in `rows` for curves.png. On
-    resume, lines after the checkpoint are dropped so that the log reads as one uninterrupted run;
-    a last line torn by a kill is dropped too. Only the main process writes; with `tensorboard`,
-    the same figures (and the image grids) go to {folder}/tensorboard too."""
+    """log.jsonl, a line per iteration and evaluated model, kept in `rows` for curves.png; only rank 0 writes. With
+    `tensorboard`, the same figures (and the image grids) go to {folder}/tensorboard too."""
 
     def __init__(self, folder, rows=None, enabled=True, tensorboard=False):
         """rows: a resumed run's (read_log's, up to its checkpoint), None to start a new log."""
         self.path, self.enabled, self.rows, self.board = Path(folder) / LOG, enabled, rows or [], None
-        if not enabled:
-            return
-        if tensorboard:
+        if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional: checked when the flags are parsed
             self.board = SummaryWriter(str(Path(folder) / "tensorboard"))
-        if rows is None:
+        if enabled and rows is None:
             self.path.unlink(missing_ok=True)
-            return
-        with atomic_path(self.path) as tmp, open(tmp, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in self.rows)
+        elif enabled:
+            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self.rows)
 
     def __enter__(self):
         return self
@@ -262,18 +227,15 @@ class Log:
 
 
 def curves(rows):
-    """curves.png of log rows: the matching loss (and its moving average), syn_lr, and each
-    evaluated set and model's test accuracy, final and best so far, over the iterations."""
+    """curves.png of log rows: the matching loss, syn_lr and each evaluated set and model's test accuracy."""
     import matplotlib  # here, not at the top: only the main process of distill.py draws
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
     steps = [row for row in rows if row["type"] == "iteration"]
     figure, (loss, lr, accuracy) = plt.subplots(1, 3, figsize=(15, 4), dpi=80)
-    # a fixed layout, and few ticks below: a layout engine and matplotlib's tick objects were most of
-    # the drawing, which comes at every evaluation
+    # a fixed layout, and few ticks below: a layout engine and tick objects were most of each evaluation's drawing
     figure.subplots_adjust(left=0.04, right=0.99, bottom=0.13, top=0.92, wspace=0.15)
-    its = [row["it"] for row in steps]
-    losses = np.array([row["loss"] for row in steps])
+    its, losses = [row["it"] for row in steps], np.array([row["loss"] for row in steps])
     window = max(1, len(losses) // 50)
     faint = {"alpha": 0.3, "linewidth": 0.8} if window > 1 else {}  # under the mean, when there is one
     loss.plot(its, losses, color="tab:blue", label="matching loss", **faint)
@@ -302,10 +264,12 @@ def curves(rows):
     return image
 
 
+LOG_FIX = "mend or move the file away (the run then resumes without its history)"
+
+
 def read_log(path, resume_iteration):
-    """The rows of log.jsonl that a resume from `resume_iteration` keeps (those after its checkpoint
-    go, so that the log reads as one uninterrupted run); a last line torn by a kill is dropped, any
-    other bad line is one error."""
+    """The rows of log.jsonl that a resume from `resume_iteration` keeps (those after its checkpoint go, so that the
+    log reads as one uninterrupted run); a last line torn by a kill is dropped, any other bad line is one error."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     except UnicodeDecodeError:
@@ -326,12 +290,9 @@ def read_log(path, resume_iteration):
             or (row["it"] == resume_iteration and row["type"] == "evaluation")]
 
 
-LOG_FIX = "mend or move the file away (the run then resumes without its history)"
-
-
 def check_save_path(folder, resume):
-    """Whether the run in `folder` resumes from a checkpoint (or a commit of one that a kill cut
-    short); refuse a folder that holds something else."""
+    """Whether the run in `folder` resumes from a checkpoint (or a commit of one that a kill cut short); refuse a folder
+    that holds something else, and a new --resume folder named like a run beside it (a mistyped --save_path)."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--save_path {folder}: a file is in the way (not a folder)")
     for name in (CHECKPOINT, LOG, RUN_JSON, ZCA_FILE, JOURNAL):
@@ -341,8 +302,10 @@ def check_save_path(folder, resume):
         if not resume:
             raise UsageError(f"{folder} already holds a run: pass --resume to continue it or choose --save_path")
         return True
-    near = runs_named_like(folder) if resume and not folder.exists() else []
-    if near:
+    parent = folder.parent
+    runs = ([p.name for p in parent.iterdir() if (p / CHECKPOINT).is_file()]
+            if resume and not folder.exists() and parent.is_dir() else [])
+    if near := [parent / name for name in difflib.get_close_matches(folder.name, runs, n=3, cutoff=0.8)]:
         raise UsageError(f"--resume --save_path {folder}: no such folder, but {near[0]} beside it holds a run: give "
                          f"--save_path {near[0]} to continue it, or a name less like it for a new run")
     if folder.exists() and not resume:
@@ -351,13 +314,6 @@ def check_save_path(folder, resume):
             raise UsageError(f"{folder} holds files ({', '.join(sorted(found)[:3])}...) but no checkpoint: pass "
                              f"--resume to start its run again from iteration 0, or choose an empty --save_path")
     return False
-
-
-def runs_named_like(folder):
-    """The run folders beside `folder` whose names are close to its (a mistyped --save_path)."""
-    parent = Path(folder).parent
-    runs = [p.name for p in parent.iterdir() if (p / CHECKPOINT).is_file()] if parent.is_dir() else []
-    return [parent / name for name in difflib.get_close_matches(Path(folder).name, runs, n=3, cutoff=0.8)]
 
 
 START_AGAIN = "move it away to start again from iteration 0"
@@ -370,15 +326,13 @@ def read_checkpoint(folder):
     """checkpoint.pt, checked to be what distill.py writes; distill.restore checks it fits the run."""
     path = Path(folder) / CHECKPOINT
     state = load_torch(path, "a checkpoint", fix=START_AGAIN)
-    problem = checkpoint_problem(state)
-    if problem:
+    if problem := checkpoint_problem(state):
         raise UsageError(f"the checkpoint {path} is not one distill.py writes ({problem}); {START_AGAIN}")
     return state
 
 
 def checkpoint_problem(state):
-    problem = schema_problem(state, CHECKPOINT_TYPES)
-    if problem:
+    if problem := schema_problem(state, CHECKPOINT_TYPES):
         return problem
     if state["iteration"] < 0 or not all(isinstance(t, torch.Tensor) for t in state["tensors"].values()):
         return "a negative iteration or a learnable tensor that is not a tensor"
@@ -419,14 +373,6 @@ def load_tensor(path):
     return value.detach()
 
 
-def load_lr(path):
-    value = load_tensor(path)
-    if value.numel() != 1 or not value.is_floating_point() or not float(value) > 0:
-        raise UsageError(f"{path} should hold one positive learning rate, not {value.dtype} of shape "
-                         f"{tuple(value.shape)}")
-    return float(value)
-
-
 REFIT = "delete it and pass --zca to refit the whitening on the training set"
 RUN_JSON_TYPES = {"dataset": str, "subset": str, "res": int, "model": str, "ipc": int, "zca": bool, "texture": bool,
                   "canvas_size": int, "canvas_samples": int}
@@ -438,8 +384,7 @@ def read_run_json(path):
     problem = schema_problem(meta, {key: kind for key, kind in RUN_JSON_TYPES.items() if key in meta})
     if problem is None and meta.get("model", "ConvNet") not in MODELS:
         problem = f"an unknown model {meta['model']!r}"
-    if problem is None and meta.get("texture") and not (meta.get("canvas_size", 0) >= 1
-                                                         and meta.get("canvas_samples", 0) >= 1):
+    if problem is None and meta.get("texture") and min(meta.get("canvas_size", 0), meta.get("canvas_samples", 0)) < 1:
         problem = "a texture run without canvas sizes of 1 or more"
     if problem:
         raise UsageError(f"{path} is not a run.json distill.py writes: {problem}")
@@ -448,15 +393,17 @@ def read_run_json(path):
 
 def learned_lr(images_file, lr_path):
     """(lr, where it came from) for a set: --lr_path, else syn_lr_X.pt or DATM's lr_X.pt beside it."""
-    if lr_path:
-        if not Path(lr_path).exists():
-            raise UsageError(f"--lr_path {lr_path} does not exist")
-        return load_lr(lr_path), "--lr_path"
-    for kind in ("syn_lr", "lr"):
-        found = sibling(images_file, kind)
-        if found and found.exists():
-            return load_lr(found), found.name
-    return None, "--lr"
+    if lr_path and not Path(lr_path).exists():
+        raise UsageError(f"--lr_path {lr_path} does not exist")
+    found = [lr_path] if lr_path else [path for path in (sibling(images_file, "syn_lr"), sibling(images_file, "lr"))
+                                       if path and path.exists()]
+    if not found:
+        return None, "--lr"
+    value = load_tensor(found[0])
+    if value.numel() != 1 or not value.is_floating_point() or not float(value) > 0:
+        raise UsageError(f"{found[0]} should hold one positive learning rate, not {value.dtype} of shape "
+                         f"{tuple(value.shape)}")
+    return float(value), "--lr_path" if lr_path else found[0].name
 
 
 def images_in(folder, prefix=""):
@@ -466,11 +413,9 @@ def images_in(folder, prefix=""):
 
 
 def load_saved_set(path, iteration=None, labels_path=None, lr_path=None, ema=False):
-    """The set at `path`: a run folder (images_{iteration}.pt, default images_best.pt; with `ema`, or
-    when the folder holds only EMA images as FTD's ema/ folder does, ema_images_...) or an images file.
-    A folder of run folders, or a run folder's file that is not a set's images, is refused in a line
-    that names what to give instead: the error a user meets next must not be a dead end."""
-    path = Path(path)
+    """The set at `path`: a run folder (images_{iteration}.pt, default images_best.pt; ema_images_... with `ema`, or
+    where only those are, as in FTD's ema/) or an images file; anything else is refused naming what to give instead."""
+    path = images_file = Path(path)
     if not path.exists():
         raise UsageError(f"--syn_path {path} does not exist")
     if path.is_dir():
@@ -489,7 +434,6 @@ def load_saved_set(path, iteration=None, labels_path=None, lr_path=None, ema=Fal
             found = ", ".join(images_in(path, prefix)) or f"no {prefix}images_*.pt"
             raise UsageError(f"no {images_file.name} in {path} (found: {found})")
     elif part := re.fullmatch(r"(ema_)?(labels|syn_lr|lr|synthetic)_(\d+|best)\.(pt|png)", path.name):
-        # a set's other files (labels_X.pt, syn_lr_X.pt, lr_X.pt, synthetic_X.png), beside its images_X.pt
         ema_, kind, tag = part[1] or "", part[2], part[3]
         what = ("the image grid drawn for viewing, not the set" if kind == "synthetic" else
                 f"the {'labels' if kind == 'labels' else 'learned lr'} of a set, not its images")
@@ -502,8 +446,6 @@ def load_saved_set(path, iteration=None, labels_path=None, lr_path=None, ema=Fal
     elif iteration is not None or ema:
         raise UsageError(f"{'--iteration' if iteration is not None else '--ema'} picks a file in a run folder, but "
                          f"--syn_path is a file")
-    else:
-        images_file = path
     if "images_zca_" in images_file.name:
         raise UsageError(f"{images_file} is the de-whitened copy saved for viewing; evaluate "
                          f"{images_file.name.replace('images_zca_', 'images_')} instead")
