@@ -1,19 +1,18 @@
-"""Evaluate a distilled set beside the baselines a paper needs, by the protocol of MTT and DC/DSA:
-train num_eval fresh networks per model on the set alone, report mean +- std test accuracy.
+"""Evaluate a distilled set beside the baselines a paper needs, by the protocol of MTT and DC/DSA: train num_eval
+fresh networks per model on the set alone, report mean +- std test accuracy.
 
     python eval.py --dataset CIFAR10 --syn_path logged_files/CIFAR10/run --baseline random --ipc 10
     python eval.py --dataset CIFAR10 --syn_path images_best.pt --zca     # the original's ZCA outputs
     python eval.py --dataset FashionMNIST-mini --baseline random --ipc 10 --baseline full
     torchrun --standalone --nproc_per_node 4 eval.py --syn_path RUN --eval_mode M --baseline random --ipc 50
 
---syn_path is a distill.py run folder (images_best.pt, or images_{--iteration}.pt; FTD's EMA
-images ema_images_... with --ema, or in a folder that holds only those, as FTD's ema/ does) or an
-images .pt file with its labels beside it (images_X.pt -> labels_X.pt, or --labels_path). Labels
-are class ids, or N x C label logits (DATM's soft labels: the networks train with the soft
-cross-entropy). The learning rate is, in this order, --lr_path, the set's learned syn_lr_X.pt or
-DATM's lr_X.pt, else --lr; each row says which. --model defaults to the set's run.json model,
-else ConvNet; baselines use the same models, so the rows compare. Under torchrun the networks
-(sets x models x num_eval) spread over the processes; the rows equal a one-process run's.
+--syn_path is a distill.py run folder (images_best.pt, or images_{--iteration}.pt; FTD's EMA images ema_images_...
+with --ema, or in a folder that holds only those, as FTD's ema/ does) or an images .pt file with its labels beside it
+(images_X.pt -> labels_X.pt, or --labels_path). Labels are class ids, or N x C label logits (DATM's soft labels: the
+networks train with the soft cross-entropy). The learning rate is, in this order, --lr_path, the set's learned
+syn_lr_X.pt or DATM's lr_X.pt, else --lr; each row says which. --model defaults to the set's run.json model, else
+ConvNet; baselines use the same models, so the rows compare. Under torchrun the networks (sets x models x num_eval)
+spread over the processes; the rows equal a one-process run's.
 """
 import argparse
 from dataclasses import replace
@@ -75,8 +74,6 @@ def parse_args(argv=None):
     return args
 
 
-
-
 def main(argv=None):
     return run_script(parse_args, evaluate_all, argv)
 
@@ -84,11 +81,12 @@ def main(argv=None):
 RECORDED = {"dataset": "CIFAR10", "subset": "imagenette", "res": 128, "zca": None, "model": "ConvNet"}
 
 
-def take_from_run(args, meta):
-    """The flags that describe the set, where not given, from its run.json (else the defaults); a
-    given one that contradicts it is refused. --model may differ: evaluating on other networks is
-    the cross-architecture protocol. The original's files have no run.json: defaults, and no ZCA
-    unless --zca."""
+def take_from_run(args, saved):
+    """The flags that describe the set, where not given, from its run.json (else RECORDED's defaults); a given one that
+    contradicts it is refused. --model may differ: evaluating on other networks is the cross-architecture protocol.
+    The original's files have no run.json: defaults, and no ZCA unless --zca. Then --baseline random's ipc: --ipc,
+    else run.json's (the random row then matches the set), checked here, where the set is known."""
+    meta = saved.meta if saved else {}
     for key, default in RECORDED.items():
         recorded, given = meta.get(key), getattr(args, key)
         if given is None:
@@ -97,17 +95,11 @@ def take_from_run(args, meta):
                 and (key in ("dataset", "zca") or meta.get("dataset") == "ImageNet"):
             raise UsageError(f"--{key} {given} contradicts the set's run.json, which says {key} {recorded}: drop "
                              f"--{key}, or evaluate another set")
-
-
-def take_ipc(args, saved):
-    """--baseline random's images per class: --ipc, else the set's run.json's ipc (the random row
-    then matches the set); checked here, where the set is known, not when the flags are parsed."""
-    if "random" not in args.baseline or args.ipc is not None:
-        return
-    args.ipc = saved.meta.get("ipc") if saved else None
-    if args.ipc is None:
-        whose = f": {saved.name} has no run.json that records its ipc" if saved else ""
-        raise UsageError(f"--baseline random needs --ipc (real images per class){whose}")
+    if "random" in args.baseline and args.ipc is None:
+        args.ipc = meta.get("ipc")
+        if args.ipc is None:
+            whose = f": {saved.name} has no run.json that records its ipc" if saved else ""
+            raise UsageError(f"--baseline random needs --ipc (real images per class){whose}")
 
 
 def check_saved_set(saved, data, args):
@@ -136,10 +128,6 @@ def check_saved_set(saved, data, args):
                          f"images have {features}; delete zca.pt and pass --zca to refit the whitening")
 
 
-def in_space(images, data, whitening):
-    return images if whitening is None else whitening(data.to_pixels(images))
-
-
 def random_subset(data, ipc, seed):
     """ipc real training images per class, drawn by their own generator so the draw depends on the seed only."""
     smallest = smallest_class(data.labels_train, data.num_classes)
@@ -150,18 +138,17 @@ def random_subset(data, ipc, seed):
 
 
 def build_sets(args, data, saved, device):
-    """Every set the command asks for, checked before the first network trains: (the sets, the terms
-    of --scores by name, {} without it)."""
+    """Every set the command asks for, checked before the first network trains: (the sets, the terms of --scores by
+    name, {} without it)."""
+    in_space = lambda images, whitening: images if whitening is None else whitening(data.to_pixels(images))
     refit = cache(lambda: data.fitted_zca(device))
     whitening = refit() if args.zca and (args.baseline or args.scores) else None  # real images: the set's space
-    test = (in_space(data.images_test, data, whitening), data.labels_test)
-    real = lambda name, chosen, epochs, ipc: EvalSet(name, in_space(data.images_train[chosen], data, whitening),
+    test = (in_space(data.images_test, whitening), data.labels_test)
+    real = lambda name, chosen, epochs, ipc: EvalSet(name, in_space(data.images_train[chosen], whitening),
                                                      data.labels_train[chosen], args.lr, epochs, ipc, test)
-    baselines = {
-        "random": lambda ipc: real("random" if args.ipc in (None, ipc) else f"random (ipc {ipc})",
-                                   random_subset(data, ipc, args.seed), args.epoch_eval_train, ipc),
-        "full": lambda ipc: real("full", slice(None), args.epochs_full, None),  # a slice indexes without a copy
-    }
+    baselines = {"random": lambda ipc: real("random" if args.ipc in (None, ipc) else f"random (ipc {ipc})",
+                                            random_subset(data, ipc, args.seed), args.epoch_eval_train, ipc),
+                 "full": lambda ipc: real("full", slice(None), args.epochs_full, None)}  # a slice: no copy
     sets = [baselines[name](args.ipc) for name in dict.fromkeys(args.baseline)]
     if saved is None:
         return sets, {}
@@ -171,7 +158,7 @@ def build_sets(args, data, saved, device):
     texture = (data.im_size, saved.meta["canvas_samples"]) if saved.meta.get("texture") else None
     distilled = EvalSet(saved.name, saved.images.float(), saved.labels, saved.lr if saved.lr is not None else args.lr,
                         args.epoch_eval_train, saved.meta.get("ipc", len(saved.labels) // data.num_classes),
-                        (in_space(data.images_test, data, own_whitening), data.labels_test), texture,
+                        (in_space(data.images_test, own_whitening), data.labels_test), texture,
                         lr_from=saved.lr_from)
     if not args.scores:
         return [distilled, *sets], {}
@@ -180,19 +167,26 @@ def build_sets(args, data, saved, device):
 
 
 def score_terms(distilled, saved, sets, baselines, device, dsa):
-    """The sets behind DD-Ranking's scores, by term: the distilled set with its own labels and the
-    evaluation's DSA (syn), with hard labels (a soft-label set's argmax; a hard-label set is its own),
-    without DSA; a random real subset of its size labelled as the set's method labels (class ids, or
-    for soft labels an expert's logits) with DSA and without; the full training set. A row the
-    command asks for anyway (--baseline random at the set's ipc, --baseline full) is reused. Without
-    DSA (--dsa False) there are no rows without it to add: ARS, which compares the two, is not computed."""
+    """The sets behind DD-Ranking's scores, by term: the distilled set with its own labels and the evaluation's DSA
+    (syn), with hard labels (a soft-label set's argmax; a hard-label set is its own), without DSA; a random real subset
+    of its size labelled as the set's method labels (class ids, or for soft labels an expert's logits) with DSA and
+    without; the full training set. A row the command asks for anyway (--baseline random at the set's ipc, --baseline
+    full) is reused. Without DSA (--dsa False) there are no rows without it: ARS, which compares the two, is not
+    computed."""
     named = {eval_set.name: eval_set for eval_set in sets}
     random = baselines["random"](distilled.ipc)  # named by its ipc where --baseline random draws another
     random = named.get(random.name, random)
     soft = distilled.labels.is_floating_point()
-    if soft:
-        labels, said = expert_logits(saved, random.images, distilled.labels.shape[1], device)
-        random = replace(random, name=f"random ({said})", labels=labels)
+    if soft:  # as DATM labels: the logits of an expert of the run's buffer at the snapshot it labels with
+        run = saved.meta.get("args")
+        if run is None:
+            raise UsageError(f"--scores on {saved.name}, a soft-label set with no run.json: the random subset's "
+                             f"labels come from the experts of the run, which only a run.json names")
+        directory = experts_of(argparse.Namespace(**run))
+        experts, snapshot, images = Experts(directory, zca=run["zca"]), run["Label_Model_Timestamp"], random.images
+        net = get_network(run["model"], images.shape[1], distilled.labels.shape[1], images.shape[2:]).to(device)
+        random = replace(random, name=f"random (logits of expert 0 at snapshot {snapshot} of {directory})",
+                         labels=predict(net, experts.snapshot(0, snapshot, device), images.to(device)).cpu())
     without_dsa = {"syn_no_aug": replace(distilled, name=f"{distilled.name} (no DSA)", augment=False),
                    "random_no_aug": replace(random, name=f"{random.name} (no DSA)", augment=False)} if dsa else {}
     return {"syn": distilled,
@@ -201,31 +195,16 @@ def score_terms(distilled, saved, sets, baselines, device, dsa):
             "random": random, **without_dsa, "full": named.get("full") or baselines["full"](None)}
 
 
-def expert_logits(saved, images, num_classes, device):
-    """A soft-label run's labels for real images, as DATM makes them: the logits of an expert of its
-    buffer at the snapshot it labels with (--Label_Model_Timestamp); (logits, which expert)."""
-    run = saved.meta.get("args")
-    if run is None:
-        raise UsageError(f"--scores on {saved.name}, a soft-label set with no run.json: the random subset's labels "
-                         f"come from the experts of the run, which only a run.json names")
-    directory = experts_of(argparse.Namespace(**run))
-    experts, snapshot = Experts(directory, zca=run["zca"]), run["Label_Model_Timestamp"]
-    net = get_network(run["model"], images.shape[1], num_classes, images.shape[2:]).to(device)
-    theta = experts.snapshot(0, snapshot, device)
-    return predict(net, theta, images.to(device)).cpu(), f"logits of expert 0 at snapshot {snapshot} of {directory}"
-
-
 def normalised(x):
     """DD-Ranking's map of a score in [-1, 1] to [0, 1]: (e^x - e^-1) / (e - e^-1)."""
     return (np.exp(x) - np.exp(-1)) / (np.e - np.exp(-1))
 
 
 def scores(rows, terms, model, w, g):
-    """DD-Ranking's scores of one model's rows, network by network (network r of every row is seeded
-    alike), from accuracies as fractions: HLR = full - syn with hard labels; IOR = syn - random, each
-    with its own labels; LRS = normalised(w IOR - (1 - w) HLR); ARS = normalised(g (syn - random) +
-    (1 - g) (syn - random, both without DSA)). Each as its mean, std and per-network values, with every
-    accuracy used."""
+    """DD-Ranking's scores of one model's rows, network by network (network r of every row is seeded alike), from
+    accuracies as fractions: HLR = full - syn with hard labels; IOR = syn - random, each with its own labels; LRS =
+    normalised(w IOR - (1 - w) HLR); ARS = normalised(g (syn - random) + (1 - g) (syn - random, both without DSA)).
+    Each as its mean, std and per-network values, with every accuracy used."""
     used = {term: next(row for row in rows if row["set"] == eval_set.name and row["model"] == model)
             for term, eval_set in terms.items()}
     acc = {term: np.array(row["test_accs"]) for term, row in used.items()}
@@ -244,27 +223,12 @@ def columns(lines):
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
 
 
-def scores_table(found, num_eval):
-    shown = lambda s: f"{100 * s['mean']:.2f} +- {100 * s['std']:.2f}" if s else "n/a: needs DSA (--dsa True)"
-    return (f"DD-Ranking's scores x 100, mean +- std over {num_eval} networks (HLR, IOR: accuracy points; LRS, ARS: "
-            f"in [0, 100], higher is better):\n" + columns([("model", "HLR", "IOR", "LRS", "ARS")] + [
-                (model, *(shown(s.get(name)) for name in ("hlr", "ior", "lrs", "ars"))) for model, s in found.items()]))
-
-
-def format_table(rows):
-    return columns([("set", "model", "ipc", "lr", "test acc %", "n")] + [
-        (row["set"], row["model"], "all" if row["ipc"] is None else str(row["ipc"]),
-         f"{row['lr']:.4g} ({row['lr_from']})", f"{100 * row['test_acc_mean']:.2f} +- {100 * row['test_acc_std']:.2f}",
-         str(row["n"])) for row in rows])
-
-
 def evaluate_all(args, device):
     """Every set and baseline the command names, num_eval networks per model each: the table's rows."""
     with parallel.one_verdict():  # no collective inside: every rank checks the same input, rank 0 says what is wrong
         saved = load_saved_set(args.syn_path, args.iteration, args.labels_path, args.lr_path, args.ema) \
             if args.syn_path else None
-        take_from_run(args, saved.meta if saved else {})
-        take_ipc(args, saved)
+        take_from_run(args, saved)
         models = eval_pool(args.eval_mode, args.model)
         for model in models:
             check_model(model, args.dataset, args.res)
@@ -276,9 +240,16 @@ def evaluate_all(args, device):
                          args.seed, args.batch_train, args.augmentation, device, args.verbose)
     found = {model: scores(rows, terms, model, args.lrs_lambda, args.ars_lambda) for model in models} if terms else {}
     if is_main():
-        print(format_table(rows))
+        print(columns([("set", "model", "ipc", "lr", "test acc %", "n")] + [
+            (row["set"], row["model"], "all" if row["ipc"] is None else str(row["ipc"]), f"{row['lr']:.4g} "
+             f"({row['lr_from']})", f"{100 * row['test_acc_mean']:.2f} +- {100 * row['test_acc_std']:.2f}",
+             str(row["n"])) for row in rows]))
         if found:
-            print(scores_table(found, args.num_eval))
+            shown = lambda s: f"{100 * s['mean']:.2f} +- {100 * s['std']:.2f}" if s else "n/a: needs DSA (--dsa True)"
+            print(f"DD-Ranking's scores x 100, mean +- std over {args.num_eval} networks (HLR, IOR: accuracy points; "
+                  f"LRS, ARS: in [0, 100], higher is better):\n" + columns([("model", "HLR", "IOR", "LRS", "ARS")] + [
+                      (model, *(shown(s.get(name)) for name in ("hlr", "ior", "lrs", "ars")))
+                      for model, s in found.items()]))
         if args.out:
             save_json({"dataset": args.dataset, "syn_set": saved.name if saved else None, "rows": rows,
                        **({"scores": found} if found else {}),

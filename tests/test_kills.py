@@ -2,7 +2,6 @@
 then started again: the folder ends as the uninterrupted run's, byte for byte. The kill is real: a
 forked copy of the test process runs the script and kills itself at the named point, so its
 temporary files belong to a dead process, as after a crash."""
-import contextlib
 import json
 import os
 import shutil
@@ -88,8 +87,12 @@ def distill_in(buffers, parent):
     """distill.py's RUN into {parent}/run, named by the relative path "run" (checkpoint.pt and
     run.json record --save_path, so that every run's files compare byte for byte)."""
     parent.mkdir(exist_ok=True)
-    with contextlib.chdir(parent):
+    here = os.getcwd()
+    os.chdir(parent)  # contextlib.chdir is Python 3.11's
+    try:
         run_distill(buffers, Path("run"), *RUN)
+    finally:
+        os.chdir(here)
     return parent / "run"
 
 

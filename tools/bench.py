@@ -364,7 +364,11 @@ def main():
     name = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}" if device.type == "cuda"
             else f"CPU, {os.cpu_count()} cores ({torch.get_num_threads()} threads unless a row says otherwise)")
     print(f"{name}; torch {torch.__version__}; `{shlex.join(['python', *sys.argv])}`\n", flush=True)
+    run_mode(args, mode, device, processes)
 
+
+def run_mode(args, mode, device, processes):
+    """Modes 1 to 3: the alternated rounds of every configuration, then their tables."""
     if mode == "backward":
         configs = [(ipc, steps, low) for ipc in args.ipc for steps in args.syn_steps for low in BACKWARD_NAMES]
         results = alternate(configs, lambda config: iteration(args, *config), args.repeats)

@@ -91,22 +91,16 @@ def row_of(cfg):
     return "/".join(parts[starts[-1]:]) if starts else None
 
 
-# distill.py's flags that leave the distilled set as it is: where it is read and written, how the same
-# gradient is computed, what is printed. Every other flag defines the result (the evaluation flags too:
-# they pick the iteration saved as images_best.pt), and a run is compared with a row only where they
-# all equal the row's.
-NOT_THE_RESULT = {"cfg", "save_path", "buffer_path", "data_path", "device", "deterministic", "resume", "tensorboard",
-                  "step_timeout", "low_memory", "chunk_syn", "load_all", "force_save", "verbose", "seed", "batch_real",
-                  "lr_init", "augmentation", "datm", "method_defaults"}
 PROTOCOL = ("epoch_eval_train", "batch_train", "dsa", "dsa_strategy")  # eval.py's as the row's; the model: each row's
 
 
 def differences(row, run_args, eval_args):
-    """The flags of a run (run.json) and of its evaluation (eval.py --out) that differ from the row's."""
+    """The flags of a run (run.json) and of its evaluation (eval.py --out) that differ from the row's: those that
+    define the result (all but distill.NOT_THE_RESULT) and the evaluation's PROTOCOL."""
     with contextlib.redirect_stdout(io.StringIO()):  # the --cfg file's notes
         expected = vars(distill.parse_args(["--cfg", str(REPO / row)]))
     found = [f"--{key} {run_args.get(key)} (row: {value})" for key, value in expected.items()
-             if key not in NOT_THE_RESULT and run_args.get(key) != value]
+             if key not in distill.NOT_THE_RESULT and run_args.get(key) != value]
     return found + [f"eval.py --{key} {eval_args.get(key)} (row: {expected[key]})" for key in PROTOCOL
                     if eval_args.get(key) != expected[key]]
 
