@@ -1,5 +1,10 @@
 import fcntl
 import os
+import signal
+
+# Ctrl-C is tested as a user sends it: a shell that starts the suite in the background ignores SIGINT in
+# it, which its children (the scripts under test) would inherit; Python's own handler undoes that.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Set before torch loads OpenMP: with two test workers on two cores, threads that spin while
 # waiting for work take the core the other worker needs.

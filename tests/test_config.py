@@ -419,3 +419,4 @@ def test_help_shows_every_flag_s_default(script, capsys):
     options = capsys.readouterr().out.split("options:", 1)[1]
     blocks = [block for block in options.split("\n  -")[1:] if not block.startswith("h, --help")]
     assert len(blocks) > 20 and [block for block in blocks if "(default" not in block] == []
+    assert "FashionMNIST-mini is shipped in assets/ (no download)" in " ".join(options.split())  # --dataset's help

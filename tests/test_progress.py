@@ -12,7 +12,7 @@ import termios
 from pathlib import Path
 
 import pytest
-from helpers import TINY
+from helpers import TINY, run_distill
 
 from mtt import progress
 
@@ -134,3 +134,11 @@ def test_the_time_left_keeps_the_pauses_apart(capsys, monkeypatch, file):
         bar.update()
         shown = str(bar)
     assert re.search(r" 1/100 \[01:01<03:39, 1\.00step/s\]", shown), shown
+
+
+def test_distills_bar_moves_within_a_long_iteration(buffers, tmp_path, capsys):
+    """One iteration of 10 student steps: the bar counts steps, so it has lines inside the iteration
+    (a run of few iterations of many steps sat at 0/1 until each ended)."""
+    run_distill(buffers, tmp_path, "--Iteration", "1", "--syn_steps", "10")
+    counts = re.findall(r"^distill: +\d+% (\d+)/10 ", capsys.readouterr().err, re.M)
+    assert {"0", "5", "10"} <= set(counts)
