@@ -342,6 +342,7 @@ class Ticking(list):
 
 
 def step(run, it, bar):
+    """One iteration: an expert segment, the student's unroll, the matching loss, the update."""
     args, synset = run.args, run.synset
     start = time.time()
     bar.set_postfix_str(f"it {it + 1}/{args.Iteration}{run.last}")
