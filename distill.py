@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -350,15 +350,8 @@ def step(run, it, bar):
                                                        run.device)
     schedule = Ticking(draw_schedule(synset.images, args.syn_steps, args.batch_syn or len(synset.labels),
                                      None if args.no_aug else args.augmentation, run.texture), bar)
-    with stalls_are_one_line():
-        try:
-            loss = run.backward(run.net, synset, theta0, target, schedule, args.chunk_syn).item()
-        except RuntimeError as err:  # torch.OutOfMemoryError on a GPU; the CPU allocator's RuntimeError
-            # in spite of the forecast (a GPU shared with others, RAM taken meanwhile): the last checkpoint is kept
-            if not any(said in str(err) for said in ("out of memory", "can't allocate memory")):
-                raise
-            raise Stopped(f"out of memory ({str(err).splitlines()[0][:120]})", args, fix="lower the peak with "
-                           "--low_memory, --chunk_syn N or --batch_syn N") from None
+    with stalls_are_one_line(), out_of_memory_is_one_line(args):
+        loss = run.backward(run.net, synset, theta0, target, schedule, args.chunk_syn).item()
     skipped = args.threshold is not None and loss > args.threshold  # DATM's gate
     for optimizer in run.optimizers.values():
         if not skipped:
@@ -377,6 +370,19 @@ def step(run, it, bar):
     bar.set_postfix_str(f"it {it + 1}/{args.Iteration}{run.last}", refresh=False)
     if it % PRINT_EVERY == 0:
         say(f"it {it:05d}/{args.Iteration} loss {loss:.4f} syn_lr {lr:.5f}{gate}")
+
+
+@contextmanager
+def out_of_memory_is_one_line(args):
+    """An allocation that fails in spite of the forecast (a GPU shared with others, RAM taken meanwhile): one line with
+    what lowers the peak; the last checkpoint is kept."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.OutOfMemoryError on a GPU; the CPU allocator's RuntimeError
+        if not any(said in str(err) for said in ("out of memory", "can't allocate memory")):
+            raise
+        raise Stopped(f"out of memory ({str(err).splitlines()[0][:120]})", args, fix="lower the peak with "
+                      "--low_memory, --chunk_syn N or --batch_syn N") from None
 
 
 def main(argv=None):

@@ -146,19 +146,9 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
     args = None
     try:
         args = parse_args(argv)
-        try:
+        with ended_ranks_are_one_line():
             result = run(args, setup_device(args))
             teardown()
-        except (RuntimeError, KeyboardInterrupt) as err:
-            # a rank whose process ended (killed, out of memory) closes its connections: the others' collectives fail
-            # ("Connection closed by peer", "Connection reset by peer") or, when torchrun's agent saw it first, they
-            # get its SIGTERM; either way rank 0 names it in one line, not in a traceback or as "stopped by SIGTERM"
-            if not _groups or isinstance(err, RuntimeError) and "by peer" not in str(err):
-                raise
-            ended = [peer for peer, why in stopped_ranks().items() if why == "closed"]
-            if isinstance(err, KeyboardInterrupt) and not ended:
-                raise  # Ctrl-C or SIGTERM to the job, not one of its ranks ending
-            raise UsageError(f"{named(ended)} stopped (its connection closed): the job stops here") from None
     except UsageError as err:
         # every rank reaches a verdict alike (the same flags and files, the replicated set), or one that only some
         # reach is carried to all (one_verdict, main_decides)
@@ -171,6 +161,21 @@ def run_script(parse_args, run, argv=None, interrupted=lambda args: "nothing was
         said = interrupted(args) if args else "nothing was written"
         raise Interrupted(f"{str(stop) or 'stopped by Ctrl-C'}: {said}") from None
     return result
+
+
+@contextmanager
+def ended_ranks_are_one_line():
+    """A rank whose process ended (killed, out of memory) closes its connections: the others' collectives fail ("by
+    peer") or, when torchrun's agent saw it first, they get its SIGTERM; either way rank 0 names it in one line."""
+    try:
+        yield
+    except (RuntimeError, KeyboardInterrupt) as err:
+        if not _groups or isinstance(err, RuntimeError) and "by peer" not in str(err):
+            raise
+        ended = [peer for peer, why in stopped_ranks().items() if why == "closed"]
+        if isinstance(err, KeyboardInterrupt) and not ended:
+            raise  # Ctrl-C or SIGTERM to the job, not one of its ranks ending
+        raise UsageError(f"{named(ended)} stopped (its connection closed): the job stops here") from None
 
 
 def exit_status(main):
